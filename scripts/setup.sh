@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Prepare this machine for the test suite: system tools for the simulated
+# containers (network namespaces + nftables) and a Python venv holding the
+# real EPICS peers the end-to-end tests talk to. Safe to run repeatedly.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$repo/.venv"
+
+# Pinned peers: the e2e results are only comparable across runs with the
+# exact same client and server implementations.
+pins=(
+    epicscorelibs==7.0.10.99.0.2
+    pvxslibs==1.5.3
+    p4p==4.3.0
+    pvapy==5.6.0
+    pyepics==3.5.10
+    caproto==1.3.0
+    pytest==9.2.0
+    numpy==2.3.5
+)
+
+# Install the namespace/NAT tools only when one is missing, so repeated runs
+# do not touch the package index.
+install_system_tools() {
+    local missing=()
+    command -v nft >/dev/null 2>&1 || missing+=(nftables)
+    command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+    if ((${#missing[@]} == 0)); then
+        return
+    fi
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "setup: missing ${missing[*]} and not root; namespace tests will skip" >&2
+        return
+    fi
+    echo "setup: installing ${missing[*]}"
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+}
+
+# Create the venv and install the pins, skipping pip when the stamp file
+# records the same pin list as already installed.
+install_python_peers() {
+    local stamp="$venv/.pins-installed"
+    local want
+    want="$(printf '%s\n' "${pins[@]}")"
+    if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+        echo "setup: python peers up to date"
+        return
+    fi
+    if [[ ! -x "$venv/bin/python" ]]; then
+        python3 -m venv "$venv"
+    fi
+    "$venv/bin/python" -m pip install --disable-pip-version-check -q "${pins[@]}"
+    printf '%s\n' "$want" >"$stamp"
+}
+
+# Keep build and venv output out of version control.
+ensure_gitignore() {
+    local gi="$repo/.gitignore" entry
+    touch "$gi"
+    for entry in .venv/ target/; do
+        grep -qxF "$entry" "$gi" || echo "$entry" >>"$gi"
+    done
+}
+
+install_system_tools
+install_python_peers
+ensure_gitignore

@@ -1,0 +1,145 @@
+//! One TCP circuit from the shim to a local CA server, on behalf of one
+//! client connection.
+//!
+//! Messages for the server are queued in the link's outbox from the moment
+//! the link exists; the task connects, then writes them. Messages from the
+//! server go to the session as events, each carrying the outbox budget it
+//! will use towards the client: a slow client therefore stops this reader,
+//! and TCP flow control reaches the server.
+
+use super::wire::Message;
+use super::CaDecoder;
+use crate::relay::framing::FrameReader;
+use crate::relay::outbox::{Outbox, OutboxReceiver, Permit};
+use std::net::SocketAddrV4;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+/// What a backend circuit reports to its session. `link` tells apart
+/// successive circuits to the same server.
+pub enum BackendEvent {
+    Message {
+        server: SocketAddrV4,
+        link: u64,
+        message: Message,
+        permit: Permit,
+    },
+    Closed {
+        server: SocketAddrV4,
+        link: u64,
+        reason: String,
+    },
+}
+
+pub struct BackendConfig {
+    pub max_payload: u32,
+    pub queue_bytes: usize,
+    pub connect_timeout: Duration,
+}
+
+/// A live circuit. Dropping it closes the circuit.
+pub struct BackendLink {
+    pub id: u64,
+    pub outbox: Outbox,
+    task: AbortHandle,
+}
+
+impl Drop for BackendLink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl BackendLink {
+    /// Starts connecting to `server`. `client` is the outbox towards the
+    /// client, whose budget bounds what this circuit may have in flight.
+    pub fn open(
+        server: SocketAddrV4,
+        id: u64,
+        config: &BackendConfig,
+        client: Outbox,
+        events: mpsc::UnboundedSender<BackendEvent>,
+    ) -> BackendLink {
+        let (outbox, queue) = Outbox::new(config.queue_bytes);
+        let task = tokio::spawn(run(
+            server,
+            id,
+            config.max_payload,
+            config.connect_timeout,
+            queue,
+            client,
+            events,
+        ));
+        BackendLink {
+            id,
+            outbox,
+            task: task.abort_handle(),
+        }
+    }
+}
+
+async fn run(
+    server: SocketAddrV4,
+    link: u64,
+    max_payload: u32,
+    connect_timeout: Duration,
+    queue: OutboxReceiver,
+    client: Outbox,
+    events: mpsc::UnboundedSender<BackendEvent>,
+) {
+    let reason = match tokio::time::timeout(connect_timeout, TcpStream::connect(server)).await {
+        Err(_) => "connect timed out".to_string(),
+        Ok(Err(e)) => format!("connect failed: {e}"),
+        Ok(Ok(stream)) => relay(stream, link, server, max_payload, queue, client, &events).await,
+    };
+    let _ = events.send(BackendEvent::Closed {
+        server,
+        link,
+        reason,
+    });
+}
+
+/// Runs the circuit until either direction ends; returns why it ended.
+async fn relay(
+    stream: TcpStream,
+    link: u64,
+    server: SocketAddrV4,
+    max_payload: u32,
+    queue: OutboxReceiver,
+    client: Outbox,
+    events: &mpsc::UnboundedSender<BackendEvent>,
+) -> String {
+    let _ = stream.set_nodelay(true);
+    let (read, write) = stream.into_split();
+    let mut reader = FrameReader::new(read, CaDecoder { max_payload });
+    let read_loop = async {
+        loop {
+            let message = match reader.next().await {
+                Ok(Some(message)) => message,
+                Ok(None) => return "server closed the circuit".to_string(),
+                Err(e) => return e.to_string(),
+            };
+            let Ok(permit) = client.reserve(message.wire_len()).await else {
+                return "client gone".to_string();
+            };
+            let event = BackendEvent::Message {
+                server,
+                link,
+                message,
+                permit,
+            };
+            if events.send(event).is_err() {
+                return "session ended".to_string();
+            }
+        }
+    };
+    tokio::select! {
+        reason = read_loop => reason,
+        written = queue.drain_into(write) => match written {
+            Ok(()) => "session closed the circuit".to_string(),
+            Err(e) => format!("write failed: {e}"),
+        },
+    }
+}

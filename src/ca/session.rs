@@ -1,0 +1,565 @@
+//! The shim's side of one CA client circuit.
+//!
+//! Towards the client the shim is a name server that libca can also create
+//! channels on: it answers searches over TCP with address 0xFFFFFFFF, so
+//! libca puts each found channel on this same circuit. Towards the servers
+//! it opens one circuit per server that owns a channel of this client, with
+//! the client's priority, minor version, user and host names.
+//!
+//! Ids (epics-base `caProto.h`): the client chooses channel ids (cid), io ids
+//! and subscription ids, which pass unchanged because they are unique on the
+//! client circuit. Servers choose server ids (sid), which the shim replaces
+//! by its own, so channels on several servers never collide.
+//!
+//! Never send NOT_FOUND or an unexpected command to libca over TCP: its TCP
+//! jump table treats both as fatal for the circuit. Unknown names get silence.
+
+use super::backend::{BackendConfig, BackendEvent, BackendLink};
+use super::search::{Answer, Resolver};
+use super::wire::{self, Command, Header, Message};
+use super::{frame, CaDecoder};
+use crate::relay::framing::{FrameReader, ReadError};
+use crate::relay::outbox::{Closed, Outbox, Permit};
+use bytes::Bytes;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+/// What every CA session shares.
+pub struct CaContext {
+    pub resolver: Resolver,
+    pub backend: BackendConfig,
+    /// Largest payload accepted from a client.
+    pub max_payload: u32,
+    /// Bytes queued towards one client, at most.
+    pub queue_bytes: usize,
+    /// Channels one client connection may hold, at most.
+    pub max_channels: usize,
+    /// Names one client connection may have under search at once.
+    pub max_searches: usize,
+}
+
+#[derive(Debug)]
+enum SessionError {
+    Read(ReadError),
+    Unexpected(Command),
+    UnknownCommand(u16),
+    TooManyChannels(usize),
+    ClientGone,
+}
+
+impl fmt::Display for SessionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SessionError::Read(e) => write!(f, "{e}"),
+            SessionError::Unexpected(c) => write!(f, "unexpected command {c:?} from a client"),
+            SessionError::UnknownCommand(c) => write!(f, "unknown command code {c}"),
+            SessionError::TooManyChannels(n) => write!(f, "client exceeds {n} channels"),
+            SessionError::ClientGone => write!(f, "client connection closed"),
+        }
+    }
+}
+
+impl From<Closed> for SessionError {
+    fn from(_: Closed) -> Self {
+        SessionError::ClientGone
+    }
+}
+
+/// Serves one client circuit until it closes or misbehaves.
+pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<CaContext>) {
+    let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
+    let (read, write) = stream.into_split();
+    let (client, queue) = Outbox::new(ctx.queue_bytes);
+    let writer = tokio::spawn(queue.drain_into(write));
+    let mut reader = FrameReader::new(
+        read,
+        CaDecoder {
+            max_payload: ctx.max_payload,
+        },
+    );
+    let (backend_tx, backend_rx) = mpsc::unbounded_channel();
+    let (answer_tx, answer_rx) = mpsc::unbounded_channel();
+    let mut session = Session {
+        peer,
+        local_port,
+        ctx,
+        client,
+        backend_tx,
+        answer_tx,
+        circuit: None,
+        client_name: None,
+        host_name: None,
+        events_off: false,
+        links: HashMap::new(),
+        channels: HashMap::new(),
+        routes: HashMap::new(),
+        awaiting: HashMap::new(),
+        next_sid: 1,
+        next_link: 1,
+    };
+    let outcome = session.run(&mut reader, backend_rx, answer_rx).await;
+    let channels = session.channels.len();
+    drop(session);
+    match outcome {
+        Ok(()) | Err(SessionError::ClientGone) => {
+            info!(target: "nameshim::ca::session", %peer, channels, "CA client disconnected")
+        }
+        Err(e) => {
+            warn!(target: "nameshim::ca::session", %peer, cause = %e, "closing CA client connection")
+        }
+    }
+    // The writer ends once the queue is flushed and every sender is gone.
+    let _ = writer.await;
+}
+
+#[derive(Clone, Copy)]
+struct Circuit {
+    priority: u16,
+    minor: u16,
+}
+
+enum Channel {
+    /// Waiting for the search relay to name the server.
+    Resolving,
+    /// CREATE_CHAN sent to the server, no answer yet.
+    Creating { server: SocketAddrV4 },
+    Connected {
+        server: SocketAddrV4,
+        sid: u32,
+        server_sid: u32,
+    },
+}
+
+#[derive(Clone, Copy)]
+enum Waiter {
+    /// A search from the client, answered only if the name is found.
+    Search { id: u32 },
+    /// A CREATE_CHAN for a name the relay had not (or no longer) cached.
+    Create { cid: u32 },
+}
+
+struct Link {
+    backend: BackendLink,
+    cids: HashSet<u32>,
+}
+
+struct Session {
+    peer: SocketAddr,
+    local_port: u16,
+    ctx: Arc<CaContext>,
+    client: Outbox,
+    backend_tx: mpsc::UnboundedSender<BackendEvent>,
+    answer_tx: mpsc::UnboundedSender<Answer>,
+    circuit: Option<Circuit>,
+    client_name: Option<Bytes>,
+    host_name: Option<Bytes>,
+    events_off: bool,
+    links: HashMap<SocketAddrV4, Link>,
+    /// Channels by client channel id.
+    channels: HashMap<u32, Channel>,
+    /// Client channel id by the sid the client was given.
+    routes: HashMap<u32, u32>,
+    awaiting: HashMap<Bytes, Vec<Waiter>>,
+    next_sid: u32,
+    next_link: u64,
+}
+
+impl Session {
+    async fn run(
+        &mut self,
+        reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf, CaDecoder>,
+        mut backend_rx: mpsc::UnboundedReceiver<BackendEvent>,
+        mut answer_rx: mpsc::UnboundedReceiver<Answer>,
+    ) -> Result<(), SessionError> {
+        // rsrv greets on accept; libca searches over TCP only after it.
+        self.to_client(&wire::server_version()).await?;
+        loop {
+            tokio::select! {
+                message = reader.next() => match message.map_err(SessionError::Read)? {
+                    Some(message) => self.on_client(message).await?,
+                    None => return Ok(()),
+                },
+                Some(event) = backend_rx.recv() => self.on_backend(event).await?,
+                Some(answer) = answer_rx.recv() => self.on_answer(answer).await?,
+            }
+        }
+    }
+
+    async fn to_client(&self, message: &Message) -> Result<(), Closed> {
+        self.client.send(frame(message)).await
+    }
+
+    // ----- client to shim -----
+
+    async fn on_client(&mut self, message: Message) -> Result<(), SessionError> {
+        let header = message.header;
+        let command = header.command().map_err(SessionError::UnknownCommand)?;
+        match command {
+            Command::Version => {
+                // Later VERSIONs prefix search batches; the first one
+                // carries the circuit's priority and minor version.
+                if self.circuit.is_none() {
+                    self.circuit = Some(Circuit {
+                        priority: header.data_type,
+                        minor: (header.count.min(u32::from(wire::MINOR_VERSION))) as u16,
+                    });
+                }
+            }
+            Command::Echo => self.to_client(&wire::echo()).await?,
+            // Old clients use READ_SYNC as an echo.
+            Command::ReadSync => self.to_client(&wire::read_sync()).await?,
+            Command::ClientName => {
+                self.client_name = Some(message.payload.clone());
+                self.forward_to_every_server(&message).await;
+            }
+            Command::HostName => {
+                self.host_name = Some(message.payload.clone());
+                self.forward_to_every_server(&message).await;
+            }
+            Command::EventsOff | Command::EventsOn => {
+                self.events_off = command == Command::EventsOff;
+                self.forward_to_every_server(&message).await;
+            }
+            Command::Search => self.on_search(&message).await?,
+            Command::CreateChan => self.on_create(&message).await?,
+            Command::EventAdd
+            | Command::EventCancel
+            | Command::Read
+            | Command::ReadNotify
+            | Command::Write
+            | Command::WriteNotify
+            | Command::ClearChannel => self.forward_to_channel_server(message).await,
+            other => return Err(SessionError::Unexpected(other)),
+        }
+        Ok(())
+    }
+
+    async fn on_search(&mut self, message: &Message) -> Result<(), SessionError> {
+        let name = wire::payload_name(&message.payload);
+        if name.is_empty() {
+            return Ok(());
+        }
+        let name = message.payload.slice_ref(name);
+        self.await_name(
+            name,
+            Waiter::Search {
+                id: message.header.p2,
+            },
+        )
+        .await
+    }
+
+    async fn on_create(&mut self, message: &Message) -> Result<(), SessionError> {
+        let cid = message.header.p1;
+        let name = wire::payload_name(&message.payload);
+        if name.is_empty() || self.channels.contains_key(&cid) {
+            debug!(target: "nameshim::ca::session", peer = %self.peer, cid, "ignored CREATE_CHAN with empty name or a cid in use");
+            return Ok(());
+        }
+        if self.channels.len() >= self.ctx.max_channels {
+            return Err(SessionError::TooManyChannels(self.ctx.max_channels));
+        }
+        let name = message.payload.slice_ref(name);
+        self.channels.insert(cid, Channel::Resolving);
+        self.await_name(name, Waiter::Create { cid }).await
+    }
+
+    /// Registers interest in `name`; the relay is asked once per name.
+    async fn await_name(&mut self, name: Bytes, waiter: Waiter) -> Result<(), SessionError> {
+        if let Some(waiters) = self.awaiting.get_mut(&name) {
+            waiters.push(waiter);
+            return Ok(());
+        }
+        let refused = self.awaiting.len() >= self.ctx.max_searches
+            || self
+                .ctx
+                .resolver
+                .lookup(name.clone(), &self.answer_tx)
+                .is_err();
+        if refused {
+            debug!(target: "nameshim::ca::session", peer = %self.peer, "search refused (limit)");
+            return self.settle(waiter, &name, None).await;
+        }
+        self.awaiting.insert(name, vec![waiter]);
+        Ok(())
+    }
+
+    async fn on_answer(&mut self, answer: Answer) -> Result<(), SessionError> {
+        let Some(waiters) = self.awaiting.remove(&answer.name) else {
+            return Ok(());
+        };
+        for waiter in waiters {
+            self.settle(waiter, &answer.name, answer.server).await?;
+        }
+        Ok(())
+    }
+
+    async fn settle(
+        &mut self,
+        waiter: Waiter,
+        name: &Bytes,
+        server: Option<SocketAddrV4>,
+    ) -> Result<(), SessionError> {
+        match (waiter, server) {
+            (Waiter::Search { id }, Some(_)) => {
+                self.to_client(&wire::tcp_search_reply(id, self.local_port))
+                    .await?
+            }
+            (Waiter::Search { .. }, None) => {}
+            (Waiter::Create { cid }, Some(server)) => {
+                if matches!(self.channels.get(&cid), Some(Channel::Resolving)) {
+                    self.create_on(server, cid, name).await;
+                }
+            }
+            (Waiter::Create { cid }, None) => {
+                if self.channels.remove(&cid).is_some() {
+                    self.to_client(&wire::create_ch_fail(cid)).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn create_on(&mut self, server: SocketAddrV4, cid: u32, name: &[u8]) {
+        let minor = self.circuit.map_or(wire::MINOR_VERSION, |c| c.minor);
+        let request = Message::with_name(
+            Header::new(Command::CreateChan, 0, 0, cid, u32::from(minor)),
+            name,
+        );
+        self.channels.insert(cid, Channel::Creating { server });
+        let link = self.link(server);
+        link.cids.insert(cid);
+        // A closed link reports itself as an event, which fails the channel.
+        let _ = link.backend.outbox.send(frame(&request)).await;
+    }
+
+    /// The circuit to `server`, opened on first use with the client's
+    /// VERSION, user name, host name and flow-control state.
+    fn link(&mut self, server: SocketAddrV4) -> &mut Link {
+        if !self.links.contains_key(&server) {
+            let id = self.next_link;
+            self.next_link += 1;
+            let backend = BackendLink::open(
+                server,
+                id,
+                &self.ctx.backend,
+                self.client.clone(),
+                self.backend_tx.clone(),
+            );
+            let circuit = self.circuit.unwrap_or(Circuit {
+                priority: 0,
+                minor: wire::MINOR_VERSION,
+            });
+            let mut intro = vec![wire::client_version(circuit.priority, circuit.minor)];
+            for (command, payload) in [
+                (Command::ClientName, &self.client_name),
+                (Command::HostName, &self.host_name),
+            ] {
+                if let Some(payload) = payload {
+                    let mut header = Header::new(command, 0, 0, 0, 0);
+                    header.payload_size = payload.len() as u32;
+                    intro.push(Message {
+                        header,
+                        payload: payload.clone(),
+                    });
+                }
+            }
+            if self.events_off {
+                intro.push(Message::new(Header::new(Command::EventsOff, 0, 0, 0, 0)));
+            }
+            // The queue is empty, so these fit without waiting.
+            for message in &intro {
+                if let Ok(permit) = backend.outbox.try_reserve_now(message.wire_len()) {
+                    let _ = backend.outbox.send_reserved(frame(message), permit);
+                }
+            }
+            debug!(target: "nameshim::ca::session", peer = %self.peer, %server, "opening server circuit");
+            self.links.insert(
+                server,
+                Link {
+                    backend,
+                    cids: HashSet::new(),
+                },
+            );
+        }
+        self.links
+            .get_mut(&server)
+            .expect("inserted above when missing")
+    }
+
+    async fn forward_to_every_server(&self, message: &Message) {
+        for link in self.links.values() {
+            let _ = link.backend.outbox.send(frame(message)).await;
+        }
+    }
+
+    /// Forwards a request addressed by sid (p1) to the channel's server,
+    /// with the server's own sid.
+    async fn forward_to_channel_server(&mut self, mut message: Message) {
+        let sid = message.header.p1;
+        let route = self.routes.get(&sid).and_then(|cid| self.channels.get(cid));
+        let Some(&Channel::Connected {
+            server, server_sid, ..
+        }) = route
+        else {
+            debug!(target: "nameshim::ca::session", peer = %self.peer, sid, cmd = message.header.command, "request for an unknown channel dropped");
+            return;
+        };
+        message.header.p1 = server_sid;
+        if let Some(link) = self.links.get(&server) {
+            let _ = link.backend.outbox.send(frame(&message)).await;
+        }
+    }
+
+    // ----- server to shim -----
+
+    async fn on_backend(&mut self, event: BackendEvent) -> Result<(), SessionError> {
+        match event {
+            BackendEvent::Message {
+                server,
+                link,
+                message,
+                permit,
+            } => {
+                if self.links.get(&server).map(|l| l.backend.id) == Some(link) {
+                    self.on_server_message(server, message, permit)?;
+                }
+                Ok(())
+            }
+            BackendEvent::Closed {
+                server,
+                link,
+                reason,
+            } => self.on_server_closed(server, link, &reason).await,
+        }
+    }
+
+    fn on_server_message(
+        &mut self,
+        server: SocketAddrV4,
+        mut message: Message,
+        permit: Permit,
+    ) -> Result<(), SessionError> {
+        let header = &mut message.header;
+        let Ok(command) = header.command() else {
+            warn!(target: "nameshim::ca::session", %server, cmd = header.command, "unknown command from a server dropped");
+            return Ok(());
+        };
+        match command {
+            Command::CreateChan => {
+                let cid = header.p1;
+                if !matches!(self.channels.get(&cid), Some(Channel::Creating { server: s }) if *s == server)
+                {
+                    debug!(target: "nameshim::ca::session", %server, cid, "CREATE_CHAN answer for no pending channel");
+                    return Ok(());
+                }
+                let sid = self.allocate_sid();
+                self.channels.insert(
+                    cid,
+                    Channel::Connected {
+                        server,
+                        sid,
+                        server_sid: header.p2,
+                    },
+                );
+                self.routes.insert(sid, cid);
+                header.p2 = sid;
+            }
+            Command::ClearChannel => {
+                let cid = header.p2;
+                let Some(Channel::Connected { sid, .. }) = self.forget_channel(server, cid) else {
+                    return Ok(());
+                };
+                header.p1 = sid;
+            }
+            Command::ServerDisconn | Command::CreateChFail => {
+                if self.forget_channel(server, header.p1).is_none() {
+                    return Ok(());
+                }
+            }
+            Command::AccessRights
+            | Command::EventAdd
+            | Command::Read
+            | Command::ReadNotify
+            | Command::WriteNotify
+            | Command::Error => {}
+            // Answers to the shim itself, or nothing libca may receive.
+            other => {
+                if !matches!(other, Command::Version | Command::Echo | Command::ReadSync) {
+                    debug!(target: "nameshim::ca::session", %server, cmd = ?other, "server message not relayed");
+                }
+                return Ok(());
+            }
+        }
+        self.client.send_reserved(frame(&message), permit)?;
+        Ok(())
+    }
+
+    /// Drops what the session knows of channel `cid` on `server`.
+    fn forget_channel(&mut self, server: SocketAddrV4, cid: u32) -> Option<Channel> {
+        let on_this_server = match self.channels.get(&cid)? {
+            Channel::Resolving => false,
+            Channel::Creating { server: s } | Channel::Connected { server: s, .. } => *s == server,
+        };
+        if !on_this_server {
+            return None;
+        }
+        let channel = self.channels.remove(&cid)?;
+        if let Channel::Connected { sid, .. } = channel {
+            self.routes.remove(&sid);
+        }
+        if let Some(link) = self.links.get_mut(&server) {
+            link.cids.remove(&cid);
+        }
+        Some(channel)
+    }
+
+    /// Every channel of a lost server is disconnected towards the client,
+    /// which then searches again and reconnects when the server is back.
+    async fn on_server_closed(
+        &mut self,
+        server: SocketAddrV4,
+        link: u64,
+        reason: &str,
+    ) -> Result<(), SessionError> {
+        if self.links.get(&server).map(|l| l.backend.id) != Some(link) {
+            return Ok(());
+        }
+        let Some(lost) = self.links.remove(&server) else {
+            return Ok(());
+        };
+        self.ctx.resolver.forget(server);
+        info!(target: "nameshim::ca::session", peer = %self.peer, %server, channels = lost.cids.len(), cause = reason, "server circuit closed");
+        for cid in lost.cids {
+            let notice = match self.channels.remove(&cid) {
+                Some(Channel::Connected { sid, .. }) => {
+                    self.routes.remove(&sid);
+                    wire::server_disconn(cid)
+                }
+                Some(Channel::Creating { .. }) => wire::create_ch_fail(cid),
+                Some(other @ Channel::Resolving) => {
+                    self.channels.insert(cid, other);
+                    continue;
+                }
+                None => continue,
+            };
+            self.to_client(&notice).await?;
+        }
+        Ok(())
+    }
+
+    fn allocate_sid(&mut self) -> u32 {
+        loop {
+            let sid = self.next_sid;
+            self.next_sid = self.next_sid.wrapping_add(1);
+            if !self.routes.contains_key(&sid) {
+                return sid;
+            }
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! The one reader of command-line options and environment variables.
+//! Every option can also be set as `NAMESHIM_<OPTION>`; the CA server port
+//! falls back to `EPICS_CA_SERVER_PORT`, as for any EPICS tool.
+
+use crate::ca::search::SearchConfig;
+use clap::Parser;
+use std::ffi::OsString;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::Duration;
+
+/// The default port. It is none of 5064/5065 (CA server and repeater) and
+/// 5075/5076 (PVA server and search), so the shim can sit beside IOCs that
+/// keep their usual ports in the same container.
+pub const DEFAULT_PORT: u16 = 5066;
+const DEFAULT_CA_SERVER_PORT: u16 = 5064;
+
+const EXAMPLES: &str = "\
+Examples:
+  Sidecar, or beside the IOC in one container (serves until SIGTERM):
+    nameshim --listen 0.0.0.0:5066
+
+  Publish that one port from the container, with any host port:
+    podman run -p 8066:5066 my-ioc-image
+
+  Then, on a client host:
+    export EPICS_CA_NAME_SERVERS=ioc-host:8066
+    export EPICS_PVA_NAME_SERVERS=ioc-host:8066
+    caget MY:PV
+
+  Search servers on a non-default CA port, or on more addresses:
+    nameshim --ca-server-port 6064 --ca-search-addr 127.255.255.255,10.88.0.255
+
+Environment: every option reads NAMESHIM_<OPTION> (for example
+NAMESHIM_LISTEN=0.0.0.0:5066); the log filter is NAMESHIM_LOG.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nameshim",
+    version,
+    about = "One TCP port for every EPICS Channel Access and PV Access server in a container",
+    long_about = "nameshim serves ONE TCP port that is a Channel Access name server \
+(EPICS_CA_NAME_SERVERS) and carries the channels it finds: each search is relayed by \
+UDP over the loopback to every CA server in the container, and each channel is relayed \
+to its server, so any host port mapping works with no UDP published.",
+    after_help = EXAMPLES
+)]
+pub struct Cli {
+    /// Address and TCP port to serve on; port 0 picks a free port (logged).
+    #[arg(short, long, env = "NAMESHIM_LISTEN", value_name = "ADDR:PORT",
+          default_value_t = SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_PORT)))]
+    pub listen: SocketAddr,
+
+    /// Where CA searches are sent (comma-separated). The loopback broadcast
+    /// address reaches every server bound to the CA port in this network
+    /// namespace; a port given here overrides --ca-server-port.
+    #[arg(long, env = "NAMESHIM_CA_SEARCH_ADDR", value_name = "ADDR[:PORT]",
+          value_delimiter = ',', default_value = "127.255.255.255", value_parser = parse_search_addr)]
+    pub ca_search_addr: Vec<SearchAddr>,
+
+    /// UDP port of the CA servers [default: EPICS_CA_SERVER_PORT, else 5064].
+    #[arg(long, env = "NAMESHIM_CA_SERVER_PORT", value_name = "PORT")]
+    pub ca_server_port: Option<u16>,
+
+    /// How long a new connection may stay silent before it counts as PVA.
+    /// CA clients speak at once; PVA clients wait for the server.
+    #[arg(long, env = "NAMESHIM_CLASSIFY_WINDOW", value_name = "DURATION",
+          default_value = "200ms", value_parser = parse_duration)]
+    pub classify_window: Duration,
+
+    /// How long a name is searched for before it counts as not found.
+    #[arg(long, env = "NAMESHIM_SEARCH_TIMEOUT", value_name = "DURATION",
+          default_value = "5s", value_parser = parse_duration)]
+    pub search_timeout: Duration,
+
+    /// How long a found server is remembered for a name.
+    #[arg(long, env = "NAMESHIM_CACHE_TTL", value_name = "DURATION",
+          default_value = "10s", value_parser = parse_duration)]
+    pub cache_ttl: Duration,
+
+    /// Client connections served at once; more wait in the accept queue.
+    #[arg(
+        long,
+        env = "NAMESHIM_MAX_CLIENTS",
+        value_name = "N",
+        default_value_t = 1024
+    )]
+    pub max_clients: usize,
+
+    /// Largest message accepted, in bytes (suffixes K, M, G). Fits large
+    /// detector images by default; a bigger message closes its connection.
+    #[arg(long, env = "NAMESHIM_MAX_MESSAGE", value_name = "BYTES",
+          default_value = "64M", value_parser = parse_bytes)]
+    pub max_message: u64,
+
+    /// Bytes queued towards one peer before the shim stops reading from the
+    /// other side (suffixes K, M, G).
+    #[arg(long, env = "NAMESHIM_QUEUE_BYTES", value_name = "BYTES",
+          default_value = "4M", value_parser = parse_bytes)]
+    pub queue_bytes: u64,
+
+    /// Channels one client connection may hold.
+    #[arg(
+        long,
+        env = "NAMESHIM_MAX_CHANNELS",
+        value_name = "N",
+        default_value_t = 100_000
+    )]
+    pub max_channels: usize,
+
+    /// Log filter, e.g. info, debug, or nameshim::ca=debug.
+    #[arg(
+        long,
+        env = "NAMESHIM_LOG",
+        value_name = "FILTER",
+        default_value = "info"
+    )]
+    pub log: String,
+
+    /// Run COMMAND as a child (PID-1 wrapper mode; reserved, not yet available).
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SearchAddr {
+    pub ip: Ipv4Addr,
+    pub port: Option<u16>,
+}
+
+fn parse_search_addr(text: &str) -> Result<SearchAddr, String> {
+    let text = text.trim();
+    if let Ok(addr) = text.parse::<SocketAddrV4>() {
+        return Ok(SearchAddr {
+            ip: *addr.ip(),
+            port: Some(addr.port()),
+        });
+    }
+    text.parse::<Ipv4Addr>()
+        .map(|ip| SearchAddr { ip, port: None })
+        .map_err(|_| format!("'{text}' is not an IPv4 address with an optional :port"))
+}
+
+/// "250ms", "5s", "2m"; a bare number is seconds, as in EPICS variables.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(
+        text.find(|c: char| c.is_ascii_alphabetic())
+            .unwrap_or(text.len()),
+    );
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration like 200ms, 5s or 2m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        _ => {
+            return Err(format!(
+                "unknown unit '{unit}' in '{text}' (use ms, s or m)"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("'{text}': {e}"))
+}
+
+/// "4096", "64K", "4M", "1G" (powers of 1024).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, scale) = match text.char_indices().last() {
+        Some((at, 'K' | 'k')) => (&text[..at], 1u64 << 10),
+        Some((at, 'M' | 'm')) => (&text[..at], 1 << 20),
+        Some((at, 'G' | 'g')) => (&text[..at], 1 << 30),
+        _ => (text, 1),
+    };
+    number
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("'{text}' is not a byte count like 4096, 64K or 4M"))
+}
+
+/// Settings derived from the command line and the environment.
+pub struct Config {
+    pub listen: SocketAddr,
+    pub classify_window: Duration,
+    pub max_clients: usize,
+    pub max_payload: u32,
+    pub queue_bytes: usize,
+    pub max_channels: usize,
+    pub ca_search: SearchConfig,
+}
+
+impl Config {
+    pub fn from_cli(cli: &Cli) -> Config {
+        let ca_port = cli.ca_server_port.unwrap_or_else(|| {
+            std::env::var("EPICS_CA_SERVER_PORT")
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+                .unwrap_or(DEFAULT_CA_SERVER_PORT)
+        });
+        let targets = cli
+            .ca_search_addr
+            .iter()
+            .map(|a| SocketAddrV4::new(a.ip, a.port.unwrap_or(ca_port)))
+            .collect();
+        Config {
+            listen: cli.listen,
+            classify_window: cli.classify_window,
+            max_clients: cli.max_clients.max(1),
+            max_payload: cli.max_message.min(u64::from(u32::MAX)) as u32,
+            queue_bytes: cli.queue_bytes.min(usize::MAX as u64) as usize,
+            max_channels: cli.max_channels,
+            ca_search: SearchConfig {
+                targets,
+                timeout: cli.search_timeout,
+                cache_ttl: cli.cache_ttl,
+                max_pending: 10_000,
+                max_cached: 100_000,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_units() {
+        assert_eq!(parse_duration("200ms"), Ok(Duration::from_millis(200)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn byte_counts_take_suffixes() {
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("64K"), Ok(65536));
+        assert_eq!(parse_bytes("4M"), Ok(4 << 20));
+        assert_eq!(parse_bytes("1G"), Ok(1 << 30));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("99999999999G").is_err());
+    }
+
+    #[test]
+    fn search_addresses_take_optional_ports() {
+        assert_eq!(
+            parse_search_addr("127.255.255.255"),
+            Ok(SearchAddr {
+                ip: Ipv4Addr::new(127, 255, 255, 255),
+                port: None
+            })
+        );
+        assert_eq!(
+            parse_search_addr("10.0.0.255:6064").map(|a| a.port),
+            Ok(Some(6064))
+        );
+        assert!(parse_search_addr("ioc-host").is_err());
+    }
+
+    #[test]
+    fn cli_defaults_search_the_loopback_broadcast() {
+        let cli = Cli::parse_from(["nameshim", "--ca-server-port", "5064"]);
+        let config = Config::from_cli(&cli);
+        assert_eq!(config.listen.port(), DEFAULT_PORT);
+        assert_eq!(
+            config.ca_search.targets,
+            [SocketAddrV4::new(Ipv4Addr::new(127, 255, 255, 255), 5064)]
+        );
+    }
+
+    #[test]
+    fn trailing_command_is_kept_verbatim() {
+        let cli = Cli::parse_from(["nameshim", "--", "softIoc", "-d", "x.db"]);
+        assert_eq!(cli.command, ["softIoc", "-d", "x.db"]);
+    }
+}

@@ -1,0 +1,170 @@
+//! The single TCP port: accepts, classifies, and hands each connection to
+//! the protocol that owns it.
+//!
+//! CA is client-first: libca sends VERSION (first byte 0x00) as soon as it
+//! connects. PVA is server-first: a PVA client sends nothing until the server
+//! greets it. So a connection whose first byte arrives within the
+//! classification window is CA, and one that stays silent is PVA. Nothing is
+//! sent before the protocol is known: a CA greeting breaks a PVA client and
+//! the reverse.
+
+use crate::ca;
+use crate::pva;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+
+/// First byte of every PVA message (`PVA_MAGIC`).
+const PVA_MAGIC: u8 = 0xCA;
+/// First byte of a CA VERSION message (command 0, big-endian).
+const CA_VERSION_FIRST_BYTE: u8 = 0x00;
+/// Wait after an accept error (EMFILE, ENOBUFS) so it cannot spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// Idle time before TCP keepalive probes a silent peer that may be gone.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Ca,
+    Pva,
+    /// The first byte belongs to neither protocol.
+    Unknown(u8),
+    /// The peer closed before sending anything.
+    Closed,
+}
+
+pub struct ListenerConfig {
+    pub classify_window: Duration,
+    pub max_clients: usize,
+}
+
+/// Accepts connections until the task is dropped. Accept errors are logged
+/// and retried after a pause; they never end the listener.
+pub async fn serve(listener: TcpListener, config: ListenerConfig, ca: Arc<ca::session::CaContext>) {
+    let slots = Arc::new(Semaphore::new(config.max_clients));
+    let window = config.classify_window;
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                warn!(target: "nameshim::relay", cause = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
+        };
+        let ca = ca.clone();
+        tokio::spawn(async move {
+            handle(stream, peer, window, ca).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    window: Duration,
+    ca: Arc<ca::session::CaContext>,
+) {
+    let _ = stream.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
+    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+    let protocol = match classify(&stream, window).await {
+        Ok(protocol) => protocol,
+        Err(e) => {
+            debug!(target: "nameshim::relay", %peer, cause = %e, "connection failed before classification");
+            return;
+        }
+    };
+    debug!(target: "nameshim::relay", %peer, ?protocol, "classified connection");
+    match protocol {
+        Protocol::Ca => ca::session::serve(stream, peer, ca).await,
+        Protocol::Pva => pva::serve(stream, peer).await,
+        Protocol::Unknown(byte) => {
+            warn!(target: "nameshim::relay", %peer, first_byte = byte, "closing connection: neither CA nor PVA")
+        }
+        Protocol::Closed => {}
+    }
+}
+
+/// Decides the protocol from the first byte, without consuming it.
+pub async fn classify(stream: &TcpStream, window: Duration) -> io::Result<Protocol> {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(window, stream.peek(&mut first)).await {
+        Err(_silent) => Ok(Protocol::Pva),
+        Ok(Ok(0)) => Ok(Protocol::Closed),
+        Ok(Ok(_)) => Ok(match first[0] {
+            CA_VERSION_FIRST_BYTE => Protocol::Ca,
+            PVA_MAGIC => Protocol::Pva,
+            other => Protocol::Unknown(other),
+        }),
+        Ok(Err(e)) => Err(e),
+    }
+}
+
+/// Binds the listening socket, with SO_REUSEADDR so a restart can rebind
+/// while old connections linger in TIME_WAIT.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    let listener = TcpListener::from_std(socket.into())?;
+    info!(target: "nameshim::relay", addr = %listener.local_addr()?, "listening");
+    Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn ca_version_first_is_ca() {
+        let (mut client, server) = pair().await;
+        client.write_all(&[0, 0, 0, 0, 0, 0, 0, 13]).await.unwrap();
+        let got = classify(&server, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(got, Protocol::Ca);
+    }
+
+    #[tokio::test]
+    async fn silence_is_pva() {
+        let (_client, server) = pair().await;
+        let got = classify(&server, Duration::from_millis(30)).await.unwrap();
+        assert_eq!(got, Protocol::Pva);
+    }
+
+    #[tokio::test]
+    async fn other_first_byte_is_unknown() {
+        let (mut client, server) = pair().await;
+        client.write_all(b"GET / HTTP/1.0\r\n").await.unwrap();
+        let got = classify(&server, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(got, Protocol::Unknown(b'G'));
+    }
+
+    #[tokio::test]
+    async fn close_without_data_is_closed() {
+        let (client, server) = pair().await;
+        drop(client);
+        let got = classify(&server, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(got, Protocol::Closed);
+    }
+}

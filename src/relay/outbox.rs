@@ -1,0 +1,250 @@
+//! A byte-bounded send queue in front of one socket, drained by one writer.
+//!
+//! Every frame takes permits from a budget of bytes before it is queued and
+//! gives them back only once it is written. A peer that reads slowly makes
+//! `reserve` wait, so whoever feeds the queue stops reading its own source:
+//! memory stays bounded and TCP flow control reaches the far end.
+//! A frame larger than the whole budget takes the whole budget, so it can
+//! never wait forever.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use std::io;
+use std::sync::Arc;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+/// Longest header a frame carries inline (the CA extended header).
+const MAX_HEAD: usize = 24;
+/// Bodies up to this size are copied into the write batch; larger ones are
+/// written from their own buffer to avoid the copy.
+const COPY_LIMIT: usize = 16 * 1024;
+/// How much one write call gathers from queued frames.
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// One message ready for the wire: a short header and a shared body.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    head: [u8; MAX_HEAD],
+    head_len: u8,
+    body: Bytes,
+}
+
+impl Frame {
+    /// `encode_head` writes at most 24 bytes.
+    pub fn new(encode_head: impl FnOnce(&mut &mut [u8]), body: Bytes) -> Frame {
+        let mut head = [0u8; MAX_HEAD];
+        let mut cursor = &mut head[..];
+        encode_head(&mut cursor);
+        let head_len = (MAX_HEAD - cursor.len()) as u8;
+        Frame {
+            head,
+            head_len,
+            body,
+        }
+    }
+
+    pub fn head(&self) -> &[u8] {
+        &self.head[..usize::from(self.head_len)]
+    }
+
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    pub fn len(&self) -> usize {
+        usize::from(self.head_len) + self.body.len()
+    }
+}
+
+/// The far end is gone: nothing more can be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closed;
+
+/// Bytes set aside in an outbox for one frame.
+#[derive(Debug)]
+pub struct Permit(#[allow(dead_code)] OwnedSemaphorePermit);
+
+struct Queued {
+    frame: Frame,
+    _permit: Permit,
+}
+
+/// The sending side. Cheap to clone; all clones feed the same socket.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::UnboundedSender<Queued>,
+    budget: Arc<Semaphore>,
+    limit: usize,
+}
+
+/// The receiving side, consumed by [`OutboxReceiver::drain_into`].
+pub struct OutboxReceiver {
+    rx: mpsc::UnboundedReceiver<Queued>,
+    budget: Arc<Semaphore>,
+}
+
+impl Drop for OutboxReceiver {
+    fn drop(&mut self) {
+        // Wakes every sender waiting for budget that will never come back.
+        self.budget.close();
+    }
+}
+
+impl Outbox {
+    /// An outbox that holds at most `limit_bytes` of queued frames
+    /// (or one frame, if that frame is larger).
+    pub fn new(limit_bytes: usize) -> (Outbox, OutboxReceiver) {
+        let limit = limit_bytes
+            .clamp(1, Semaphore::MAX_PERMITS)
+            .min(u32::MAX as usize);
+        let budget = Arc::new(Semaphore::new(limit));
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Outbox {
+                tx,
+                budget: budget.clone(),
+                limit,
+            },
+            OutboxReceiver { rx, budget },
+        )
+    }
+
+    /// Waits until `len` bytes fit in the queue.
+    pub async fn reserve(&self, len: usize) -> Result<Permit, Closed> {
+        let cost = len.clamp(1, self.limit) as u32;
+        tokio::select! {
+            permit = self.budget.clone().acquire_many_owned(cost) => {
+                permit.map(Permit).map_err(|_| Closed)
+            }
+            _ = self.tx.closed() => Err(Closed),
+        }
+    }
+
+    /// Reserves `len` bytes if they fit now, without waiting.
+    pub fn try_reserve_now(&self, len: usize) -> Result<Permit, Closed> {
+        let cost = len.clamp(1, self.limit) as u32;
+        self.budget
+            .clone()
+            .try_acquire_many_owned(cost)
+            .map(Permit)
+            .map_err(|_| Closed)
+    }
+
+    /// Queues a frame whose bytes were reserved.
+    pub fn send_reserved(&self, frame: Frame, permit: Permit) -> Result<(), Closed> {
+        self.tx
+            .send(Queued {
+                frame,
+                _permit: permit,
+            })
+            .map_err(|_| Closed)
+    }
+
+    /// Waits for room, then queues the frame.
+    pub async fn send(&self, frame: Frame) -> Result<(), Closed> {
+        let permit = self.reserve(frame.len()).await?;
+        self.send_reserved(frame, permit)
+    }
+}
+
+impl OutboxReceiver {
+    /// Writes queued frames until every sender is gone or the socket fails.
+    /// Frames that are ready together go out in one write.
+    pub async fn drain_into<W: AsyncWrite + Unpin>(mut self, mut out: W) -> io::Result<()> {
+        let mut batch: Vec<Queued> = Vec::new();
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        while let Some(first) = self.rx.recv().await {
+            let mut gathered = first.frame.len();
+            batch.push(first);
+            while gathered < BATCH_BYTES {
+                match self.rx.try_recv() {
+                    Ok(next) => {
+                        gathered += next.frame.len();
+                        batch.push(next);
+                    }
+                    Err(_) => break,
+                }
+            }
+            for queued in &batch {
+                let frame = &queued.frame;
+                buf.put_slice(frame.head());
+                if frame.body().len() <= COPY_LIMIT {
+                    buf.put_slice(frame.body());
+                } else {
+                    out.write_all(&buf).await?;
+                    buf.clear();
+                    out.write_all(frame.body()).await?;
+                }
+            }
+            if !buf.is_empty() {
+                out.write_all(&buf).await?;
+                buf.clear();
+            }
+            // Written: give the budget back.
+            batch.clear();
+        }
+        out.shutdown().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn frame(body_len: usize) -> Frame {
+        Frame::new(|h| h.put_slice(b"HEAD"), Bytes::from(vec![7u8; body_len]))
+    }
+
+    #[tokio::test]
+    async fn sender_waits_when_budget_is_spent() {
+        let (outbox, _rx) = Outbox::new(100);
+        outbox.send(frame(60)).await.unwrap();
+        let second = tokio::time::timeout(Duration::from_millis(50), outbox.send(frame(60))).await;
+        assert!(
+            second.is_err(),
+            "a second frame must wait for the first to be written"
+        );
+    }
+
+    #[tokio::test]
+    async fn written_frames_free_the_budget() {
+        let (outbox, rx) = Outbox::new(100);
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        tokio::spawn(rx.drain_into(server));
+        for _ in 0..10 {
+            outbox.send(frame(60)).await.unwrap();
+        }
+        let mut got = vec![0u8; 640];
+        tokio::io::AsyncReadExt::read_exact(&mut client, &mut got)
+            .await
+            .unwrap();
+        assert_eq!(&got[..4], b"HEAD");
+    }
+
+    #[tokio::test]
+    async fn frame_larger_than_budget_still_passes() {
+        let (outbox, rx) = Outbox::new(10);
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        tokio::spawn(rx.drain_into(server));
+        outbox.send(frame(100_000)).await.unwrap();
+        let mut got = vec![0u8; 100_004];
+        tokio::io::AsyncReadExt::read_exact(&mut client, &mut got)
+            .await
+            .unwrap();
+        assert!(got[4..].iter().all(|&b| b == 7));
+    }
+
+    #[tokio::test]
+    async fn waiting_sender_sees_closed_when_writer_goes() {
+        let (outbox, rx) = Outbox::new(10);
+        outbox.send(frame(10)).await.unwrap();
+        let waiter = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.send(frame(10)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(rx);
+        assert_eq!(waiter.await.unwrap(), Err(Closed));
+    }
+}

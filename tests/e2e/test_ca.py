@@ -1,0 +1,204 @@
+"""Channel Access through nameshim, with real servers and a real libca client.
+
+One simulated container holds two epicscorelibs softIocs (the first owns TCP
+5064, the second gets a random TCP port), a pvxslibs softIoc and a caproto
+server, all sharing UDP 5064, plus the shim on 0.0.0.0:5066. The host
+publishes host port 18066 to container port 5066 (TCP only). Clients are
+configured with EPICS_CA_NAME_SERVERS only, so every channel they get
+proves the shim found the server and relayed it.
+"""
+
+import time
+from types import SimpleNamespace
+
+import harness as h
+import pytest
+
+SERVERS = ["IOCA:", "IOCB:", "PVXS:", "CAPR:"]
+PUBLISHED_PORT = 18066
+SHIM_PORT = 5066
+
+
+def tcp_ports(ns, pid) -> set:
+    """TCP ports process pid listens on inside ns."""
+    out = ns.sh(["ss", "-Hltnp"])
+    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if f"pid={pid}," in line}
+
+
+def start_servers(ctr, work) -> dict:
+    # Order matters: the first softIoc takes TCP 5064, the rest cannot.
+    return {
+        "IOCA:": h.SoftIoc(ctr, "IOCA:", work, "epicscorelibs", init=1.0).start(),
+        "IOCB:": h.SoftIoc(ctr, "IOCB:", work, "epicscorelibs", init=2.0).start(),
+        "PVXS:": h.SoftIoc(ctr, "PVXS:", work, "pvxslibs", init=3.0).start(),
+        "CAPR:": h.CaprotoServer(ctr, "CAPR:", work).start(),
+    }
+
+
+@pytest.fixture(scope="module")
+def site(netns_ok, shim_bin, shim_help, tmp_path_factory):
+    work = tmp_path_factory.mktemp("ca")
+    host = h.Host()
+    ctr = h.Container(host)
+    remote = h.Container(host, role="remote")  # another machine on the host's network
+    try:
+        servers = start_servers(ctr, work)
+        shim = h.Shim(ctr, ["--listen", f"0.0.0.0:{SHIM_PORT}"], work)
+        shim.start()
+        ctr.publish(PUBLISHED_PORT, SHIM_PORT)
+        yield SimpleNamespace(host=host, ctr=ctr, remote=remote, servers=servers, shim=shim, ns=shim.local_addr)
+    finally:
+        for ns in (remote, ctr, host):
+            ns.close()
+
+
+def shim_diag(site) -> str:
+    return f"shim {'alive' if site.shim.alive() else 'DEAD'}; log:\n{site.shim.log_text(80)}"
+
+
+def test_servers_share_udp_5064_and_only_the_first_owns_tcp_5064(site):
+    # Precondition of every other test: the random-port servers really are
+    # off 5064, so reaching them proves the shim relayed their search replies.
+    ports = {p: tcp_ports(site.ctr, s.proc.pid) for p, s in site.servers.items()}
+    assert 5064 in ports["IOCA:"], ports
+    for prefix in ("IOCB:", "PVXS:", "CAPR:"):
+        assert ports[prefix] and 5064 not in ports[prefix], ports
+
+
+def test_shim_binds_the_requested_address(site):
+    assert site.shim.addr == f"0.0.0.0:{SHIM_PORT}"
+
+
+@pytest.mark.parametrize("prefix", SERVERS)
+def test_name_server_only_client_gets_pv_of_each_server(site, prefix):
+    got = h.ca_get(site.ctr, site.ns, [f"{prefix}ID"])[f"{prefix}ID"]
+    assert got["connected"], shim_diag(site)
+    assert got["value"] == prefix
+    # The channel rides the name-server circuit, not a direct connection.
+    assert got["host"].endswith(f":{SHIM_PORT}"), got
+
+
+@pytest.mark.parametrize("prefix", SERVERS)
+def test_put_then_get_returns_written_value(site, prefix):
+    number = 100.25 + SERVERS.index(prefix)
+    text = f"written to {prefix}"
+    put_num = h.ca_put(site.ctr, site.ns, f"{prefix}VAL", number)
+    put_str = h.ca_put(site.ctr, site.ns, f"{prefix}MSG", text)
+    assert put_num == {"connected": True, "put_ok": True, "readback": number}, shim_diag(site)
+    assert put_str == {"connected": True, "put_ok": True, "readback": text}, shim_diag(site)
+    # A fresh client (new circuit) sees the same values.
+    got = h.ca_get(site.ctr, site.ns, [f"{prefix}VAL", f"{prefix}MSG"])
+    assert got[f"{prefix}VAL"]["value"] == number
+    assert got[f"{prefix}MSG"]["value"] == text
+
+
+@pytest.mark.parametrize("prefix", SERVERS)
+def test_monitor_delivers_every_10hz_counter_update(site, prefix):
+    mon = h.ca_monitor(site.ctr, site.ns, f"{prefix}COUNT", duration=3.0)
+    assert mon["connected"], shim_diag(site)
+    values = [u[0] for u in mon["updates"]]
+    stamps = [u[1] for u in mon["updates"]]
+    # The first update is the current value at subscription; from there on
+    # the counter must advance by exactly one per update.
+    steps = [b - a for a, b in zip(values[1:], values[2:])]
+    assert steps and all(s == 1 for s in steps), values
+    assert 24 <= len(values) <= 36, values
+    assert all(b > a for a, b in zip(stamps, stamps[1:])), stamps
+
+
+@pytest.mark.parametrize("prefix", SERVERS)
+def test_large_waveform_round_trips(site, prefix):
+    offset = 1000.0 * (SERVERS.index(prefix) + 1)
+    wave = [offset + 0.5 * i for i in range(h.WAVE_LEN)]
+    put = h.ca_put(site.ctr, site.ns, f"{prefix}WAVE", wave, timeout=20)
+    assert put["connected"] and put["put_ok"], shim_diag(site)
+    got = h.ca_get(site.ctr, site.ns, [f"{prefix}WAVE"], timeout=20)[f"{prefix}WAVE"]
+    assert got["connected"], shim_diag(site)
+    assert len(got["value"]) == h.WAVE_LEN
+    assert got["value"] == wave, "waveform differs from what was written"
+
+
+def test_one_client_with_channels_on_all_servers_sees_no_cross_talk(site):
+    # One process = one libca context = one circuit to the shim carrying
+    # channels of four servers; each value must come from its own server.
+    unique = {p: 7000.5 + 11 * i for i, p in enumerate(SERVERS)}
+    ops = [{"op": "put", "pv": f"{p}VAL", "value": v, "timeout": 10} for p, v in unique.items()]
+    names = [f"{p}{f}" for p in SERVERS for f in ("ID", "VAL", "COUNT")]
+    ops.append({"op": "get", "pvs": names, "timeout": 10})
+    *puts, got = h.ca_program(site.ctr, site.ns, ops)
+    assert all(p["put_ok"] for p in puts), (puts, shim_diag(site))
+    for prefix in SERVERS:
+        assert got[f"{prefix}ID"]["value"] == prefix, got
+        assert got[f"{prefix}VAL"]["value"] == unique[prefix], got
+        assert got[f"{prefix}COUNT"]["connected"], got
+    assert len({v["host"] for v in got.values()}) == 1, "channels spread over several circuits"
+
+
+def test_unknown_pv_times_out_and_client_still_works(site):
+    ops = [
+        {"op": "get", "pvs": ["NOSUCH:PV"], "timeout": 3},
+        {"op": "get", "pvs": ["IOCB:ID"], "timeout": 5},
+    ]
+    t0 = time.monotonic()
+    missing, real = h.ca_program(site.ctr, site.ns, ops)
+    assert missing == {"NOSUCH:PV": {"connected": False}}
+    assert real["IOCB:ID"]["connected"], shim_diag(site)
+    assert real["IOCB:ID"]["value"] == "IOCB:"
+    assert time.monotonic() - t0 < 20
+    assert site.shim.alive(), shim_diag(site)
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["host-localhost", "host-veth-address", "other-machine"],
+)
+def test_client_through_remapped_published_port(site, where):
+    ns, name_server = {
+        "host-localhost": (site.host, f"127.0.0.1:{PUBLISHED_PORT}"),
+        "host-veth-address": (site.host, f"{site.ctr.host_addr}:{PUBLISHED_PORT}"),
+        "other-machine": (site.remote, f"{site.remote.host_addr}:{PUBLISHED_PORT}"),
+    }[where]
+    got = h.ca_get(ns, name_server, ["IOCA:ID", "IOCB:ID"])
+    for prefix in ("IOCA:", "IOCB:"):
+        assert got[f"{prefix}ID"]["connected"], (got, shim_diag(site))
+        assert got[f"{prefix}ID"]["value"] == prefix
+        # Both channels use the published port, never a container port.
+        assert got[f"{prefix}ID"]["host"].endswith(f":{PUBLISHED_PORT}"), got
+
+
+@pytest.mark.parametrize("kind", ["random-bytes", "huge-ca-payload"])
+def test_garbage_connection_is_closed_without_harming_ca_client(site, kind):
+    payload = h.garbage_payloads()[kind]
+    watch = h.CaWatch(site.ctr, site.ns, "IOCA:COUNT", duration=60)
+    try:
+        watch.values(3, timeout=10)
+        probe = h.tcp_probe(site.ctr, site.ns, payload, timeout=5)
+        assert probe["connected"], probe
+        assert probe["closed"], f"shim kept the connection open: {probe} payload={payload.hex()}"
+        assert site.shim.alive(), shim_diag(site)
+        after = watch.values(5, timeout=5)
+        assert [b - a for a, b in zip(after, after[1:])] == [1, 1, 1, 1], after
+        assert not any(e["event"] == "conn" and not e["connected"] for e in watch.events), watch.events
+    finally:
+        watch.close()
+
+
+def test_client_reconnects_after_ioc_restart(site, record_property):
+    # Runs last in this module: it replaces IOCB's process.
+    watch = h.CaWatch(site.ctr, site.ns, "IOCB:COUNT", duration=120)
+    try:
+        watch.wait_for(lambda e: e["event"] == "conn" and e["connected"], 10)
+        watch.values(3, timeout=5)
+        site.servers["IOCB:"].stop()
+        watch.wait_for(lambda e: e["event"] == "conn" and not e["connected"], 15)
+        site.servers["IOCB:"].start()
+        t0 = time.monotonic()
+        watch.wait_for(lambda e: e["event"] == "conn" and e["connected"], 40)
+        record_property("reconnect_seconds", round(time.monotonic() - t0, 2))
+        print(f"reconnected {time.monotonic() - t0:.2f}s after IOC restart")
+        after = watch.values(3, timeout=5)
+        assert [b - a for a, b in zip(after, after[1:])] == [1, 1], after
+    except TimeoutError as e:
+        pytest.fail(f"{e}\n{shim_diag(site)}")
+    finally:
+        watch.close()
