@@ -67,9 +67,11 @@ pub struct Cli {
           default_value = "200ms", value_parser = parse_duration)]
     pub classify_window: Duration,
 
-    /// How long a name is searched for before it counts as not found.
+    /// How long a name is searched for before it counts as not found. A long
+    /// search lets a client reconnect as soon as a restarted IOC answers:
+    /// libca takes a late answer while the channel is still searching.
     #[arg(long, env = "NAMESHIM_SEARCH_TIMEOUT", value_name = "DURATION",
-          default_value = "5s", value_parser = parse_duration)]
+          default_value = "30s", value_parser = parse_duration)]
     pub search_timeout: Duration,
 
     /// How long a found server is remembered for a name.

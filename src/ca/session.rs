@@ -29,6 +29,10 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+/// Distinct waiters kept for one name under search; more are dropped
+/// (a client has no reason to search one name under many ids at once).
+const MAX_WAITERS_PER_NAME: usize = 64;
+
 /// What every CA session shares.
 pub struct CaContext {
     pub resolver: Resolver,
@@ -135,7 +139,7 @@ enum Channel {
     },
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Waiter {
     /// A search from the client, answered only if the name is found.
     Search { id: u32 },
@@ -272,7 +276,13 @@ impl Session {
     /// Registers interest in `name`; the relay is asked once per name.
     async fn await_name(&mut self, name: Bytes, waiter: Waiter) -> Result<(), SessionError> {
         if let Some(waiters) = self.awaiting.get_mut(&name) {
-            waiters.push(waiter);
+            // libca repeats a search until it is answered: keep one waiter
+            // per search id, and a bounded number per name. Creates are
+            // bounded by the channel limit and must all be settled.
+            let is_create = matches!(waiter, Waiter::Create { .. });
+            if !waiters.contains(&waiter) && (is_create || waiters.len() < MAX_WAITERS_PER_NAME) {
+                waiters.push(waiter);
+            }
             return Ok(());
         }
         let refused = self.awaiting.len() >= self.ctx.max_searches
