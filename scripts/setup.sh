@@ -55,12 +55,13 @@ install_python_peers() {
     printf '%s\n' "$want" >"$stamp"
 }
 
-# Keep build and venv output out of version control.
+# Keep build and venv output out of version control; any of the usual
+# spellings (.venv, .venv/, /.venv, /.venv/) counts as already ignored.
 ensure_gitignore() {
-    local gi="$repo/.gitignore" entry
+    local gi="$repo/.gitignore" name
     touch "$gi"
-    for entry in .venv/ target/; do
-        grep -qxF "$entry" "$gi" || echo "$entry" >>"$gi"
+    for name in .venv target; do
+        grep -qxE "/?${name//./\\.}/?" "$gi" || echo "$name/" >>"$gi"
     done
 }
 

@@ -50,6 +50,14 @@ pub struct Cli {
           default_value_t = SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_PORT)))]
     pub listen: SocketAddr,
 
+    /// An extra port for Channel Access only. The shim greets each client at
+    /// once, as rsrv does, instead of waiting for its first bytes: libca sends
+    /// nothing on a name-server circuit until the server speaks or the program
+    /// calls into libca, so a callback-only client that never polls is taken
+    /// for a PVA client on the shared port. Publish this port for such clients.
+    #[arg(long, env = "NAMESHIM_CA_LISTEN", value_name = "ADDR:PORT")]
+    pub ca_listen: Option<SocketAddr>,
+
     /// Where CA searches are sent (comma-separated). The loopback broadcast
     /// address reaches every server bound to the CA port in this network
     /// namespace; a port given here overrides --ca-server-port.
@@ -186,6 +194,7 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
 /// Settings derived from the command line and the environment.
 pub struct Config {
     pub listen: SocketAddr,
+    pub ca_listen: Option<SocketAddr>,
     pub classify_window: Duration,
     pub max_clients: usize,
     pub max_payload: u32,
@@ -209,6 +218,7 @@ impl Config {
             .collect();
         Config {
             listen: cli.listen,
+            ca_listen: cli.ca_listen,
             classify_window: cli.classify_window,
             max_clients: cli.max_clients.max(1),
             max_payload: cli.max_message.min(u64::from(u32::MAX)) as u32,

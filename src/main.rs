@@ -55,7 +55,15 @@ fn init_logging(filter: &str) {
 
 /// Serves until SIGTERM or SIGINT (the sidecar mode).
 async fn serve(config: Config) -> std::io::Result<()> {
-    let listener = relay::listener::bind(config.listen)?;
+    use relay::listener::{ListenerConfig, PortMode};
+    let shared_mode = PortMode::Shared {
+        classify_window: config.classify_window,
+    };
+    let listener = relay::listener::bind(config.listen, shared_mode)?;
+    let ca_listener = match config.ca_listen {
+        Some(addr) => Some(relay::listener::bind(addr, PortMode::CaOnly)?),
+        None => None,
+    };
     let port = listener.local_addr()?.port();
     info!("clients: EPICS_CA_NAME_SERVERS=<host>:{port} EPICS_PVA_NAME_SERVERS=<host>:{port}");
     let resolver = ca::search::Resolver::start(config.ca_search.clone())?;
@@ -71,12 +79,19 @@ async fn serve(config: Config) -> std::io::Result<()> {
         max_channels: config.max_channels,
         max_searches: 10_000,
     });
-    let listener_config = relay::listener::ListenerConfig {
-        classify_window: config.classify_window,
+    if let Some(ca_listener) = ca_listener {
+        let ca_only = ListenerConfig {
+            mode: PortMode::CaOnly,
+            max_clients: config.max_clients,
+        };
+        tokio::spawn(relay::listener::serve(ca_listener, ca_only, ca.clone()));
+    }
+    let shared = ListenerConfig {
+        mode: shared_mode,
         max_clients: config.max_clients,
     };
     tokio::select! {
-        () = relay::listener::serve(listener, listener_config, ca) => Ok(()),
+        () = relay::listener::serve(listener, shared, ca) => Ok(()),
         signal = shutdown_signal() => {
             info!(signal = signal?, "shutting down");
             Ok(())

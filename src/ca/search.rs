@@ -229,7 +229,9 @@ impl SearchRelay {
         let mut expired = Vec::new();
         let mut due: Vec<(u32, Bytes)> = Vec::new();
         for (name, pending) in &mut self.pending {
-            if pending.deadline <= now {
+            // Nobody left to tell: the clients that asked have gone.
+            pending.waiters.retain(|waiter| !waiter.is_closed());
+            if pending.deadline <= now || pending.waiters.is_empty() {
                 expired.push(name.clone());
             } else if pending.next_send <= now {
                 due.push((pending.id, name.clone()));
@@ -423,6 +425,26 @@ mod tests {
             sends += 1;
         }
         assert!(sends >= 3, "searched {sends} times in 300 ms");
+    }
+
+    #[tokio::test]
+    async fn search_stops_when_every_asker_is_gone() {
+        let (server, config) = fake_server().await;
+        let resolver = Resolver::start(config).unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        resolver.lookup(Bytes::from_static(b"ORPHAN"), &tx).unwrap();
+        let mut buf = [0u8; 256];
+        server.recv_from(&mut buf).await.unwrap();
+        drop((tx, rx));
+        // Let the resend that notices the closed waiter go by.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        while tokio::time::timeout(Duration::from_millis(5), server.recv_from(&mut buf))
+            .await
+            .is_ok()
+        {}
+        let more =
+            tokio::time::timeout(Duration::from_millis(150), server.recv_from(&mut buf)).await;
+        assert!(more.is_err(), "searched on after the only asker left");
     }
 
     #[tokio::test]

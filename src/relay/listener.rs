@@ -37,8 +37,17 @@ pub enum Protocol {
     Closed,
 }
 
+/// What a listening port serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortMode {
+    /// CA and PVA on one port, told apart by the first byte or by silence.
+    Shared { classify_window: Duration },
+    /// CA only: no classification, the client is greeted at once.
+    CaOnly,
+}
+
 pub struct ListenerConfig {
-    pub classify_window: Duration,
+    pub mode: PortMode,
     pub max_clients: usize,
 }
 
@@ -46,7 +55,7 @@ pub struct ListenerConfig {
 /// and retried after a pause; they never end the listener.
 pub async fn serve(listener: TcpListener, config: ListenerConfig, ca: Arc<ca::session::CaContext>) {
     let slots = Arc::new(Semaphore::new(config.max_clients));
-    let window = config.classify_window;
+    let mode = config.mode;
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
@@ -61,7 +70,7 @@ pub async fn serve(listener: TcpListener, config: ListenerConfig, ca: Arc<ca::se
         };
         let ca = ca.clone();
         tokio::spawn(async move {
-            handle(stream, peer, window, ca).await;
+            handle(stream, peer, mode, ca).await;
             drop(slot);
         });
     }
@@ -70,13 +79,17 @@ pub async fn serve(listener: TcpListener, config: ListenerConfig, ca: Arc<ca::se
 async fn handle(
     stream: TcpStream,
     peer: SocketAddr,
-    window: Duration,
+    mode: PortMode,
     ca: Arc<ca::session::CaContext>,
 ) {
     let _ = stream.set_nodelay(true);
     let keepalive = socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
     let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
-    let protocol = match classify(&stream, window).await {
+    let classified = match mode {
+        PortMode::Shared { classify_window } => classify(&stream, classify_window).await,
+        PortMode::CaOnly => Ok(Protocol::Ca),
+    };
+    let protocol = match classified {
         Ok(protocol) => protocol,
         Err(e) => {
             debug!(target: "nameshim::relay", %peer, cause = %e, "connection failed before classification");
@@ -111,7 +124,7 @@ pub async fn classify(stream: &TcpStream, window: Duration) -> io::Result<Protoc
 
 /// Binds the listening socket, with SO_REUSEADDR so a restart can rebind
 /// while old connections linger in TIME_WAIT.
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+pub fn bind(addr: SocketAddr, mode: PortMode) -> io::Result<TcpListener> {
     let domain = socket2::Domain::for_address(addr);
     let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -119,7 +132,11 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     let listener = TcpListener::from_std(socket.into())?;
-    info!(target: "nameshim::relay", addr = %listener.local_addr()?, "listening");
+    let protocols = match mode {
+        PortMode::Shared { .. } => "ca,pva",
+        PortMode::CaOnly => "ca",
+    };
+    info!(target: "nameshim::relay", addr = %listener.local_addr()?, protocols, "listening");
     Ok(listener)
 }
 

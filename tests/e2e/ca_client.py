@@ -5,7 +5,8 @@ channel this process opens shares one libca context and one name-server
 circuit.
 
   ca_client.py < OPS_JSON          run a list of operations, print a JSON list
-  ca_client.py --watch PV SECONDS  stream JSON-line events until time is up
+  ca_client.py --watch PV SECONDS [--no-poll]
+                                   stream JSON-line events until time is up
                                    or stdin closes
 
 Operations:
@@ -90,8 +91,14 @@ def op_monitor(spec):
 OPS = {"get": op_get, "put": op_put, "monitor": op_monitor}
 
 
-def watch(name, duration):
-    """Print connection changes and values as JSON lines, for restart tests."""
+def watch(name, duration, poll=True):
+    """Print connection changes and values as JSON lines, for restart tests.
+
+    With poll, the main thread pends on libca events like camonitor does.
+    Without, it only sleeps, as many callback-driven scripts do: libca then
+    flushes its queued requests only when the server sends something first
+    (or after EPICS_CA_CONN_TMO, when it probes the circuit).
+    """
     lock = threading.Lock()
 
     def emit(event):
@@ -106,10 +113,15 @@ def watch(name, duration):
         emit({"event": "value", "value": plain(value), "ts": timestamp, "t": time.time()})
 
     epics.PV(name, auto_monitor=True, callback=on_value, connection_callback=on_conn)
-    # The harness closes stdin to stop us early; the timer bounds the run.
+    # The harness closes stdin to stop us early; the deadline bounds the run.
     stopper = threading.Thread(target=sys.stdin.read, daemon=True)
     stopper.start()
-    stopper.join(duration)
+    deadline = time.monotonic() + duration
+    while stopper.is_alive() and time.monotonic() < deadline:
+        if poll:
+            epics.ca.poll(evt=0.05, iot=0.0)
+        else:
+            time.sleep(0.05)
 
 
 def finish(timeout=3.0):
@@ -128,7 +140,7 @@ def finish(timeout=3.0):
 
 def main():
     if sys.argv[1:2] == ["--watch"]:
-        watch(sys.argv[2], float(sys.argv[3]))
+        watch(sys.argv[2], float(sys.argv[3]), poll="--no-poll" not in sys.argv)
     else:
         # Operations come on stdin: a large array does not fit in argv.
         results = [OPS[spec["op"]](spec) for spec in json.loads(sys.stdin.read())]

@@ -244,17 +244,21 @@ class Host(Netns):
 class Container(Netns):
     """A namespace joined to a Host by a veth pair, default route via the host.
 
+    Without a host argument it gets a private one: a pvAccessCPP server
+    (QSRV1 in the epicscorelibs softIoc) aborts at iocInit when the only
+    interface is the loopback, as it would never be in a real container.
     Also serves as "another machine" on the host's network, for clients
     that reach published ports from outside (the prerouting path).
     """
 
     def __init__(self, host: Host | None = None, role: str = "ctr"):
+        self._own_host = host is None
+        host = host or Host()
         super().__init__(role)
         self.host = host
         self.addr = None  # this namespace's address on the link
         self.host_addr = None  # the host's address on the same link
-        if host is not None:
-            self._connect(host)
+        self._connect(host)
 
     def _connect(self, host: Host) -> None:
         hv, self.host_addr, self.addr = host.new_link()
@@ -271,18 +275,23 @@ class Container(Netns):
         """Like `podman run -p [host_ip:]host_port:container_port[/proto]`."""
         self.host.publish(host_port, self.addr, container_port, proto, host_ip)
 
+    def close(self) -> None:
+        super().close()
+        if self._own_host:
+            self.host.close()
+
 
 # --------------------------------------------------------------------------
 # Processes
 
 
 def clean_env(extra: dict | None = None) -> dict:
-    """The caller's environment without EPICS settings, plus `extra`.
+    """The caller's environment without EPICS or shim settings, plus `extra`.
 
-    Inherited EPICS_* variables would change where peers search; every test
-    states its EPICS configuration explicitly instead.
+    Inherited EPICS_* (or NAMESHIM_*) variables would change where peers
+    search or how the shim runs; every test states its configuration instead.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EPICS_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EPICS_", "NAMESHIM_"))}
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
@@ -402,7 +411,7 @@ SERVER_ENV = {
 class Server:
     """Common start/stop/restart for a CA server process in a namespace."""
 
-    ready = re.compile("")
+    ready: re.Pattern  # log line that says the server is serving
     what = "server"
 
     def __init__(self, ns: Netns, prefix: str, workdir: Path, env=None):
@@ -491,7 +500,7 @@ class Shim:
         self.args = [str(a) for a in args]
         self.binary = Path(binary or shim_binary())
         self.log = Path(workdir) / "nameshim.log"
-        self.env = {"RUST_LOG": "debug", "NAMESHIM_LOG": "debug", **(env or {})}
+        self.env = {"NAMESHIM_LOG": "debug", **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.addr: str | None = None
 
@@ -578,12 +587,16 @@ def ca_monitor(ns, name_server, pv, duration=3.0, timeout=5.0) -> dict:
 class CaWatch:
     """A long-lived monitor client streaming JSON events; for restart tests.
 
+    poll=False makes a client that never calls into libca after creating
+    the channel (see ca_client.watch).
+
     Events: {"event": "conn", "connected": bool, "t": ...} and
     {"event": "value", "value": ..., "ts": ..., "t": ...}.
     """
 
-    def __init__(self, ns: Netns, name_server: str, pv: str, duration=120.0):
-        argv = ns.exec_argv([PYTHON, CA_CLIENT, "--watch", pv, str(duration)])
+    def __init__(self, ns: Netns, name_server: str, pv: str, duration=120.0, poll=True):
+        flags = [] if poll else ["--no-poll"]
+        argv = ns.exec_argv([PYTHON, CA_CLIENT, "--watch", pv, str(duration), *flags])
         self.proc = subprocess.Popen(
             argv,
             env=clean_env(client_env(name_server)),
@@ -627,6 +640,13 @@ class CaWatch:
         return [self.wait_for(lambda e: e["event"] == "value", timeout)["value"] for _ in range(n)]
 
     def close(self):
+        # Closing stdin lets the client shut libca down cleanly, as a user
+        # quitting would; a signal is the fallback.
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(6)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
         stop_process(self.proc)
 
 

@@ -17,6 +17,7 @@ import pytest
 SERVERS = ["IOCA:", "IOCB:", "PVXS:", "CAPR:"]
 PUBLISHED_PORT = 18066
 SHIM_PORT = 5066
+CA_ONLY_PORT = 5067
 
 
 def tcp_ports(ns, pid) -> set:
@@ -43,7 +44,7 @@ def site(netns_ok, shim_bin, shim_help, tmp_path_factory):
     remote = h.Container(host, role="remote")  # another machine on the host's network
     try:
         servers = start_servers(ctr, work)
-        shim = h.Shim(ctr, ["--listen", f"0.0.0.0:{SHIM_PORT}"], work)
+        shim = h.Shim(ctr, ["--listen", f"0.0.0.0:{SHIM_PORT}", "--ca-listen", f"0.0.0.0:{CA_ONLY_PORT}"], work)
         shim.start()
         ctr.publish(PUBLISHED_PORT, SHIM_PORT)
         yield SimpleNamespace(host=host, ctr=ctr, remote=remote, servers=servers, shim=shim, ns=shim.local_addr)
@@ -53,7 +54,8 @@ def site(netns_ok, shim_bin, shim_help, tmp_path_factory):
 
 
 def shim_diag(site) -> str:
-    return f"shim {'alive' if site.shim.alive() else 'DEAD'}; log:\n{site.shim.log_text(80)}"
+    # Short on purpose: conftest attaches the shim's log to every failure.
+    return f"shim {'alive' if site.shim.alive() else 'DEAD'}, log {site.shim.log}"
 
 
 def test_servers_share_udp_5064_and_only_the_first_owns_tcp_5064(site):
@@ -146,6 +148,23 @@ def test_unknown_pv_times_out_and_client_still_works(site):
     assert real["IOCB:ID"]["value"] == "IOCB:"
     assert time.monotonic() - t0 < 20
     assert site.shim.alive(), shim_diag(site)
+
+
+def test_client_that_never_polls_connects_on_the_ca_only_port(site):
+    # A callback-driven script (create the PV, then sleep) never flushes
+    # libca's queue itself: libca sends its VERSION and SEARCH only after
+    # the server speaks first, as rsrv does, or ~30 s later when it probes
+    # the silent circuit. On the shared port such a silent client cannot be
+    # told from a PVA client, which also waits for the server; the CA-only
+    # port greets at once, as rsrv does.
+    watch = h.CaWatch(site.ctr, f"127.0.0.1:{CA_ONLY_PORT}", "IOCB:COUNT", duration=30, poll=False)
+    try:
+        watch.wait_for(lambda e: e["event"] == "conn" and e["connected"], 5)
+        watch.values(2, timeout=5)
+    except TimeoutError as e:
+        pytest.fail(f"{e}\n{shim_diag(site)}")
+    finally:
+        watch.close()
 
 
 @pytest.mark.parametrize(

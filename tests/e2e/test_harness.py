@@ -26,6 +26,7 @@ def direct(netns_ok, tmp_path_factory):
         a = h.SoftIoc(ctr, "DIRA:", work, init=1.0).start()
         b = h.SoftIoc(ctr, "DIRB:", work, init=2.0).start()
         ctr.publish(18064, 5064)
+        ctr.publish(18065, 5064, host_ip="127.0.0.1")
         yield SimpleNamespace(host=host, ctr=ctr, remote=remote, a=a, b=b)
     finally:
         for ns in (remote, ctr, host):
@@ -54,6 +55,14 @@ def test_published_port_dnat_reaches_container(direct, where):
     assert got["host"].endswith(":18064"), got
 
 
+def test_localhost_publish_is_reachable_only_through_localhost(direct):
+    # Like `podman run -p 127.0.0.1:18065:5064`.
+    assert h.ca_get(direct.host, "127.0.0.1:18065", ["DIRA:ID"])["DIRA:ID"]["value"] == "DIRA:"
+    via_veth = h.ca_get(direct.host, f"{direct.ctr.host_addr}:18065", ["DIRA:ID"], timeout=2)
+    via_remote = h.ca_get(direct.remote, f"{direct.remote.host_addr}:18065", ["DIRA:ID"], timeout=2)
+    assert via_veth == via_remote == {"DIRA:ID": {"connected": False}}
+
+
 def test_unpublished_port_is_not_reachable_from_host(direct):
     got = h.ca_get(direct.host, f"{direct.ctr.host_addr}:18999", ["DIRA:ID"], timeout=2)
     assert got == {"DIRA:ID": {"connected": False}}
@@ -72,6 +81,17 @@ def test_counter_record_counts_at_10hz(direct):
     assert all(b - a == 1 for a, b in zip(values[1:], values[2:])), values
 
 
+def test_rsrv_name_server_connects_a_client_that_never_polls(direct):
+    # rsrv greets first, which makes libca flush its queued search: the
+    # baseline for the same test through the shim.
+    watch = h.CaWatch(direct.ctr, DIRECT, "DIRA:COUNT", duration=30, poll=False)
+    try:
+        watch.wait_for(lambda e: e["event"] == "conn" and e["connected"], 5)
+        watch.values(2, timeout=5)
+    finally:
+        watch.close()
+
+
 def test_garbage_probe_reports_a_close(direct):
     # rsrv drops a connection announcing a huge payload; this checks that
     # tcp_probe notices a close at all, so the shim test can rely on it.
@@ -81,15 +101,16 @@ def test_garbage_probe_reports_a_close(direct):
 
 def test_watch_sees_ioc_restart(direct, record_property):
     # Here the restarted IOC is the name server itself, so libca must
-    # re-establish the name-server circuit; the time is worth recording.
-    watch = h.CaWatch(direct.ctr, DIRECT, "DIRA:COUNT", duration=60)
+    # re-establish the name-server circuit. That usually takes ~9 s but was
+    # seen once to exceed 40 s, hence the generous bound; the time is recorded.
+    watch = h.CaWatch(direct.ctr, DIRECT, "DIRA:COUNT", duration=120)
     try:
         watch.values(2, timeout=10)
         direct.a.stop()
         watch.wait_for(lambda e: e["event"] == "conn" and not e["connected"], 10)
         direct.a.start()
         t0 = time.monotonic()
-        watch.wait_for(lambda e: e["event"] == "conn" and e["connected"], 40)
+        watch.wait_for(lambda e: e["event"] == "conn" and e["connected"], 90)
         record_property("reconnect_seconds", round(time.monotonic() - t0, 2))
         watch.values(2, timeout=5)
     finally:
@@ -130,11 +151,11 @@ def test_signal_removes_namespaces_and_processes(netns_ok, tmp_path, sig):
 
 
 def test_close_is_idempotent_and_complete(netns_ok, tmp_path):
-    ctr = h.Container(h.Host())
+    ctr = h.Container()  # with a private host, closed along with it
     ioc = h.SoftIoc(ctr, "CLS:", tmp_path).start()
     pid = ioc.proc.pid
     ctr.close()
     ctr.close()
-    ctr.host.close()
     assert wait_dead(pid)
-    assert ctr.name not in namespaces()
+    listing = namespaces()
+    assert ctr.name not in listing and ctr.host.name not in listing, listing
