@@ -2,7 +2,7 @@
 //! Every option can also be set as `NAMESHIM_<OPTION>`; the CA server port
 //! falls back to `EPICS_CA_SERVER_PORT`, as for any EPICS tool.
 
-use crate::ca::search::SearchConfig;
+use crate::relay::discovery::SearchConfig;
 use clap::Parser;
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};

@@ -66,7 +66,7 @@ async fn serve(config: Config) -> std::io::Result<()> {
     };
     let port = listener.local_addr()?.port();
     info!("clients: EPICS_CA_NAME_SERVERS=<host>:{port} EPICS_PVA_NAME_SERVERS=<host>:{port}");
-    let resolver = ca::search::Resolver::start(config.ca_search.clone())?;
+    let resolver = ca::search::start(config.ca_search.clone())?;
     let ca = Arc::new(ca::session::CaContext {
         resolver,
         backend: ca::backend::BackendConfig {

@@ -15,9 +15,9 @@
 //! jump table treats both as fatal for the circuit. Unknown names get silence.
 
 use super::backend::{BackendConfig, BackendEvent, BackendLink};
-use super::search::{Answer, Resolver};
 use super::wire::{self, Command, Header, Message};
 use super::{frame, CaDecoder};
+use crate::relay::discovery::{Answer, Resolver};
 use crate::relay::framing::{FrameReader, ReadError};
 use crate::relay::outbox::{Closed, Outbox, Permit};
 use bytes::Bytes;

@@ -1,6 +1,7 @@
 //! The transport side: the one listener, protocol classification, framing,
 //! bounded send queues and the check on local addresses.
 
+pub mod discovery;
 pub mod framing;
 pub mod listener;
 pub mod localaddr;
