@@ -13,6 +13,7 @@ use std::time::Duration;
 /// keep their usual ports in the same container.
 pub const DEFAULT_PORT: u16 = 5066;
 const DEFAULT_CA_SERVER_PORT: u16 = 5064;
+const DEFAULT_PVA_BROADCAST_PORT: u16 = 5076;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -68,6 +69,23 @@ pub struct Cli {
     /// UDP port of the CA servers [default: EPICS_CA_SERVER_PORT, else 5064].
     #[arg(long, env = "NAMESHIM_CA_SERVER_PORT", value_name = "PORT")]
     pub ca_server_port: Option<u16>,
+
+    /// Where PVA searches are sent (comma-separated). The loopback broadcast
+    /// address reaches both pvxs and pvAccessCPP servers in this namespace.
+    #[arg(long, env = "NAMESHIM_PVA_SEARCH_ADDR", value_name = "ADDR[:PORT]",
+          value_delimiter = ',', default_value = "127.255.255.255", value_parser = parse_search_addr)]
+    pub pva_search_addr: Vec<SearchAddr>,
+
+    /// UDP search port of the PVA servers [default: EPICS_PVA_BROADCAST_PORT, else 5076].
+    #[arg(long, env = "NAMESHIM_PVA_BROADCAST_PORT", value_name = "PORT")]
+    pub pva_broadcast_port: Option<u16>,
+
+    /// The port clients see for the shim (the published host port), put in
+    /// PVA search responses. Needed by pvAccessCPP clients (pvapy, Phoebus
+    /// before PR 3781), which open a new connection to that port; without it
+    /// the response says port 0, which pvxs clients read as "this connection".
+    #[arg(long, env = "NAMESHIM_ADVERTISE_PORT", value_name = "PORT")]
+    pub advertise_port: Option<u16>,
 
     /// How long a new connection may stay silent before it counts as PVA.
     /// CA clients speak at once; PVA clients wait for the server.
@@ -201,21 +219,46 @@ pub struct Config {
     pub queue_bytes: usize,
     pub max_channels: usize,
     pub ca_search: SearchConfig,
+    pub pva_search: SearchConfig,
+    pub advertise_port: Option<u16>,
+}
+
+/// An option, else an EPICS environment variable, else a default.
+fn port_or_env(option: Option<u16>, variable: &str, default: u16) -> u16 {
+    option.unwrap_or_else(|| {
+        std::env::var(variable)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or(default)
+    })
+}
+
+fn targets(addrs: &[SearchAddr], default_port: u16) -> Vec<SocketAddrV4> {
+    addrs
+        .iter()
+        .map(|a| SocketAddrV4::new(a.ip, a.port.unwrap_or(default_port)))
+        .collect()
 }
 
 impl Config {
     pub fn from_cli(cli: &Cli) -> Config {
-        let ca_port = cli.ca_server_port.unwrap_or_else(|| {
-            std::env::var("EPICS_CA_SERVER_PORT")
-                .ok()
-                .and_then(|p| p.trim().parse().ok())
-                .unwrap_or(DEFAULT_CA_SERVER_PORT)
-        });
-        let targets = cli
-            .ca_search_addr
-            .iter()
-            .map(|a| SocketAddrV4::new(a.ip, a.port.unwrap_or(ca_port)))
-            .collect();
+        let ca_port = port_or_env(
+            cli.ca_server_port,
+            "EPICS_CA_SERVER_PORT",
+            DEFAULT_CA_SERVER_PORT,
+        );
+        let pva_port = port_or_env(
+            cli.pva_broadcast_port,
+            "EPICS_PVA_BROADCAST_PORT",
+            DEFAULT_PVA_BROADCAST_PORT,
+        );
+        let search = |targets| SearchConfig {
+            targets,
+            timeout: cli.search_timeout,
+            cache_ttl: cli.cache_ttl,
+            max_pending: 10_000,
+            max_cached: 100_000,
+        };
         Config {
             listen: cli.listen,
             ca_listen: cli.ca_listen,
@@ -224,13 +267,9 @@ impl Config {
             max_payload: cli.max_message.min(u64::from(u32::MAX)) as u32,
             queue_bytes: cli.queue_bytes.min(usize::MAX as u64) as usize,
             max_channels: cli.max_channels,
-            ca_search: SearchConfig {
-                targets,
-                timeout: cli.search_timeout,
-                cache_ttl: cli.cache_ttl,
-                max_pending: 10_000,
-                max_cached: 100_000,
-            },
+            ca_search: search(targets(&cli.ca_search_addr, ca_port)),
+            pva_search: search(targets(&cli.pva_search_addr, pva_port)),
+            advertise_port: cli.advertise_port,
         }
     }
 }

@@ -1,11 +1,13 @@
 //! nameshim: one TCP port for every EPICS CA (and, later, PVA) server in a
 //! container. This file only parses options, sets up logging, picks the
-//! mode and maps errors to an exit code.
+//! mode (sidecar, or PID-1 wrapper of a command) and maps errors to an exit
+//! code.
 
 mod ca;
 mod config;
 mod pva;
 mod relay;
+mod wrapper;
 
 use clap::Parser;
 use config::{Cli, Config};
@@ -17,28 +19,57 @@ use tracing::{error, info};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
-    if !cli.command.is_empty() {
-        error!("the PID-1 wrapper mode (nameshim -- COMMAND) is not available in this version");
-        return ExitCode::from(2);
-    }
     let config = Config::from_cli(&cli);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    match config::wrapper_options(&cli) {
+        // No thread may be started before wrapper::run: it blocks the
+        // signals it forwards, and threads inherit the mask.
+        Some(options) => {
+            let code = wrapper::run(&options, move || relay_beside_command(&config));
+            // The relay thread needs no drain: its clients reconnect to
+            // whatever serves the port next.
+            std::process::exit(code)
+        }
+        None => sidecar(config),
+    }
+}
+
+/// Serves until SIGTERM or SIGINT.
+fn sidecar(config: Config) -> ExitCode {
+    let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(e) => {
             error!(cause = %e, "cannot start the async runtime");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config)) {
+    let served = runtime.block_on(async {
+        tokio::select! {
+            served = serve(&config) => served,
+            signal = shutdown_signal() => {
+                info!(signal = signal?, "shutting down");
+                Ok(())
+            }
+        }
+    });
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(cause = %e, "nameshim stopped");
             ExitCode::FAILURE
         }
     }
+}
+
+/// One attempt to serve beside a wrapped command; the wrapper retries it.
+/// No signal handling here: the wrapper owns every signal.
+fn relay_beside_command(config: &Config) -> std::io::Result<()> {
+    runtime()?.block_on(serve(config))
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }
 
 fn init_logging(filter: &str) {
@@ -53,50 +84,79 @@ fn init_logging(filter: &str) {
         .init();
 }
 
-/// Serves until SIGTERM or SIGINT (the sidecar mode).
-async fn serve(config: Config) -> std::io::Result<()> {
+/// Binds the ports and serves them; returns only on a failure to start.
+async fn serve(config: &Config) -> std::io::Result<()> {
     use relay::listener::{ListenerConfig, PortMode};
     let shared_mode = PortMode::Shared {
         classify_window: config.classify_window,
     };
-    let listener = relay::listener::bind(config.listen, shared_mode)?;
+    let listener = bind(config.listen, shared_mode)?;
     let ca_listener = match config.ca_listen {
-        Some(addr) => Some(relay::listener::bind(addr, PortMode::CaOnly)?),
+        Some(addr) => Some(bind(addr, PortMode::CaOnly)?),
         None => None,
     };
     let port = listener.local_addr()?.port();
     info!("clients: EPICS_CA_NAME_SERVERS=<host>:{port} EPICS_PVA_NAME_SERVERS=<host>:{port}");
-    let resolver = ca::search::start(config.ca_search.clone())?;
+    let services = start_services(&config)?;
+    if let Some(ca_listener) = ca_listener {
+        let ca_only = ListenerConfig {
+            mode: PortMode::CaOnly,
+            max_clients: config.max_clients,
+        };
+        tokio::spawn(relay::listener::serve(
+            ca_listener,
+            ca_only,
+            services.clone(),
+        ));
+    }
+    let shared = ListenerConfig {
+        mode: shared_mode,
+        max_clients: config.max_clients,
+    };
+    relay::listener::serve(listener, shared, services).await;
+    Ok(())
+}
+
+/// Names the address in the error: "Address in use" alone does not say
+/// which of the ports is taken.
+fn bind(
+    addr: std::net::SocketAddr,
+    mode: relay::listener::PortMode,
+) -> std::io::Result<tokio::net::TcpListener> {
+    relay::listener::bind(addr, mode)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
+/// Starts both search relays and gathers what the sessions share.
+fn start_services(config: &Config) -> std::io::Result<Arc<relay::listener::Services>> {
+    let connect_timeout = std::time::Duration::from_secs(5);
     let ca = Arc::new(ca::session::CaContext {
-        resolver,
+        resolver: ca::search::start(config.ca_search.clone())?,
         backend: ca::backend::BackendConfig {
             max_payload: config.max_payload,
             queue_bytes: config.queue_bytes,
-            connect_timeout: std::time::Duration::from_secs(5),
+            connect_timeout,
         },
         max_payload: config.max_payload,
         queue_bytes: config.queue_bytes,
         max_channels: config.max_channels,
         max_searches: 10_000,
     });
-    if let Some(ca_listener) = ca_listener {
-        let ca_only = ListenerConfig {
-            mode: PortMode::CaOnly,
-            max_clients: config.max_clients,
-        };
-        tokio::spawn(relay::listener::serve(ca_listener, ca_only, ca.clone()));
-    }
-    let shared = ListenerConfig {
-        mode: shared_mode,
-        max_clients: config.max_clients,
-    };
-    tokio::select! {
-        () = relay::listener::serve(listener, shared, ca) => Ok(()),
-        signal = shutdown_signal() => {
-            info!(signal = signal?, "shutting down");
-            Ok(())
-        }
-    }
+    let pva = Arc::new(pva::session::PvaContext {
+        resolver: pva::search::start(config.pva_search.clone())?,
+        backend: pva::backend::BackendConfig {
+            max_message: config.max_payload,
+            queue_bytes: config.queue_bytes,
+            connect_timeout,
+            big_endian: pva::session::BIG_ENDIAN,
+        },
+        max_message: config.max_payload,
+        queue_bytes: config.queue_bytes,
+        max_channels: config.max_channels,
+        max_searches: 10_000,
+        advertise_port: config.advertise_port,
+    });
+    Ok(Arc::new(relay::listener::Services { ca, pva }))
 }
 
 async fn shutdown_signal() -> std::io::Result<&'static str> {

@@ -1,17 +1,9 @@
-//! PV Access on the shared port. A connection that stays silent through the
-//! classification window is a PVA client, which waits for the server's
-//! greeting. The PVA name server is not part of this build yet: such a
-//! connection is logged and closed, so the client retries elsewhere.
+//! PV Access: the server and name-server side of a client connection, the
+//! UDP search relay towards the local servers, and the channel relay.
+//! A connection that stays silent through the classification window is a
+//! PVA client, which waits for the server's greeting.
 
-use std::net::SocketAddr;
-use tokio::net::TcpStream;
-use tracing::warn;
-
-pub async fn serve(stream: TcpStream, peer: SocketAddr) {
-    warn!(
-        target: "nameshim::pva::session",
-        %peer,
-        "PV Access client: not supported by this build yet, closing"
-    );
-    drop(stream);
-}
+pub mod backend;
+pub mod search;
+pub mod session;
+pub mod wire;

@@ -51,9 +51,15 @@ pub struct ListenerConfig {
     pub max_clients: usize,
 }
 
+/// What the protocol sessions share.
+pub struct Services {
+    pub ca: Arc<ca::session::CaContext>,
+    pub pva: Arc<pva::session::PvaContext>,
+}
+
 /// Accepts connections until the task is dropped. Accept errors are logged
 /// and retried after a pause; they never end the listener.
-pub async fn serve(listener: TcpListener, config: ListenerConfig, ca: Arc<ca::session::CaContext>) {
+pub async fn serve(listener: TcpListener, config: ListenerConfig, services: Arc<Services>) {
     let slots = Arc::new(Semaphore::new(config.max_clients));
     let mode = config.mode;
     loop {
@@ -68,20 +74,15 @@ pub async fn serve(listener: TcpListener, config: ListenerConfig, ca: Arc<ca::se
                 continue;
             }
         };
-        let ca = ca.clone();
+        let services = services.clone();
         tokio::spawn(async move {
-            handle(stream, peer, mode, ca).await;
+            handle(stream, peer, mode, &services).await;
             drop(slot);
         });
     }
 }
 
-async fn handle(
-    stream: TcpStream,
-    peer: SocketAddr,
-    mode: PortMode,
-    ca: Arc<ca::session::CaContext>,
-) {
+async fn handle(stream: TcpStream, peer: SocketAddr, mode: PortMode, services: &Services) {
     let _ = stream.set_nodelay(true);
     let keepalive = socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
     let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
@@ -98,8 +99,8 @@ async fn handle(
     };
     debug!(target: "nameshim::relay", %peer, ?protocol, "classified connection");
     match protocol {
-        Protocol::Ca => ca::session::serve(stream, peer, ca).await,
-        Protocol::Pva => pva::serve(stream, peer).await,
+        Protocol::Ca => ca::session::serve(stream, peer, services.ca.clone()).await,
+        Protocol::Pva => pva::session::serve(stream, peer, services.pva.clone()).await,
         Protocol::Unknown(byte) => {
             warn!(target: "nameshim::relay", %peer, first_byte = byte, "closing connection: neither CA nor PVA")
         }

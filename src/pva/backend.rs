@@ -1,0 +1,275 @@
+//! One TCP connection from the shim to a local PVA server, on behalf of one
+//! client connection.
+//!
+//! The task does the client side of the handshake with the client's own
+//! method and credentials (passed on verbatim), then relays. Messages for the
+//! server wait in the link's outbox until the handshake is done. Messages
+//! from the server go to the session as events carrying the client outbox
+//! budget they will use, so a slow client stops this reader. Servers drop a
+//! connection that is silent for 40 s and never send ECHO themselves, so the
+//! task sends one every 15 s, as clients do.
+
+use super::wire::{self, Command, Message};
+use crate::relay::framing::{Decoder as FrameDecoder, FrameReader};
+use crate::relay::outbox::{Frame, Outbox, OutboxReceiver, Permit};
+use bytes::BytesMut;
+use std::net::SocketAddrV4;
+use std::time::Duration;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+const ECHO_INTERVAL: Duration = Duration::from_secs(15);
+/// pvAccessCPP gives up on a handshake after 5 s; so does the shim.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub enum BackendEvent {
+    Message {
+        server: SocketAddrV4,
+        link: u64,
+        message: Message,
+        permit: Permit,
+    },
+    Closed {
+        server: SocketAddrV4,
+        link: u64,
+        reason: String,
+    },
+}
+
+pub struct BackendConfig {
+    pub max_message: u32,
+    pub queue_bytes: usize,
+    pub connect_timeout: Duration,
+    /// The byte order the client connection uses; a server must match it,
+    /// because payloads pass through unchanged.
+    pub big_endian: bool,
+}
+
+/// A live connection. Dropping it closes the connection.
+pub struct BackendLink {
+    pub id: u64,
+    pub outbox: Outbox,
+    task: AbortHandle,
+}
+
+impl Drop for BackendLink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Frames server-to-client messages (the direction flag must say "server").
+pub struct ServerDecoder(pub wire::Decoder);
+
+impl FrameDecoder for ServerDecoder {
+    type Item = Message;
+    type Error = wire::WireError;
+
+    fn decode(
+        &mut self,
+        buf: &mut BytesMut,
+        needed: &mut usize,
+    ) -> Result<Option<Message>, wire::WireError> {
+        self.0.decode(buf, needed)
+    }
+}
+
+/// A PVA message as an outbox frame, payload shared.
+pub fn frame(message: &Message) -> Frame {
+    Frame::new(|head| message.header.encode(head), message.payload.clone())
+}
+
+impl BackendLink {
+    pub fn open(
+        server: SocketAddrV4,
+        id: u64,
+        config: &BackendConfig,
+        validation: wire::ClientValidation,
+        client: Outbox,
+        events: mpsc::UnboundedSender<BackendEvent>,
+    ) -> BackendLink {
+        let (outbox, queue) = Outbox::new(config.queue_bytes);
+        let task = tokio::spawn(run(
+            server,
+            id,
+            Settings {
+                max_message: config.max_message,
+                connect_timeout: config.connect_timeout,
+                big_endian: config.big_endian,
+            },
+            validation,
+            queue,
+            outbox.clone(),
+            client,
+            events,
+        ));
+        BackendLink {
+            id,
+            outbox,
+            task: task.abort_handle(),
+        }
+    }
+}
+
+struct Settings {
+    max_message: u32,
+    connect_timeout: Duration,
+    big_endian: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    server: SocketAddrV4,
+    link: u64,
+    settings: Settings,
+    validation: wire::ClientValidation,
+    queue: OutboxReceiver,
+    own: Outbox,
+    client: Outbox,
+    events: mpsc::UnboundedSender<BackendEvent>,
+) {
+    let reason = match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(server))
+        .await
+    {
+        Err(_) => "connect timed out".to_string(),
+        Ok(Err(e)) => format!("connect failed: {e}"),
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            let (read, mut write) = stream.into_split();
+            let mut reader = FrameReader::new(
+                read,
+                ServerDecoder(wire::Decoder::new(settings.max_message, true)),
+            );
+            match tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                handshake(&mut reader, &mut write, &validation, settings.big_endian),
+            )
+            .await
+            {
+                Err(_) => "handshake timed out".to_string(),
+                Ok(Err(reason)) => reason,
+                Ok(Ok(())) => relay(reader, write, link, server, queue, own, client, &events).await,
+            }
+        }
+    };
+    let _ = events.send(BackendEvent::Closed {
+        server,
+        link,
+        reason,
+    });
+}
+
+async fn handshake(
+    reader: &mut FrameReader<OwnedReadHalf, ServerDecoder>,
+    write: &mut tokio::net::tcp::OwnedWriteHalf,
+    validation: &wire::ClientValidation,
+    big_endian: bool,
+) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    let mut server_big_endian = None;
+    let methods = loop {
+        let message = next(reader).await?;
+        if message.header.is_control() {
+            if message.header.command == wire::CONTROL_SET_BYTE_ORDER {
+                server_big_endian = Some(message.header.is_big_endian());
+            }
+            continue;
+        }
+        if message.header.command() == Ok(Command::ConnectionValidation) {
+            break wire::parse_server_methods(&message).map_err(|e| e.to_string())?;
+        }
+    };
+    if server_big_endian.unwrap_or(big_endian) != big_endian {
+        return Err("the server's byte order differs from the client's".to_string());
+    }
+    let mut ours = validation.clone();
+    if !methods.contains(&validation.method) {
+        // The client's method is not offered here: fall back to anonymous,
+        // whose credentials are a null type.
+        ours.method = bytes::Bytes::from_static(b"anonymous");
+        ours.credentials = bytes::Bytes::from_static(&[0xFF]);
+    }
+    let mut out = BytesMut::new();
+    let message = wire::client_validation(big_endian, &ours);
+    message.header.encode(&mut out);
+    out.extend_from_slice(&message.payload);
+    write
+        .write_all(&out)
+        .await
+        .map_err(|e| format!("write failed: {e}"))?;
+    loop {
+        let message = next(reader).await?;
+        if message.header.command() == Ok(Command::ConnectionValidated)
+            && !message.header.is_control()
+        {
+            if message.payload.first() != Some(&wire::STATUS_OK) {
+                tracing::warn!(target: "nameshim::pva::backend", "server did not accept the client's credentials; continuing as pvxs clients do");
+            }
+            return Ok(());
+        }
+    }
+}
+
+async fn next(reader: &mut FrameReader<OwnedReadHalf, ServerDecoder>) -> Result<Message, String> {
+    match reader.next().await {
+        Ok(Some(message)) => Ok(message),
+        Ok(None) => Err("server closed the connection during the handshake".to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    mut reader: FrameReader<OwnedReadHalf, ServerDecoder>,
+    write: tokio::net::tcp::OwnedWriteHalf,
+    link: u64,
+    server: SocketAddrV4,
+    queue: OutboxReceiver,
+    own: Outbox,
+    client: Outbox,
+    events: &mpsc::UnboundedSender<BackendEvent>,
+) -> String {
+    let read_loop = async {
+        loop {
+            let message = match reader.next().await {
+                Ok(Some(message)) => message,
+                Ok(None) => return "server closed the connection".to_string(),
+                Err(e) => return e.to_string(),
+            };
+            let Ok(permit) = client.reserve(message.wire_len()).await else {
+                return "client gone".to_string();
+            };
+            let event = BackendEvent::Message {
+                server,
+                link,
+                message,
+                permit,
+            };
+            if events.send(event).is_err() {
+                return "session ended".to_string();
+            }
+        }
+    };
+    let keepalive = async {
+        let mut ticks = tokio::time::interval(ECHO_INTERVAL);
+        ticks.tick().await;
+        loop {
+            ticks.tick().await;
+            let echo =
+                wire::Writer::new(cfg!(target_endian = "big")).into_message(Command::Echo, false);
+            if own.send(frame(&echo)).await.is_err() {
+                return "session closed the connection".to_string();
+            }
+        }
+    };
+    tokio::select! {
+        reason = read_loop => reason,
+        reason = keepalive => reason,
+        written = queue.drain_into(write) => match written {
+            Ok(()) => "session closed the connection".to_string(),
+            Err(e) => format!("write failed: {e}"),
+        },
+    }
+}
