@@ -3,6 +3,7 @@
 //! falls back to `EPICS_CA_SERVER_PORT`, as for any EPICS tool.
 
 use crate::relay::discovery::SearchConfig;
+use crate::wrapper;
 use clap::Parser;
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -28,6 +29,10 @@ Examples:
     export EPICS_PVA_NAME_SERVERS=ioc-host:8066
     caget MY:PV
 
+  As the entrypoint of an IOC image: the shim starts the IOC as its child,
+  forwards signals to it, reaps zombies and exits with the IOC's code:
+    nameshim --listen 0.0.0.0:5066 -- bash -c '${IOC}/start.sh'
+
   Search servers on a non-default CA port, or on more addresses:
     nameshim --ca-server-port 6064 --ca-search-addr 127.255.255.255,10.88.0.255
 
@@ -42,7 +47,11 @@ NAMESHIM_LISTEN=0.0.0.0:5066); the log filter is NAMESHIM_LOG.";
     long_about = "nameshim serves ONE TCP port that is a Channel Access name server \
 (EPICS_CA_NAME_SERVERS) and carries the channels it finds: each search is relayed by \
 UDP over the loopback to every CA server in the container, and each channel is relayed \
-to its server, so any host port mapping works with no UDP published.",
+to its server, so any host port mapping works with no UDP published.
+
+With `-- COMMAND [ARGS...]` nameshim is also the container's init: it runs COMMAND \
+(the IOC) as its child on the same terminal, forwards signals to it, reaps every \
+zombie, and exits with the command's exit code while serving the port beside it.",
     after_help = EXAMPLES
 )]
 pub struct Cli {
@@ -144,9 +153,39 @@ pub struct Cli {
     )]
     pub log: String,
 
-    /// Run COMMAND as a child (PID-1 wrapper mode; reserved, not yet available).
+    /// Wrapper mode: the time from the first SIGTERM to SIGKILL of
+    /// COMMAND. Keep it below the runtime's own grace period (podman stop
+    /// -t, Kubernetes terminationGracePeriodSeconds) to have the shim, not
+    /// the runtime, end a stuck IOC and report it.
+    #[arg(long, env = "NAMESHIM_GRACE", value_name = "DURATION",
+          default_value = "10s", value_parser = parse_duration)]
+    pub grace: Duration,
+
+    /// Wrapper mode: send forwarded signals to COMMAND's whole process
+    /// group (COMMAND and the processes it started) instead of COMMAND only.
+    /// NAMESHIM_SIGNAL_GROUP takes 1/0, true/false, yes/no or on/off.
+    #[arg(long, env = "NAMESHIM_SIGNAL_GROUP", action = clap::ArgAction::SetTrue,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub signal_group: bool,
+
+    /// Wrapper mode: run COMMAND as the child of the shim, which forwards
+    /// SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 and SIGWINCH to
+    /// it, reaps every zombie (as PID 1, or as child subreaper), and exits
+    /// with COMMAND's exit code (128+N if signal N killed it). COMMAND
+    /// keeps stdin, stdout, stderr and the terminal. The port is served
+    /// meanwhile; if it cannot be bound, the shim retries and COMMAND runs
+    /// on.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+/// The wrapper's settings, when a command follows `--`.
+pub fn wrapper_options(cli: &Cli) -> Option<wrapper::Options> {
+    (!cli.command.is_empty()).then(|| wrapper::Options {
+        command: cli.command.clone(),
+        grace: cli.grace,
+        signal_group: cli.signal_group,
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -330,5 +369,38 @@ mod tests {
     fn trailing_command_is_kept_verbatim() {
         let cli = Cli::parse_from(["nameshim", "--", "softIoc", "-d", "x.db"]);
         assert_eq!(cli.command, ["softIoc", "-d", "x.db"]);
+    }
+
+    #[test]
+    fn no_command_means_no_wrapper() {
+        let cli = Cli::parse_from(["nameshim", "--grace", "3s"]);
+        assert_eq!(wrapper_options(&cli), None);
+    }
+
+    #[test]
+    fn wrapper_options_default_to_10s_grace_and_the_pid() {
+        let cli = Cli::parse_from(["nameshim", "--", "bash", "-c", "${IOC}/start.sh"]);
+        let options = wrapper_options(&cli).expect("a command was given");
+        assert_eq!(options.command, ["bash", "-c", "${IOC}/start.sh"]);
+        assert_eq!(options.grace, Duration::from_secs(10));
+        assert!(!options.signal_group);
+    }
+
+    #[test]
+    fn wrapper_options_are_read_before_the_separator() {
+        let cli = Cli::parse_from([
+            "nameshim",
+            "--grace",
+            "2.5",
+            "--signal-group",
+            "--",
+            "softIoc",
+            "--grace",
+        ]);
+        let options = wrapper_options(&cli).expect("a command was given");
+        assert_eq!(options.grace, Duration::from_millis(2500));
+        assert!(options.signal_group);
+        // Options after `--` belong to the command.
+        assert_eq!(options.command, ["softIoc", "--grace"]);
     }
 }

@@ -97,7 +97,7 @@ async fn serve(config: &Config) -> std::io::Result<()> {
     };
     let port = listener.local_addr()?.port();
     info!("clients: EPICS_CA_NAME_SERVERS=<host>:{port} EPICS_PVA_NAME_SERVERS=<host>:{port}");
-    let services = start_services(&config)?;
+    let services = start_services(config)?;
     if let Some(ca_listener) = ca_listener {
         let ca_only = ListenerConfig {
             mode: PortMode::CaOnly,
