@@ -6,4 +6,6 @@
 pub mod backend;
 pub mod search;
 pub mod session;
+pub mod translate;
+pub mod types;
 pub mod wire;

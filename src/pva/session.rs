@@ -16,10 +16,12 @@
 //! Client-to-server requests carry the sid first (`sid, ioid, ...`); server
 //! responses carry only the ioid, and pass through untouched.
 //!
-//! Payloads, including introspection type-cache ids, pass through unchanged:
-//! this is exact while a client connection has channels on one server.
+//! Payloads pass through unchanged while a client connection has channels
+//! on one server; once it spans several, type descriptions are re-emitted
+//! in plain form so type-cache keys cannot collide (see `translate`).
 
 use super::backend::{frame, BackendConfig, BackendEvent, BackendLink};
+use super::translate::Translator;
 use super::wire::{self, Command, Message};
 use crate::relay::discovery::{Answer, Resolver};
 use crate::relay::framing::{Decoder as FrameDecoder, FrameReader, ReadError};
@@ -76,6 +78,9 @@ impl FrameDecoder for ClientDecoder {
 enum SessionError {
     Read(ReadError),
     Wire(wire::WireError),
+    /// A message the shim could not follow (malformed, or using a
+    /// type-cache key the client never defined).
+    Untranslatable(wire::WireError),
     NotValidated,
     TooManyChannels(usize),
     ClientGone,
@@ -86,6 +91,7 @@ impl fmt::Display for SessionError {
         match self {
             SessionError::Read(e) => write!(f, "{e}"),
             SessionError::Wire(e) => write!(f, "{e}"),
+            SessionError::Untranslatable(e) => write!(f, "cannot follow a client message: {e}"),
             SessionError::NotValidated => {
                 write!(f, "client did not validate the connection in time")
             }
@@ -117,7 +123,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) {
         ClientDecoder(wire::Decoder::new(ctx.max_message, false)),
     );
     let outcome = match validate(&client, &mut reader).await {
-        Ok(validation) => {
+        Ok((validation, translator, plain_credentials)) => {
             let (backend_tx, backend_rx) = mpsc::unbounded_channel();
             let (answer_tx, answer_rx) = mpsc::unbounded_channel();
             let mut session = Session {
@@ -125,6 +131,8 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) {
                 ctx,
                 client: client.clone(),
                 validation,
+                plain_credentials,
+                translator,
                 backend_tx,
                 answer_tx,
                 links: HashMap::new(),
@@ -150,11 +158,13 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) {
     let _ = writer.await;
 }
 
-/// The server side of the handshake; returns the client's credentials.
+/// The server side of the handshake; returns the client's credentials as
+/// sent, the type-cache state they set up, and the same credentials with a
+/// plain type for servers that never saw the client's cache.
 async fn validate(
     client: &Outbox,
     reader: &mut FrameReader<OwnedReadHalf, ClientDecoder>,
-) -> Result<wire::ClientValidation, SessionError> {
+) -> Result<(wire::ClientValidation, Translator, Bytes), SessionError> {
     client
         .send(frame(&wire::set_byte_order(true, BIG_ENDIAN)))
         .await?;
@@ -178,10 +188,14 @@ async fn validate(
     .await
     .map_err(|_| SessionError::NotValidated)??;
     let validation = wire::parse_client_validation(&answer)?;
+    let mut translator = Translator::default();
+    let plain_credentials = translator
+        .credentials(&validation.credentials, answer.header.is_big_endian())
+        .map_err(SessionError::Untranslatable)?;
     client
         .send(frame(&wire::connection_validated_ok(BIG_ENDIAN)))
         .await?;
-    Ok(validation)
+    Ok((validation, translator, plain_credentials))
 }
 
 enum Channel {
@@ -218,6 +232,8 @@ struct Session {
     ctx: Arc<PvaContext>,
     client: Outbox,
     validation: wire::ClientValidation,
+    plain_credentials: Bytes,
+    translator: Translator,
     backend_tx: mpsc::UnboundedSender<BackendEvent>,
     answer_tx: mpsc::UnboundedSender<Answer>,
     links: HashMap<SocketAddrV4, Link>,
@@ -289,7 +305,14 @@ impl Session {
             | Command::Process
             | Command::GetField
             | Command::Rpc
-            | Command::CancelRequest => self.forward_to_channel_server(message).await,
+            | Command::CancelRequest => {
+                let message = match self.translator.client_message(&message) {
+                    Ok(None) => message,
+                    Ok(Some(payload)) => with_payload(&message, payload),
+                    Err(e) => return Err(SessionError::Untranslatable(e)),
+                };
+                self.forward_to_channel_server(message).await
+            }
             other => {
                 debug!(target: "nameshim::pva::session", peer = %self.peer, cmd = ?other, "client message not relayed")
             }
@@ -417,14 +440,19 @@ impl Session {
         if !self.links.contains_key(&server) {
             let id = self.next_link;
             self.next_link += 1;
-            if !self.links.is_empty() {
-                debug!(target: "nameshim::pva::session", peer = %self.peer, %server, "client connection spans several servers");
+            if !self.links.is_empty() && !self.translator.active {
+                debug!(target: "nameshim::pva::session", peer = %self.peer, %server, "client connection spans several servers: translating type descriptions");
+                self.translator.active = true;
+            }
+            let mut validation = self.validation.clone();
+            if self.translator.active {
+                validation.credentials = self.plain_credentials.clone();
             }
             let backend = BackendLink::open(
                 server,
                 id,
                 &self.ctx.backend,
-                self.validation.clone(),
+                validation,
                 self.client.clone(),
                 self.backend_tx.clone(),
             );
@@ -576,8 +604,24 @@ impl Session {
             | Command::Array
             | Command::Process
             | Command::GetField
-            | Command::Rpc
-            | Command::Message => message,
+            | Command::Rpc => match self.translator.server_message(server, &message) {
+                Ok(None) => message,
+                Ok(Some(payload)) => with_payload(&message, payload),
+                Err(e) => {
+                    // The shim can no longer follow this server's types:
+                    // drop the connection, so its channels start afresh.
+                    warn!(target: "nameshim::pva::session", %server, cause = %e, "cannot follow a server message; closing that server connection");
+                    if let Some(link) = self.links.get(&server) {
+                        let _ = self.backend_tx.send(BackendEvent::Closed {
+                            server,
+                            link: link.backend.id,
+                            reason: format!("untranslatable message: {e}"),
+                        });
+                    }
+                    return Ok(());
+                }
+            },
+            Command::Message => message,
             // ECHO answers the shim's own keepalive.
             _ => return Ok(()),
         };
@@ -606,6 +650,7 @@ impl Session {
             return Ok(());
         };
         self.ctx.resolver.forget(server);
+        self.translator.forget_server(server);
         info!(target: "nameshim::pva::session", peer = %self.peer, %server, channels = lost.cids.len(), cause = reason, "server connection closed");
         for cid in lost.cids {
             let notice = match self.channels.remove(&cid) {
@@ -647,6 +692,13 @@ fn create_failed(cid: u32, why: &[u8]) -> Message {
         .string(why)
         .string(b"");
     w.into_message(Command::CreateChannel, true)
+}
+
+/// The same message with a new payload.
+fn with_payload(message: &Message, payload: Bytes) -> Message {
+    let mut header = message.header;
+    header.size = payload.len() as u32;
+    Message { header, payload }
 }
 
 /// A copy of a small message with the u32 at `offset` replaced.

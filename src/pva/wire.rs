@@ -899,7 +899,10 @@ mod tests {
             ]
         );
         // reply address ::ffff:127.0.0.1, port 40000 (LE)
-        assert_eq!(&messages[0].payload[18..26], &[0xFF, 0xFF, 127, 0, 0, 1, 0x40, 0x9C]);
+        assert_eq!(
+            &messages[0].payload[18..26],
+            &[0xFF, 0xFF, 127, 0, 0, 1, 0x40, 0x9C]
+        );
     }
 
     #[test]

@@ -1,0 +1,662 @@
+//! pvData type descriptions, the introspection type cache, and a value
+//! walker that can re-emit a value with every type description in plain form.
+//!
+//! Type descriptions (pvData `FieldCreate::deserialize`, pvxs `from_wire`):
+//! `0xFF` null, `0xFD key desc` define and use cache entry `key` (u16),
+//! `0xFE key` use it, otherwise a plain description. pvAccessCPP caches
+//! every description that is not a scalar or scalar array, at any depth, and
+//! the cache is per connection and per direction. pvxs decodes the cache but
+//! never uses it when sending, and both accept plain descriptions, so the
+//! shim re-emits plain descriptions when it must translate.
+//!
+//! Values are serialized without type information, except inside variant
+//! unions ("any"), which carry a description before the value. So a value
+//! needs walking only if its type holds a variant union somewhere.
+
+use super::wire::{Reader, WireError};
+use bytes::{BufMut, Bytes, BytesMut};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// pvxs refuses deeper nesting; so does the shim.
+const MAX_DEPTH: usize = 20;
+/// Fields held in one connection direction's cache, at most.
+const MAX_CACHED_FIELDS: usize = 200_000;
+
+const NULL: u8 = 0xFF;
+const DEFINE: u8 = 0xFD;
+const REFER: u8 = 0xFE;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum FieldType {
+    /// A scalar: its type code (bool 0x00, integers 0x2X, floats 0x4X, string 0x60).
+    Scalar(u8),
+    /// A variable-length array of scalars (code | 0x08).
+    ScalarArray(u8),
+    /// A bounded (code | 0x10) or fixed (code | 0x18) array, with its size.
+    SizedArray {
+        code: u8,
+        fixed: bool,
+        size: u32,
+    },
+    BoundedString(u32),
+    Structure {
+        id: Bytes,
+        fields: Vec<(Bytes, Arc<FieldType>)>,
+    },
+    Union {
+        id: Bytes,
+        fields: Vec<(Bytes, Arc<FieldType>)>,
+    },
+    Variant,
+    StructureArray(Arc<FieldType>),
+    UnionArray(Arc<FieldType>),
+    VariantArray,
+}
+
+impl FieldType {
+    /// Whether a value of this type can hold a type description.
+    pub fn has_variant(&self) -> bool {
+        match self {
+            FieldType::Variant | FieldType::VariantArray => true,
+            FieldType::Structure { fields, .. } | FieldType::Union { fields, .. } => {
+                fields.iter().any(|(_, t)| t.has_variant())
+            }
+            FieldType::StructureArray(t) | FieldType::UnionArray(t) => t.has_variant(),
+            _ => false,
+        }
+    }
+
+    fn size_in_fields(&self) -> usize {
+        match self {
+            FieldType::Structure { fields, .. } | FieldType::Union { fields, .. } => {
+                1 + fields
+                    .iter()
+                    .map(|(_, t)| t.size_in_fields())
+                    .sum::<usize>()
+            }
+            FieldType::StructureArray(t) | FieldType::UnionArray(t) => 1 + t.size_in_fields(),
+            _ => 1,
+        }
+    }
+
+    /// Writes the plain description.
+    pub fn encode(&self, big_endian: bool, out: &mut BytesMut) {
+        match self {
+            FieldType::Scalar(code) => out.put_u8(*code),
+            FieldType::ScalarArray(code) => out.put_u8(code | 0x08),
+            FieldType::SizedArray { code, fixed, size } => {
+                out.put_u8(code | if *fixed { 0x18 } else { 0x10 });
+                put_size(out, *size as usize, big_endian);
+            }
+            FieldType::BoundedString(size) => {
+                out.put_u8(0x83);
+                put_size(out, *size as usize, big_endian);
+            }
+            FieldType::Structure { id, fields } | FieldType::Union { id, fields } => {
+                out.put_u8(if matches!(self, FieldType::Structure { .. }) {
+                    0x80
+                } else {
+                    0x81
+                });
+                put_string(out, id, big_endian);
+                put_size(out, fields.len(), big_endian);
+                for (name, t) in fields {
+                    put_string(out, name, big_endian);
+                    t.encode(big_endian, out);
+                }
+            }
+            FieldType::Variant => out.put_u8(0x82),
+            FieldType::StructureArray(t) => {
+                out.put_u8(0x88);
+                t.encode(big_endian, out);
+            }
+            FieldType::UnionArray(t) => {
+                out.put_u8(0x89);
+                t.encode(big_endian, out);
+            }
+            FieldType::VariantArray => out.put_u8(0x8A),
+        }
+    }
+}
+
+pub fn put_size(out: &mut BytesMut, n: usize, big_endian: bool) {
+    if n < 254 {
+        out.put_u8(n as u8);
+    } else {
+        out.put_u8(0xFE);
+        if big_endian {
+            out.put_u32(n as u32)
+        } else {
+            out.put_u32_le(n as u32)
+        }
+    }
+}
+
+fn put_string(out: &mut BytesMut, s: &[u8], big_endian: bool) {
+    put_size(out, s.len(), big_endian);
+    out.put_slice(s);
+}
+
+/// One sender's type cache on one connection.
+#[derive(Default)]
+pub struct Registry {
+    entries: HashMap<u16, Arc<FieldType>>,
+    fields: usize,
+}
+
+impl Registry {
+    fn define(&mut self, key: u16, t: Arc<FieldType>) -> Result<(), WireError> {
+        self.fields += t.size_in_fields();
+        if self.fields > MAX_CACHED_FIELDS {
+            return Err(WireError::Truncated("type cache limit"));
+        }
+        self.entries.insert(key, t);
+        Ok(())
+    }
+}
+
+/// Reads values and descriptions from one message, tracking the sender's
+/// cache, and (when `out` is set) writes them again with plain descriptions.
+pub struct Walker<'a, 'o> {
+    pub r: Reader<'a>,
+    out: Option<&'o mut BytesMut>,
+    big_endian: bool,
+    registry: &'o mut Registry,
+    error: Option<WireError>,
+}
+
+impl<'a, 'o> Walker<'a, 'o> {
+    pub fn new(
+        payload: &'a [u8],
+        big_endian: bool,
+        registry: &'o mut Registry,
+        out: Option<&'o mut BytesMut>,
+    ) -> Self {
+        Walker {
+            r: Reader::new(payload, big_endian),
+            out,
+            big_endian,
+            registry,
+            error: None,
+        }
+    }
+
+    pub fn finish(&self) -> Result<(), WireError> {
+        if let Some(e) = &self.error {
+            return Err(e.clone());
+        }
+        self.r.finish()
+    }
+
+    fn fail(&mut self, e: WireError) {
+        if self.error.is_none() {
+            self.error = Some(e);
+        }
+    }
+
+    fn failed(&self) -> bool {
+        self.error.is_some() || self.r.finish().is_err()
+    }
+
+    /// Copies `n` bytes unchanged.
+    pub fn copy(&mut self, n: usize, what: &'static str) {
+        let bytes = self.r.bytes(n, what);
+        if let Some(out) = self.out.as_deref_mut() {
+            out.put_slice(bytes);
+        }
+    }
+
+    /// Copies the rest of the payload unchanged.
+    pub fn copy_rest(&mut self) {
+        let rest = self.r.remaining();
+        self.copy(rest.len(), "rest");
+    }
+
+    pub fn u8(&mut self, what: &'static str) -> u8 {
+        let v = self.r.u8(what);
+        if let Some(out) = self.out.as_deref_mut() {
+            out.put_u8(v);
+        }
+        v
+    }
+
+    pub fn u32(&mut self, what: &'static str) -> u32 {
+        let v = self.r.u32(what);
+        if let Some(out) = self.out.as_deref_mut() {
+            if self.big_endian {
+                out.put_u32(v)
+            } else {
+                out.put_u32_le(v)
+            }
+        }
+        v
+    }
+
+    /// A Size, copied in the same form.
+    pub fn size(&mut self, what: &'static str) -> Option<u32> {
+        let v = self.r.size(what);
+        if let Some(out) = self.out.as_deref_mut() {
+            match v {
+                None => out.put_u8(0xFF),
+                Some(n) => put_size(out, n as usize, self.big_endian),
+            }
+        }
+        v
+    }
+
+    fn string(&mut self, what: &'static str) -> Bytes {
+        let s = Bytes::copy_from_slice(self.r.string(what));
+        if let Some(out) = self.out.as_deref_mut() {
+            put_string(out, &s, self.big_endian);
+        }
+        s
+    }
+
+    /// A Status; true if it says OK or warning (a payload follows).
+    pub fn status(&mut self) -> bool {
+        let kind = self.u8("status");
+        if kind == 0xFF {
+            return true;
+        }
+        self.string("status message");
+        self.string("status stack");
+        kind <= 1
+    }
+
+    /// A type description; written back in plain form. `None` is null.
+    pub fn field_desc(&mut self) -> Option<Arc<FieldType>> {
+        let t = self.read_desc(0);
+        if let Some(out) = self.out.as_deref_mut() {
+            match &t {
+                Some(t) => t.encode(self.big_endian, out),
+                None => out.put_u8(NULL),
+            }
+        }
+        t
+    }
+
+    fn read_desc(&mut self, depth: usize) -> Option<Arc<FieldType>> {
+        if depth > MAX_DEPTH {
+            self.fail(WireError::Truncated("type nesting depth"));
+            return None;
+        }
+        if self.failed() {
+            return None;
+        }
+        match self.r.u8("type code") {
+            NULL => None,
+            DEFINE => {
+                let key = self.r.u16("cache key");
+                let t = self.read_desc(depth + 1)?;
+                if let Err(e) = self.registry.define(key, t.clone()) {
+                    self.fail(e);
+                }
+                Some(t)
+            }
+            REFER => {
+                let key = self.r.u16("cache key");
+                match self.registry.entries.get(&key) {
+                    Some(t) => Some(t.clone()),
+                    None => {
+                        self.fail(WireError::Truncated("a type cache key never defined"));
+                        None
+                    }
+                }
+            }
+            code => self.read_type(code, depth).map(Arc::new),
+        }
+    }
+
+    fn read_type(&mut self, code: u8, depth: usize) -> Option<FieldType> {
+        if code & 0x80 == 0 {
+            let scalar = code & !0x18;
+            if scalar_width(scalar).is_none() {
+                self.fail(WireError::Truncated("a known scalar type code"));
+                return None;
+            }
+            return Some(match code & 0x18 {
+                0x00 => FieldType::Scalar(scalar),
+                0x08 => FieldType::ScalarArray(scalar),
+                bits => FieldType::SizedArray {
+                    code: scalar,
+                    fixed: bits == 0x18,
+                    size: self.r.size("array bound").unwrap_or(0),
+                },
+            });
+        }
+        match code {
+            0x80 | 0x81 => {
+                let id = Bytes::copy_from_slice(self.r.string("type id"));
+                let count = self.r.size("field count").unwrap_or(0) as usize;
+                let mut fields = Vec::new();
+                for _ in 0..count {
+                    if self.failed() {
+                        return None;
+                    }
+                    let name = Bytes::copy_from_slice(self.r.string("field name"));
+                    let Some(t) = self.read_desc(depth + 1) else {
+                        self.fail(WireError::Truncated("a member type"));
+                        return None;
+                    };
+                    fields.push((name, t));
+                }
+                Some(if code == 0x80 {
+                    FieldType::Structure { id, fields }
+                } else {
+                    FieldType::Union { id, fields }
+                })
+            }
+            0x82 => Some(FieldType::Variant),
+            0x83 => Some(FieldType::BoundedString(
+                self.r.size("string bound").unwrap_or(0),
+            )),
+            0x88 | 0x89 => {
+                let element = self.read_desc(depth + 1)?;
+                Some(if code == 0x88 {
+                    FieldType::StructureArray(element)
+                } else {
+                    FieldType::UnionArray(element)
+                })
+            }
+            0x8A => Some(FieldType::VariantArray),
+            _ => {
+                self.fail(WireError::Truncated("a known type code"));
+                None
+            }
+        }
+    }
+
+    /// A whole value of type `t`.
+    pub fn value(&mut self, t: &FieldType) {
+        self.value_at(t, 0)
+    }
+
+    fn value_at(&mut self, t: &FieldType, depth: usize) {
+        if depth > MAX_DEPTH || self.failed() {
+            self.fail(WireError::Truncated("value nesting depth"));
+            return;
+        }
+        match t {
+            FieldType::Scalar(code) => self.scalar(*code),
+            FieldType::BoundedString(_) => self.scalar(0x60),
+            FieldType::ScalarArray(code)
+            | FieldType::SizedArray {
+                code, fixed: false, ..
+            } => {
+                let n = self.size("array length").unwrap_or(0);
+                self.scalars(*code, n);
+            }
+            FieldType::SizedArray {
+                code,
+                fixed: true,
+                size,
+            } => self.scalars(*code, *size),
+            FieldType::Structure { fields, .. } => {
+                for (_, member) in fields {
+                    self.value_at(member, depth + 1);
+                }
+            }
+            FieldType::Union { fields, .. } => {
+                if let Some(selector) = self.size("union selector") {
+                    match fields.get(selector as usize) {
+                        Some((_, member)) => self.value_at(member, depth + 1),
+                        None => self.fail(WireError::Truncated("a valid union selector")),
+                    }
+                }
+            }
+            FieldType::Variant => {
+                if let Some(inner) = self.field_desc() {
+                    self.value_at(&inner, depth + 1);
+                }
+            }
+            FieldType::StructureArray(element) | FieldType::UnionArray(element) => {
+                let n = self.size("array length").unwrap_or(0);
+                for _ in 0..n {
+                    if self.failed() {
+                        return;
+                    }
+                    if self.u8("element present") != 0 {
+                        self.value_at(element, depth + 1);
+                    }
+                }
+            }
+            FieldType::VariantArray => {
+                let n = self.size("array length").unwrap_or(0);
+                for _ in 0..n {
+                    if self.failed() {
+                        return;
+                    }
+                    if self.u8("element present") != 0 {
+                        self.value_at(&FieldType::Variant, depth + 1);
+                    }
+                }
+            }
+        }
+    }
+
+    fn scalar(&mut self, code: u8) {
+        match scalar_width(code) {
+            Some(0) => {
+                let len = self.size("string length").unwrap_or(0);
+                self.copy(len as usize, "string");
+            }
+            Some(width) => self.copy(width, "scalar"),
+            None => self.fail(WireError::Truncated("a known scalar type code")),
+        }
+    }
+
+    fn scalars(&mut self, code: u8, n: u32) {
+        match scalar_width(code) {
+            Some(0) => {
+                for _ in 0..n {
+                    if self.failed() {
+                        return;
+                    }
+                    self.scalar(code);
+                }
+            }
+            Some(width) => match (n as usize).checked_mul(width) {
+                Some(bytes) => self.copy(bytes, "array"),
+                None => self.fail(WireError::Truncated("array length")),
+            },
+            None => self.fail(WireError::Truncated("a known scalar type code")),
+        }
+    }
+
+    /// A BitSet, copied; returns the set bits.
+    pub fn bitset(&mut self) -> Vec<usize> {
+        let n = self.size("bitset length").unwrap_or(0) as usize;
+        let bytes = self.r.bytes(n, "bitset");
+        if let Some(out) = self.out.as_deref_mut() {
+            out.put_slice(bytes);
+        }
+        // Whole 64-bit words in message order, then the last bytes LSB first.
+        let mut bits = Vec::new();
+        let words = n / 8;
+        for w in 0..words {
+            let chunk: [u8; 8] = bytes[w * 8..w * 8 + 8].try_into().unwrap_or([0; 8]);
+            let word = if self.big_endian {
+                u64::from_be_bytes(chunk)
+            } else {
+                u64::from_le_bytes(chunk)
+            };
+            for b in 0..64 {
+                if word & (1 << b) != 0 {
+                    bits.push(w * 64 + b);
+                }
+            }
+        }
+        for (i, byte) in bytes.iter().enumerate().skip(words * 8) {
+            for b in 0..8 {
+                if byte & (1 << b) != 0 {
+                    bits.push(i * 8 + b);
+                }
+            }
+        }
+        bits
+    }
+
+    /// A partial value: the fields whose bits are set, in bit order
+    /// (pvData `PVStructure::serialize` with a BitSet).
+    pub fn partial_value(&mut self, t: &FieldType, bits: &[usize]) {
+        let flat = flatten(t);
+        let mut next_free = 0;
+        for &bit in bits {
+            if bit < next_free {
+                continue; // inside a field already written whole
+            }
+            let Some(field) = flat.get(bit) else { break };
+            self.value(field);
+            next_free = bit + field.size_in_fields_for_bits();
+        }
+    }
+}
+
+impl FieldType {
+    /// Bits a field takes in a BitSet: structures number their members,
+    /// everything else (unions and arrays included) is one bit.
+    fn size_in_fields_for_bits(&self) -> usize {
+        match self {
+            FieldType::Structure { fields, .. } => {
+                1 + fields
+                    .iter()
+                    .map(|(_, t)| t.size_in_fields_for_bits())
+                    .sum::<usize>()
+            }
+            _ => 1,
+        }
+    }
+}
+
+/// The fields of a type in BitSet order: depth-first, a structure before
+/// its members.
+fn flatten(t: &FieldType) -> Vec<&FieldType> {
+    let mut out = Vec::new();
+    fn visit<'t>(t: &'t FieldType, out: &mut Vec<&'t FieldType>) {
+        out.push(t);
+        if let FieldType::Structure { fields, .. } = t {
+            for (_, member) in fields {
+                visit(member, out);
+            }
+        }
+    }
+    visit(t, &mut out);
+    out
+}
+
+/// Bytes of one scalar; 0 for strings; None for an unknown code.
+fn scalar_width(code: u8) -> Option<usize> {
+    match code {
+        0x00 | 0x20 | 0x24 => Some(1),
+        0x21 | 0x25 => Some(2),
+        0x22 | 0x26 | 0x42 => Some(4),
+        0x23 | 0x27 | 0x43 => Some(8),
+        0x60 => Some(0),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // pvAccessCPP's "ca" credentials: FD key 1 + {string user, string host},
+    // then the values (pvAccessCPP security.cpp, via its type cache).
+    const CREDENTIALS: [u8; 30] = [
+        0xFD, 1, 0, 0x80, 0, 2, 4, b'u', b's', b'e', b'r', 0x60, 4, b'h', b'o', b's', b't',
+        0x60, //
+        4, b'r', b'o', b'o', b't', 6, b'l', b'a', b'p', b't', b'o', b'p',
+    ];
+
+    #[test]
+    fn cached_credentials_are_reemitted_plain_and_remembered() {
+        let mut registry = Registry::default();
+        let mut out = BytesMut::new();
+        let mut w = Walker::new(&CREDENTIALS, false, &mut registry, Some(&mut out));
+        let t = w.field_desc().unwrap();
+        w.value(&t);
+        w.finish().unwrap();
+        assert_eq!(&out[..], &CREDENTIALS[3..], "same bytes without FD 01 00");
+        // A later reference to key 1 resolves to the same type.
+        let mut out = BytesMut::new();
+        let mut w = Walker::new(&[0xFE, 1, 0], false, &mut registry, Some(&mut out));
+        assert_eq!(w.field_desc(), Some(t));
+        assert_eq!(out[0], 0x80);
+    }
+
+    #[test]
+    fn unknown_cache_key_is_an_error() {
+        let mut registry = Registry::default();
+        let mut w = Walker::new(&[0xFE, 9, 0], false, &mut registry, None);
+        assert_eq!(w.field_desc(), None);
+        assert!(w.finish().is_err());
+    }
+
+    // A structure {any v} whose value is a variant holding a cached
+    // structure {double x}: the inner type must come out plain.
+    #[test]
+    fn variant_inside_value_is_translated() {
+        let desc = [0x80, 0, 1, 1, b'v', 0x82];
+        let value = [
+            0xFD, 7, 0, 0x80, 0, 1, 1, b'x', 0x43, 1, 2, 3, 4, 5, 6, 7, 8,
+        ];
+        let mut registry = Registry::default();
+        let mut w = Walker::new(&desc, false, &mut registry, None);
+        let t = w.field_desc().unwrap();
+        assert!(t.has_variant());
+        let mut out = BytesMut::new();
+        let mut w = Walker::new(&value, false, &mut registry, Some(&mut out));
+        w.value(&t);
+        w.finish().unwrap();
+        assert_eq!(&out[..], &value[3..]);
+        assert!(registry.entries.contains_key(&7));
+    }
+
+    #[test]
+    fn partial_value_walks_only_set_fields() {
+        // {double a, {int b, string c} s}: bits 0 top, 1 a, 2 s, 3 b, 4 c.
+        let desc = [
+            0x80, 0, 2, 1, b'a', 0x43, 1, b's', 0x80, 0, 2, 1, b'b', 0x22, 1, b'c', 0x60,
+        ];
+        let mut registry = Registry::default();
+        let mut w = Walker::new(&desc, false, &mut registry, None);
+        let t = w.field_desc().unwrap();
+        // bits {1, 4}: a (8 bytes) then c (string "hi")
+        let data = [1, 2, 3, 4, 5, 6, 7, 8, 2, b'h', b'i'];
+        let mut out = BytesMut::new();
+        let mut w = Walker::new(&data, false, &mut registry, Some(&mut out));
+        w.partial_value(&t, &[1, 4]);
+        w.finish().unwrap();
+        assert!(w.r.is_empty());
+        assert_eq!(&out[..], &data[..]);
+        // bit 2 (the whole sub-structure) covers 3 and 4
+        let data = [9, 0, 0, 0, 1, b'z'];
+        let mut w = Walker::new(&data, false, &mut registry, None);
+        w.partial_value(&t, &[2, 3, 4]);
+        w.finish().unwrap();
+        assert!(w.r.is_empty());
+    }
+
+    #[test]
+    fn bitset_words_and_tail_bytes() {
+        let mut registry = Registry::default();
+        // 9 bytes: one LE word with bit 0 and bit 63, then a byte with bit 64+1
+        let data = [9, 1, 0, 0, 0, 0, 0, 0, 0x80, 0x02];
+        let mut w = Walker::new(&data, false, &mut registry, None);
+        assert_eq!(w.bitset(), vec![0, 63, 65]);
+    }
+
+    #[test]
+    fn runaway_nesting_is_refused() {
+        let mut desc = Vec::new();
+        for _ in 0..40 {
+            desc.extend_from_slice(&[0x80, 0, 1, 1, b'n']);
+        }
+        desc.push(0x22);
+        let mut registry = Registry::default();
+        let mut w = Walker::new(&desc, false, &mut registry, None);
+        w.field_desc();
+        assert!(w.finish().is_err());
+    }
+}
