@@ -28,6 +28,11 @@ Examples:
     export EPICS_CA_NAME_SERVERS=ioc-host:8066
     export EPICS_PVA_NAME_SERVERS=ioc-host:8066
     caget MY:PV
+    pvget MY:PV
+
+  pvAccessCPP clients (pvapy, C++ pvAccess tools) dial the port named in the
+  search response, so tell the shim the published port:
+    nameshim --listen 0.0.0.0:5066 --advertise-port 8066
 
   As the entrypoint of an IOC image: the shim starts the IOC as its child,
   forwards signals to it, reaps zombies and exits with the IOC's code:
@@ -44,10 +49,11 @@ NAMESHIM_LISTEN=0.0.0.0:5066); the log filter is NAMESHIM_LOG.";
     name = "nameshim",
     version,
     about = "One TCP port for every EPICS Channel Access and PV Access server in a container",
-    long_about = "nameshim serves ONE TCP port that is a Channel Access name server \
-(EPICS_CA_NAME_SERVERS) and carries the channels it finds: each search is relayed by \
-UDP over the loopback to every CA server in the container, and each channel is relayed \
-to its server, so any host port mapping works with no UDP published.
+    long_about = "nameshim serves ONE TCP port that is both a Channel Access name server \
+(EPICS_CA_NAME_SERVERS) and a PV Access name server (EPICS_PVA_NAME_SERVERS), and \
+carries the channels it finds: each search is relayed by UDP over the loopback to every \
+CA and PVA server in the container, and each channel is relayed to its server, so any \
+host port mapping works with no UDP published.
 
 With `-- COMMAND [ARGS...]` nameshim is also the container's init: it runs COMMAND \
 (the IOC) as its child on the same terminal, forwards signals to it, reaps every \

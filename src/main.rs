@@ -1,4 +1,4 @@
-//! nameshim: one TCP port for every EPICS CA (and, later, PVA) server in a
+//! nameshim: one TCP port for every EPICS CA and PVA server in a
 //! container. This file only parses options, sets up logging, picks the
 //! mode (sidecar, or PID-1 wrapper of a command) and maps errors to an exit
 //! code.
