@@ -10,7 +10,8 @@
 use super::wire::Message;
 use super::CaDecoder;
 use crate::relay::framing::FrameReader;
-use crate::relay::outbox::{Outbox, OutboxReceiver, Permit};
+use crate::relay::outbox::{Outbox, OutboxReceiver};
+use crate::relay::upstream;
 use std::net::SocketAddrV4;
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -19,19 +20,7 @@ use tokio::task::AbortHandle;
 
 /// What a backend circuit reports to its session. `link` tells apart
 /// successive circuits to the same server.
-pub enum BackendEvent {
-    Message {
-        server: SocketAddrV4,
-        link: u64,
-        message: Message,
-        permit: Permit,
-    },
-    Closed {
-        server: SocketAddrV4,
-        link: u64,
-        reason: String,
-    },
-}
+pub type BackendEvent = crate::relay::upstream::BackendEvent<Message>;
 
 pub struct BackendConfig {
     pub max_payload: u32,
@@ -114,27 +103,7 @@ async fn relay(
     let _ = stream.set_nodelay(true);
     let (read, write) = stream.into_split();
     let mut reader = FrameReader::new(read, CaDecoder { max_payload });
-    let read_loop = async {
-        loop {
-            let message = match reader.next().await {
-                Ok(Some(message)) => message,
-                Ok(None) => return "server closed the circuit".to_string(),
-                Err(e) => return e.to_string(),
-            };
-            let Ok(permit) = client.reserve(message.wire_len()).await else {
-                return "client gone".to_string();
-            };
-            let event = BackendEvent::Message {
-                server,
-                link,
-                message,
-                permit,
-            };
-            if events.send(event).is_err() {
-                return "session ended".to_string();
-            }
-        }
-    };
+    let read_loop = upstream::pump(&mut reader, server, link, &client, events);
     tokio::select! {
         reason = read_loop => reason,
         written = queue.drain_into(write) => match written {

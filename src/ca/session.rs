@@ -17,7 +17,7 @@
 use super::backend::{BackendConfig, BackendEvent, BackendLink};
 use super::wire::{self, Command, Header, Message};
 use super::{frame, CaDecoder};
-use crate::relay::discovery::{Answer, Resolver};
+use crate::relay::discovery::{Answer, Awaiting, Resolver};
 use crate::relay::framing::{FrameReader, ReadError};
 use crate::relay::outbox::{Closed, Outbox, Permit};
 use bytes::Bytes;
@@ -28,10 +28,6 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
-
-/// Distinct waiters kept for one name under search; more are dropped
-/// (a client has no reason to search one name under many ids at once).
-const MAX_WAITERS_PER_NAME: usize = 64;
 
 /// What every CA session shares.
 pub struct CaContext {
@@ -88,6 +84,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<CaContext>) {
     );
     let (backend_tx, backend_rx) = mpsc::unbounded_channel();
     let (answer_tx, answer_rx) = mpsc::unbounded_channel();
+    let awaiting = Awaiting::new(ctx.max_searches);
     let mut session = Session {
         peer,
         local_port,
@@ -102,7 +99,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<CaContext>) {
         links: HashMap::new(),
         channels: HashMap::new(),
         routes: HashMap::new(),
-        awaiting: HashMap::new(),
+        awaiting,
         next_sid: 1,
         next_link: 1,
     };
@@ -147,6 +144,12 @@ enum Waiter {
     Create { cid: u32 },
 }
 
+impl crate::relay::discovery::Waiter for Waiter {
+    fn must_settle(&self) -> bool {
+        matches!(self, Waiter::Create { .. })
+    }
+}
+
 struct Link {
     backend: BackendLink,
     cids: HashSet<u32>,
@@ -168,7 +171,7 @@ struct Session {
     channels: HashMap<u32, Channel>,
     /// Client channel id by the sid the client was given.
     routes: HashMap<u32, u32>,
-    awaiting: HashMap<Bytes, Vec<Waiter>>,
+    awaiting: Awaiting<Waiter>,
     next_sid: u32,
     next_link: u64,
 }
@@ -275,35 +278,20 @@ impl Session {
 
     /// Registers interest in `name`; the relay is asked once per name.
     async fn await_name(&mut self, name: Bytes, waiter: Waiter) -> Result<(), SessionError> {
-        if let Some(waiters) = self.awaiting.get_mut(&name) {
-            // libca repeats a search until it is answered: keep one waiter
-            // per search id, and a bounded number per name. Creates are
-            // bounded by the channel limit and must all be settled.
-            let is_create = matches!(waiter, Waiter::Create { .. });
-            if !waiters.contains(&waiter) && (is_create || waiters.len() < MAX_WAITERS_PER_NAME) {
-                waiters.push(waiter);
+        let refused = self
+            .awaiting
+            .add(name.clone(), waiter, &self.ctx.resolver, &self.answer_tx);
+        match refused {
+            Some(waiter) => {
+                debug!(target: "nameshim::ca::session", peer = %self.peer, "search refused (limit)");
+                self.settle(waiter, &name, None).await
             }
-            return Ok(());
+            None => Ok(()),
         }
-        let refused = self.awaiting.len() >= self.ctx.max_searches
-            || self
-                .ctx
-                .resolver
-                .lookup(name.clone(), &self.answer_tx)
-                .is_err();
-        if refused {
-            debug!(target: "nameshim::ca::session", peer = %self.peer, "search refused (limit)");
-            return self.settle(waiter, &name, None).await;
-        }
-        self.awaiting.insert(name, vec![waiter]);
-        Ok(())
     }
 
     async fn on_answer(&mut self, answer: Answer) -> Result<(), SessionError> {
-        let Some(waiters) = self.awaiting.remove(&answer.name) else {
-            return Ok(());
-        };
-        for waiter in waiters {
+        for waiter in self.awaiting.take(&answer.name) {
             self.settle(waiter, &answer.name, answer.server).await?;
         }
         Ok(())

@@ -11,7 +11,8 @@
 
 use super::wire::{self, Command, Message};
 use crate::relay::framing::{Decoder as FrameDecoder, FrameReader};
-use crate::relay::outbox::{Frame, Outbox, OutboxReceiver, Permit};
+use crate::relay::outbox::{Frame, Outbox, OutboxReceiver};
+use crate::relay::upstream;
 use bytes::BytesMut;
 use std::net::SocketAddrV4;
 use std::time::Duration;
@@ -24,19 +25,7 @@ const ECHO_INTERVAL: Duration = Duration::from_secs(15);
 /// pvAccessCPP gives up on a handshake after 5 s; so does the shim.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub enum BackendEvent {
-    Message {
-        server: SocketAddrV4,
-        link: u64,
-        message: Message,
-        permit: Permit,
-    },
-    Closed {
-        server: SocketAddrV4,
-        link: u64,
-        reason: String,
-    },
-}
+pub type BackendEvent = crate::relay::upstream::BackendEvent<Message>;
 
 pub struct BackendConfig {
     pub max_message: u32,
@@ -231,27 +220,7 @@ async fn relay(
     client: Outbox,
     events: &mpsc::UnboundedSender<BackendEvent>,
 ) -> String {
-    let read_loop = async {
-        loop {
-            let message = match reader.next().await {
-                Ok(Some(message)) => message,
-                Ok(None) => return "server closed the connection".to_string(),
-                Err(e) => return e.to_string(),
-            };
-            let Ok(permit) = client.reserve(message.wire_len()).await else {
-                return "client gone".to_string();
-            };
-            let event = BackendEvent::Message {
-                server,
-                link,
-                message,
-                permit,
-            };
-            if events.send(event).is_err() {
-                return "session ended".to_string();
-            }
-        }
-    };
+    let read_loop = upstream::pump(&mut reader, server, link, &client, events);
     let keepalive = async {
         let mut ticks = tokio::time::interval(ECHO_INTERVAL);
         ticks.tick().await;

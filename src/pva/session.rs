@@ -23,7 +23,7 @@
 use super::backend::{frame, BackendConfig, BackendEvent, BackendLink};
 use super::translate::Translator;
 use super::wire::{self, Command, Message};
-use crate::relay::discovery::{Answer, Resolver};
+use crate::relay::discovery::{Answer, Awaiting, Resolver};
 use crate::relay::framing::{Decoder as FrameDecoder, FrameReader, ReadError};
 use crate::relay::outbox::{Closed, Frame, Outbox, Permit};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -42,8 +42,6 @@ use tracing::{debug, info, warn};
 pub const BIG_ENDIAN: bool = cfg!(target_endian = "big");
 /// A client must validate within this time (pvAccessCPP's own limit).
 const VALIDATION_TIMEOUT: Duration = Duration::from_secs(5);
-/// Distinct waiters kept for one name under search.
-const MAX_WAITERS_PER_NAME: usize = 64;
 /// The sid a server puts in a failed CREATE_CHANNEL response.
 const NO_SID: u32 = 0xFFFF_FFFF;
 
@@ -126,6 +124,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) {
         Ok((validation, translator, plain_credentials)) => {
             let (backend_tx, backend_rx) = mpsc::unbounded_channel();
             let (answer_tx, answer_rx) = mpsc::unbounded_channel();
+            let awaiting = Awaiting::new(ctx.max_searches);
             let mut session = Session {
                 peer,
                 ctx,
@@ -138,7 +137,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) {
                 links: HashMap::new(),
                 channels: HashMap::new(),
                 routes: HashMap::new(),
-                awaiting: HashMap::new(),
+                awaiting,
                 next_sid: 1,
                 next_link: 1,
             };
@@ -222,6 +221,12 @@ enum Waiter {
     },
 }
 
+impl crate::relay::discovery::Waiter for Waiter {
+    fn must_settle(&self) -> bool {
+        matches!(self, Waiter::Create { .. })
+    }
+}
+
 struct Link {
     backend: BackendLink,
     cids: HashSet<u32>,
@@ -241,7 +246,7 @@ struct Session {
     channels: HashMap<u32, Channel>,
     /// Client channel id by the sid the client was given.
     routes: HashMap<u32, u32>,
-    awaiting: HashMap<Bytes, Vec<Waiter>>,
+    awaiting: Awaiting<Waiter>,
     next_sid: u32,
     next_link: u64,
 }
@@ -361,31 +366,20 @@ impl Session {
     }
 
     async fn await_name(&mut self, name: Bytes, waiter: Waiter) -> Result<(), SessionError> {
-        if let Some(waiters) = self.awaiting.get_mut(&name) {
-            let is_create = matches!(waiter, Waiter::Create { .. });
-            if !waiters.contains(&waiter) && (is_create || waiters.len() < MAX_WAITERS_PER_NAME) {
-                waiters.push(waiter);
+        let refused = self
+            .awaiting
+            .add(name.clone(), waiter, &self.ctx.resolver, &self.answer_tx);
+        match refused {
+            Some(waiter) => {
+                debug!(target: "nameshim::pva::session", peer = %self.peer, "search refused (limit)");
+                self.settle(waiter, &name, None).await
             }
-            return Ok(());
+            None => Ok(()),
         }
-        let refused = self.awaiting.len() >= self.ctx.max_searches
-            || self
-                .ctx
-                .resolver
-                .lookup(name.clone(), &self.answer_tx)
-                .is_err();
-        if refused {
-            return self.settle(waiter, &name, None).await;
-        }
-        self.awaiting.insert(name, vec![waiter]);
-        Ok(())
     }
 
     async fn on_answer(&mut self, answer: Answer) -> Result<(), SessionError> {
-        let Some(waiters) = self.awaiting.remove(&answer.name) else {
-            return Ok(());
-        };
-        for waiter in waiters {
+        for waiter in self.awaiting.take(&answer.name) {
             self.settle(waiter, &answer.name, answer.server).await?;
         }
         Ok(())

@@ -364,3 +364,62 @@ async fn sleep_until_opt(at: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+/// Distinct waiters kept for one name under search, besides those that
+/// must always be settled.
+const MAX_WAITERS_PER_NAME: usize = 64;
+
+/// A waiter for a name: something a session must do once the name's server
+/// is known (or known to be absent).
+pub trait Waiter: PartialEq {
+    /// Whether dropping this waiter would leave a request unanswered
+    /// (a channel creation), so it must be kept whatever the limits.
+    fn must_settle(&self) -> bool;
+}
+
+/// The names one client connection waits for, each asked of the relay once.
+pub struct Awaiting<W> {
+    names: HashMap<Bytes, Vec<W>>,
+    max_names: usize,
+}
+
+impl<W: Waiter> Awaiting<W> {
+    pub fn new(max_names: usize) -> Self {
+        Awaiting {
+            names: HashMap::new(),
+            max_names,
+        }
+    }
+
+    /// Registers `waiter` for `name`, asking the relay when the name is new.
+    /// Clients repeat a search until it is answered: one waiter is kept per
+    /// distinct request, and a bounded number per name. Returns the waiter
+    /// back when it cannot wait (limits, or the relay is overloaded): the
+    /// caller settles it as "not found".
+    pub fn add(
+        &mut self,
+        name: Bytes,
+        waiter: W,
+        resolver: &Resolver,
+        answers: &mpsc::UnboundedSender<Answer>,
+    ) -> Option<W> {
+        if let Some(waiters) = self.names.get_mut(&name) {
+            if !waiters.contains(&waiter)
+                && (waiter.must_settle() || waiters.len() < MAX_WAITERS_PER_NAME)
+            {
+                waiters.push(waiter);
+            }
+            return None;
+        }
+        if self.names.len() >= self.max_names || resolver.lookup(name.clone(), answers).is_err() {
+            return Some(waiter);
+        }
+        self.names.insert(name, vec![waiter]);
+        None
+    }
+
+    /// Everything that waited for the answered name.
+    pub fn take(&mut self, name: &Bytes) -> Vec<W> {
+        self.names.remove(name).unwrap_or_default()
+    }
+}

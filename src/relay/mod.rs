@@ -6,3 +6,4 @@ pub mod framing;
 pub mod listener;
 pub mod localaddr;
 pub mod outbox;
+pub mod upstream;
