@@ -3,8 +3,9 @@
 A "container" is a network namespace with its own loopback, joined to a
 "host" namespace (also created here, never the machine's own network) by a
 veth pair. Port publishing is done with nftables DNAT in the host namespace,
-the way podman/netavark does it. Servers (softIocs, a caproto server) and
-clients (pyepics scripts) run inside those namespaces via `ip netns exec`.
+the way podman/netavark does it. Servers (softIocs, a caproto server, p4p
+and pvapy PVA servers) and clients (pyepics, p4p and pvapy scripts) run
+inside those namespaces via `ip netns exec`.
 
 Everything created here is torn down on normal exit, on exceptions and on
 SIGINT/SIGTERM/SIGHUP, including every process left in the namespaces.
@@ -13,6 +14,7 @@ SIGINT/SIGTERM/SIGHUP, including every process left in the namespaces.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import itertools
 import json
 import os
@@ -28,17 +30,27 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 PYTHON = sys.executable
 CA_CLIENT = HERE / "ca_client.py"
 CAPROTO_SERVER = HERE / "caproto_server.py"
 TCP_PROBE = HERE / "tcp_probe.py"
+PVA_CLIENT = HERE / "pva_client.py"
+PVAPY_CLIENT = HERE / "pvapy_client.py"
+P4P_SERVER = HERE / "p4p_server.py"
+PVAPY_SERVER = HERE / "pvapy_server.py"
 
 # Big enough for the 100000-element DOUBLE waveform plus protocol overhead;
 # servers and clients must both allow it or libca refuses the transfer.
 MAX_ARRAY_BYTES = "2000000"
 WAVE_LEN = 100000
+# The PVA tests' large array: 1 Mi doubles, 8 MiB, more than one message of
+# pvAccessCPP's 16 KiB buffers (it segments) and more than the shim's
+# default 4 MiB send queue.
+BIG_WAVE_LEN = 1048576
 
 NS_PREFIX = "nshim"
 _NS_NAME = re.compile(rf"^{NS_PREFIX}-(\d+)-")
@@ -366,11 +378,22 @@ def wait_for_log(path, pattern: re.Pattern, proc, timeout: float, what: str, off
 # Servers
 
 
-def write_db(path: Path, prefix: str, init: float) -> Path:
+def write_db(path: Path, prefix: str, init: float, big_wave=False) -> Path:
     """A record database whose values tell which server answered.
 
     ID holds the prefix itself and VAL starts at `init`, distinct per server.
+    big_wave adds BIGWAVE, a DOUBLE waveform of BIG_WAVE_LEN elements.
     """
+    big = (
+        f"""\
+record(waveform, "{prefix}BIGWAVE") {{
+    field(FTVL, "DOUBLE")
+    field(NELM, "{BIG_WAVE_LEN}")
+}}
+"""
+        if big_wave
+        else ""
+    )
     path.write_text(
         f"""\
 record(stringin, "{prefix}ID") {{
@@ -394,6 +417,7 @@ record(waveform, "{prefix}WAVE") {{
     field(NELM, "{WAVE_LEN}")
 }}
 """
+        + big
     )
     return path
 
@@ -452,12 +476,12 @@ class SoftIoc(Server):
 
     ready = re.compile(r"IOC Running")
 
-    def __init__(self, ns, prefix, workdir, flavour="epicscorelibs", init=0.0, env=None):
+    def __init__(self, ns, prefix, workdir, flavour="epicscorelibs", init=0.0, env=None, big_wave=False):
         super().__init__(ns, prefix, workdir, env)
         assert flavour in ("epicscorelibs", "pvxslibs")
         self.flavour = flavour
         self.what = f"{flavour} softIoc"
-        self.db = write_db(self.workdir / f"{prefix.strip(':').lower()}.db", prefix, init)
+        self.db = write_db(self.workdir / f"{prefix.strip(':').lower()}.db", prefix, init, big_wave)
 
     def argv(self):
         return [PYTHON, "-m", f"{self.flavour}.ioc", "-d", self.db]
@@ -480,6 +504,61 @@ class CaprotoServer(Server):
     def tcp_port(self) -> int:
         m = re.search(r"Listening on [\d.]+:(\d+)", tail(self.log, 400))
         return int(m.group(1)) if m else -1
+
+
+# PVA servers must not beacon off the namespace either, nor to the clients
+# that tests run inside the container (the IOCs get this too when a test
+# passes it, see test_pva.py). A pvxs client that hears a new server's beacon
+# before its name-server connection is validated, i.e. within the shim's
+# classification window, spends its one fast search round then and ignores
+# the hurry-up of the validation: its first search waits a whole 6 s round.
+# Clients outside a container never hear its servers' beacons.
+PVA_BEACON_SINK = "127.0.0.1:5099"  # nothing listens there
+PVA_SERVER_ENV = {
+    "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
+    "EPICS_PVAS_BEACON_ADDR_LIST": PVA_BEACON_SINK,
+    # The IOCs serve BIGWAVE over CA as well.
+    "EPICS_CA_MAX_ARRAY_BYTES": str(8 * BIG_WAVE_LEN + 100000),
+}
+
+
+class PvaScriptServer(Server):
+    """A PVA server script (p4p_server.py, pvapy_server.py) in a namespace.
+
+    Serves ID, VAL, COUNT, WAVE (BIG_WAVE_LEN doubles) and VARIANT under its
+    prefix; see the scripts. Its stdin stays open for its lifetime.
+    """
+
+    ready = re.compile(r"Serving \d+ PVs with prefix \S+ on port (-?\d+)")
+    script: Path
+
+    def __init__(self, ns, prefix, workdir, init=0.0, env=None):
+        super().__init__(ns, prefix, workdir, {**PVA_SERVER_ENV, **(env or {})})
+        self.init = init
+
+    def argv(self):
+        return [PYTHON, self.script, "--prefix", self.prefix, "--init", self.init, "--wave-len", BIG_WAVE_LEN]
+
+    def _stdin(self):
+        return subprocess.PIPE
+
+    def tcp_port(self) -> int:
+        m = self.ready.search(_ANSI.sub("", tail(self.log, 400)))
+        return int(m.group(1)) if m else -1
+
+
+class P4pServer(PvaScriptServer):
+    """A p4p server (pvxs); it also serves an RPC channel, RPC."""
+
+    what = "p4p server"
+    script = P4P_SERVER
+
+
+class PvapyServer(PvaScriptServer):
+    """A pvapy PvaServer (pvAccessCPP and pvDatabase)."""
+
+    what = "pvapy server"
+    script = PVAPY_SERVER
 
 
 # --------------------------------------------------------------------------
@@ -596,10 +675,12 @@ class CaWatch:
 
     def __init__(self, ns: Netns, name_server: str, pv: str, duration=120.0, poll=True):
         flags = [] if poll else ["--no-poll"]
-        argv = ns.exec_argv([PYTHON, CA_CLIENT, "--watch", pv, str(duration), *flags])
+        self._start(ns, [PYTHON, CA_CLIENT, "--watch", pv, str(duration), *flags], client_env(name_server))
+
+    def _start(self, ns: Netns, argv, env: dict) -> None:
         self.proc = subprocess.Popen(
-            argv,
-            env=clean_env(client_env(name_server)),
+            ns.exec_argv(argv),
+            env=clean_env(env),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -648,6 +729,102 @@ class CaWatch:
         except (OSError, subprocess.TimeoutExpired):
             pass
         stop_process(self.proc)
+
+
+def pva_client_env(name_server: str) -> dict:
+    """A PVA client configured with the name server only: no UDP search."""
+    return {
+        "EPICS_PVA_NAME_SERVERS": name_server,
+        "EPICS_PVA_AUTO_ADDR_LIST": "NO",
+        "EPICS_PVA_ADDR_LIST": "",
+    }
+
+
+def pva_direct_env(addr_list: str) -> dict:
+    """A PVA client that searches by UDP only, without any name server."""
+    return {"EPICS_PVA_AUTO_ADDR_LIST": "NO", "EPICS_PVA_ADDR_LIST": addr_list}
+
+
+class ClientHung(RuntimeError):
+    """A client process outlived its time limit and was killed."""
+
+
+def _json_program(ns: Netns, script: Path, env: dict, ops: list, timeout: float) -> list:
+    try:
+        proc = subprocess.run(
+            ns.exec_argv([PYTHON, script]),
+            input=json.dumps(ops),
+            env=clean_env(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        raise ClientHung(f"{script.name} still running after {timeout}s, killed:\n{err[-3000:]}") from None
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise RuntimeError(f"{script.name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def pva_program(ns: Netns, name_server: str, ops: list, timeout=60.0, env=None) -> list:
+    """Run operations in one p4p Context (one process, one connection to the
+    name server); one result dict per operation (see pva_client.py).
+
+    env replaces the name-server configuration, e.g. pva_direct_env(...).
+    """
+    return _json_program(ns, PVA_CLIENT, env or pva_client_env(name_server), ops, timeout)
+
+
+def pva_get(ns, name_server, pvs, timeout=5.0, env=None) -> dict:
+    """{pv: {"ok", "value", "fields"} or {"ok": False, "error"}}, fetched together."""
+    return pva_program(ns, name_server, [{"op": "get", "pvs": list(pvs), "timeout": timeout}], env=env)[0]
+
+
+def pva_put(ns, name_server, pv, value, timeout=10.0) -> dict:
+    """Put and wait for completion: {"ok"} or {"ok": False, "error"}."""
+    return pva_program(ns, name_server, [{"op": "put", "pv": pv, "value": value, "timeout": timeout}])[0]
+
+
+def pva_monitor(ns, name_server, pvs, duration=3.0, timeout=5.0) -> dict:
+    """Monitor every pv at once for `duration` s:
+    {pv: {"connected", "updates": [[value, ts]], "events"}}."""
+    op = {"op": "monitor", "pvs": list(pvs), "duration": duration, "timeout": timeout}
+    return pva_program(ns, name_server, [op], timeout=duration + timeout + 30)[0]
+
+
+def pvapy_get(ns, name_server, pvs, timeout=5.0, limit=None, env=None) -> dict:
+    """Get with pvapy (pvAccessCPP client): {pv: {"ok", "value"} or {"ok": False, "error"}}.
+
+    The PVs are read one after the other; `limit` bounds the whole process
+    (ClientHung when exceeded).
+    """
+    op = {"op": "get", "pvs": list(pvs), "timeout": timeout}
+    limit = limit or timeout * len(pvs) + 30
+    return _json_program(ns, PVAPY_CLIENT, env or pva_client_env(name_server), [op], limit)[0]
+
+
+def ramp_summary(start: float, step: float, n: int) -> dict:
+    """What pva_client.py reports for the long array it puts as
+    {"ramp": [start, step, n]}, computed here."""
+    a = (start + step * np.arange(n, dtype="f8")).astype("<f8")
+    return {
+        "len": n,
+        "sha256": hashlib.sha256(a.tobytes()).hexdigest(),
+        "head": a[:3].tolist(),
+        "tail": a[-3:].tolist(),
+    }
+
+
+class PvaWatch(CaWatch):
+    """A long-lived p4p monitor streaming JSON events (see pva_client.watch).
+
+    Events: {"event": "conn", "connected": bool, "t"},
+    {"event": "value", "value", "ts", "t"} and {"event": "error", ...}.
+    """
+
+    def __init__(self, ns: Netns, name_server: str, pv: str, duration=120.0):
+        self._start(ns, [PYTHON, PVA_CLIENT, "--watch", pv, str(duration)], pva_client_env(name_server))
 
 
 def garbage_payloads() -> dict:

@@ -1,0 +1,71 @@
+"""PV Access test client on pvAccessCPP (pvapy) driven by the harness.
+
+  pvapy_client.py < OPS_JSON      run a list of operations, print a JSON list
+
+The harness sets EPICS_PVA_NAME_SERVERS (and no UDP search). pvAccessCPP
+reads its configuration from the environment when it looks a setting up,
+so the variables must be set before the first Channel searches, not
+necessarily before import.
+
+Operations:
+  {"op": "get", "pvs": [...], "timeout": s}
+      -> {pv: {"ok": bool, "value": ..., "error": str}}
+     (value is the structure's "value" field; long arrays are summarised
+      like pva_client.summary)
+"""
+
+import hashlib
+import json
+import os
+import sys
+
+import numpy as np
+import pvaccess as pva
+
+ARRAY_SUMMARY_OVER = 16
+
+
+def summary(array) -> dict:
+    a = np.ascontiguousarray(np.asarray(array, dtype="<f8"))
+    return {
+        "len": int(a.size),
+        "sha256": hashlib.sha256(a.tobytes()).hexdigest(),
+        "head": a[:3].tolist(),
+        "tail": a[-3:].tolist(),
+    }
+
+
+def plain(value):
+    if isinstance(value, (list, tuple, np.ndarray)) and len(value) > ARRAY_SUMMARY_OVER:
+        return summary(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def op_get(spec):
+    timeout = spec.get("timeout", 5.0)
+    # Create every channel first so their searches can go out together.
+    channels = {name: pva.Channel(name, pva.PVA) for name in spec["pvs"]}
+    out = {}
+    for name, channel in channels.items():
+        channel.setTimeout(timeout)
+        try:
+            out[name] = {"ok": True, "value": plain(channel.get("field()").toDict()["value"])}
+        except Exception as e:  # pvaccess raises PvaException on timeout
+            out[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    return out
+
+
+OPS = {"get": op_get}
+
+
+def main():
+    specs = json.loads(sys.stdin.read())
+    print(json.dumps([OPS[spec["op"]](spec) for spec in specs]))
+    sys.stdout.flush()
+    os._exit(0)  # pvAccessCPP's teardown may wait on lost connections
+
+
+if __name__ == "__main__":
+    main()
