@@ -42,6 +42,7 @@ PVA_CLIENT = HERE / "pva_client.py"
 PVAPY_CLIENT = HERE / "pvapy_client.py"
 P4P_SERVER = HERE / "p4p_server.py"
 PVAPY_SERVER = HERE / "pvapy_server.py"
+PVA_BEACONS = HERE / "pva_beacons.py"
 
 # Big enough for the 100000-element DOUBLE waveform plus protocol overhead;
 # servers and clients must both allow it or libca refuses the transfer.

@@ -287,6 +287,33 @@ def test_client_through_remapped_published_port_reads_every_server(site, where):
     assert {p: got[f"{p}ID"].get("value") for p in SERVERS} == {p: p for p in SERVERS}, (got, shim_diag(site))
 
 
+@pytest.mark.parametrize("name_server", ["pvxs-ioc-directly", "shim-published-port"])
+def test_first_channel_is_prompt_while_other_servers_beacon(site, name_server):
+    # PVA servers beacon, and a pvxs client hurries its searches (one fast
+    # 6 s round of its search ring, then none for 30 s) on the first beacon
+    # of each server it has not seen yet. Here ten new servers a second, as
+    # on a busy network. The client must still get its first channel at
+    # once: a p4p get alone takes about 0.7 s, one round of waiting 6 s.
+    # The pvxs IOC as a plain name server (it greets at once) is the control.
+    ns, addr, pv = {
+        "pvxs-ioc-directly": (site.ctr, "127.0.0.1:5075", "QSRV2:ID"),
+        "shim-published-port": (site.host, f"127.0.0.1:{PUBLISHED_PORT}", "QSRV1:ID"),
+    }[name_server]
+    beacons = h.run_in(ns, [h.PYTHON, h.PVA_BEACONS, "0.1"])
+    times = []
+    try:
+        time.sleep(0.5)
+        for _ in range(3):
+            t0 = time.monotonic()
+            got = h.pva_get(ns, addr, [pv], timeout=10)
+            times.append(round(time.monotonic() - t0, 2))
+            assert got[pv].get("value") == pv.split("ID")[0], (got, shim_diag(site))
+    finally:
+        h.stop_process(beacons)
+        ns.procs.remove(beacons)
+    assert max(times) < 3.0, f"seconds per get (each a new client): {times}\n{shim_diag(site)}"
+
+
 def test_ca_and_pva_clients_share_the_port_at_once(site):
     # A libca client and a p4p client, each monitoring and reading through
     # the same shim port at the same time.
