@@ -74,6 +74,14 @@ pub struct Cli {
     #[arg(long, env = "NAMESHIM_CA_LISTEN", value_name = "ADDR:PORT")]
     pub ca_listen: Option<SocketAddr>,
 
+    /// An extra port for PV Access only. The shim greets each client at once
+    /// instead of after the classification window. A new pvxs client that
+    /// hears a beacon from a server it has not seen yet while its name-server
+    /// connection is still unvalidated spends its fast search on it and then
+    /// waits a whole search round (about 6 s); here that cannot happen.
+    #[arg(long, env = "NAMESHIM_PVA_LISTEN", value_name = "ADDR:PORT")]
+    pub pva_listen: Option<SocketAddr>,
+
     /// Where CA searches are sent (comma-separated). The loopback broadcast
     /// address reaches every server bound to the CA port in this network
     /// namespace; a port given here overrides --ca-server-port.
@@ -258,6 +266,7 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
 pub struct Config {
     pub listen: SocketAddr,
     pub ca_listen: Option<SocketAddr>,
+    pub pva_listen: Option<SocketAddr>,
     pub classify_window: Duration,
     pub max_clients: usize,
     pub max_payload: u32,
@@ -307,6 +316,7 @@ impl Config {
         Config {
             listen: cli.listen,
             ca_listen: cli.ca_listen,
+            pva_listen: cli.pva_listen,
             classify_window: cli.classify_window,
             max_clients: cli.max_clients.max(1),
             max_payload: cli.max_message.min(u64::from(u32::MAX)) as u32,

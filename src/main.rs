@@ -91,21 +91,26 @@ async fn serve(config: &Config) -> std::io::Result<()> {
         classify_window: config.classify_window,
     };
     let listener = bind(config.listen, shared_mode)?;
-    let ca_listener = match config.ca_listen {
-        Some(addr) => Some(bind(addr, PortMode::CaOnly)?),
-        None => None,
-    };
+    let mut single_protocol = Vec::new();
+    for (addr, mode) in [
+        (config.ca_listen, PortMode::CaOnly),
+        (config.pva_listen, PortMode::PvaOnly),
+    ] {
+        if let Some(addr) = addr {
+            single_protocol.push((bind(addr, mode)?, mode));
+        }
+    }
     let port = listener.local_addr()?.port();
     info!("clients: EPICS_CA_NAME_SERVERS=<host>:{port} EPICS_PVA_NAME_SERVERS=<host>:{port}");
     let services = start_services(config)?;
-    if let Some(ca_listener) = ca_listener {
-        let ca_only = ListenerConfig {
-            mode: PortMode::CaOnly,
+    for (extra, mode) in single_protocol {
+        let extra_config = ListenerConfig {
+            mode,
             max_clients: config.max_clients,
         };
         tokio::spawn(relay::listener::serve(
-            ca_listener,
-            ca_only,
+            extra,
+            extra_config,
             services.clone(),
         ));
     }

@@ -44,6 +44,8 @@ pub enum PortMode {
     Shared { classify_window: Duration },
     /// CA only: no classification, the client is greeted at once.
     CaOnly,
+    /// PVA only: no classification, the client is greeted at once.
+    PvaOnly,
 }
 
 pub struct ListenerConfig {
@@ -89,6 +91,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, mode: PortMode, services: &
     let classified = match mode {
         PortMode::Shared { classify_window } => classify(&stream, classify_window).await,
         PortMode::CaOnly => Ok(Protocol::Ca),
+        PortMode::PvaOnly => Ok(Protocol::Pva),
     };
     let protocol = match classified {
         Ok(protocol) => protocol,
@@ -136,6 +139,7 @@ pub fn bind(addr: SocketAddr, mode: PortMode) -> io::Result<TcpListener> {
     let protocols = match mode {
         PortMode::Shared { .. } => "ca,pva",
         PortMode::CaOnly => "ca",
+        PortMode::PvaOnly => "pva",
     };
     info!(target: "nameshim::relay", addr = %listener.local_addr()?, protocols, "listening");
     Ok(listener)
