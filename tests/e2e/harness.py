@@ -768,6 +768,13 @@ def _json_program(ns: Netns, script: Path, env: dict, ops: list, timeout: float)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def client_program(ns: Netns, script: Path, env: dict, ops: list, timeout=60.0) -> list:
+    """Run a JSON-driven client (CA_CLIENT, PVA_CLIENT or PVAPY_CLIENT) with
+    exactly the EPICS environment given, e.g. a broadcast or unicast search
+    instead of a name server; one result dict per operation."""
+    return _json_program(ns, script, env, ops, timeout)
+
+
 def pva_program(ns: Netns, name_server: str, ops: list, timeout=60.0, env=None) -> list:
     """Run operations in one p4p Context (one process, one connection to the
     name server); one result dict per operation (see pva_client.py).
