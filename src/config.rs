@@ -93,10 +93,12 @@ pub struct Cli {
     #[arg(long, env = "NAMESHIM_CA_SERVER_PORT", value_name = "PORT")]
     pub ca_server_port: Option<u16>,
 
-    /// Where PVA searches are sent (comma-separated). The loopback broadcast
-    /// address reaches both pvxs and pvAccessCPP servers in this namespace.
+    /// Where PVA searches are sent (comma-separated). pvxs servers hear the
+    /// loopback broadcast; pvAccessCPP servers whose interface has a
+    /// broadcast address hear only the 224.0.0.128 group, which the shim
+    /// sends out of the loopback interface.
     #[arg(long, env = "NAMESHIM_PVA_SEARCH_ADDR", value_name = "ADDR[:PORT]",
-          value_delimiter = ',', default_value = "127.255.255.255", value_parser = parse_search_addr)]
+          value_delimiter = ',', default_value = "127.255.255.255,224.0.0.128", value_parser = parse_search_addr)]
     pub pva_search_addr: Vec<SearchAddr>,
 
     /// UDP search port of the PVA servers [default: EPICS_PVA_BROADCAST_PORT, else 5076].

@@ -1,12 +1,17 @@
 //! PVA searches for the shared search relay (`relay::discovery`).
 //!
-//! pvAccessCPP servers have no loopback UDP socket of their own but join
-//! 224.0.0.128 on the loopback; pvxs servers bind the wildcard search port
-//! and join the same group. A datagram to the loopback broadcast address
-//! 127.255.255.255:5076 reaches both kinds (measured), so that is the default
-//! target. The reply address in the payload is the shim's own socket on
-//! 127.0.0.1, because pvAccessCPP answers the payload's address from a random
-//! source port. The unicast flag stays clear, so no server re-forwards it.
+//! pvxs servers bind the wildcard search port and join the 224.0.0.128 group
+//! on the loopback. pvAccessCPP servers bind the search port on each
+//! interface address and, when the interface has one, on its broadcast
+//! address, but on the wildcard address only when it has none (as in a
+//! namespace whose veth has no broadcast address); they always join
+//! 224.0.0.128 on the loopback. So the default targets are the loopback
+//! broadcast address 127.255.255.255 and the group 224.0.0.128, sent out of
+//! the loopback interface with TTL 1: every server in the namespace hears one
+//! of them, and nothing leaves the namespace. The reply address in the
+//! payload is the shim's own socket on 127.0.0.1, because pvAccessCPP answers
+//! the payload's address from a random source port. The unicast flag stays
+//! clear, so no server re-forwards the search.
 
 use super::wire::{self, Command};
 use crate::relay::discovery::{self, Resolver, SearchConfig, SearchProtocol};
@@ -57,8 +62,12 @@ impl SearchProtocol for PvaSearch {
     }
 }
 
-/// Binds the PVA search socket and starts the relay.
+/// Binds the PVA search socket and starts the relay. Multicast leaves by
+/// the loopback interface only, and comes back to local members.
 pub fn start(config: SearchConfig) -> io::Result<Resolver> {
     let socket = discovery::bind_search_socket(Ipv4Addr::UNSPECIFIED)?;
+    socket2::SockRef::from(&socket).set_multicast_if_v4(&Ipv4Addr::LOCALHOST)?;
+    socket.set_multicast_loop_v4(true)?;
+    socket.set_multicast_ttl_v4(1)?;
     Resolver::start(PvaSearch, socket, config)
 }

@@ -278,9 +278,12 @@ class Container(Netns):
         # Created from inside the host namespace so the machine's own
         # network never sees the pair, not even briefly.
         host.ip("link", "add", hv, "type", "veth", "peer", "name", "eth0", "netns", self.name)
-        host.ip("addr", "add", f"{self.host_addr}/30", "dev", hv)
+        # With broadcast addresses, as podman, docker and Kubernetes set
+        # them: pvAccessCPP servers then bind their search port to the
+        # interface and broadcast addresses instead of the wildcard.
+        host.ip("addr", "add", f"{self.host_addr}/30", "brd", "+", "dev", hv)
         host.ip("link", "set", hv, "up")
-        self.ip("addr", "add", f"{self.addr}/30", "dev", "eth0")
+        self.ip("addr", "add", f"{self.addr}/30", "brd", "+", "dev", "eth0")
         self.ip("link", "set", "eth0", "up")
         self.ip("route", "add", "default", "via", self.host_addr)
 

@@ -24,6 +24,7 @@ them apart.
 """
 
 import concurrent.futures
+import ipaddress
 import time
 from types import SimpleNamespace
 
@@ -134,8 +135,11 @@ def test_only_the_first_server_owns_tcp_5075(site):
 @pytest.mark.parametrize("prefix", SERVERS)
 def test_peer_serves_directly_without_the_shim(site, prefix, client):
     # Baseline for every shim test: the client finds the server by a UDP
-    # search on the loopback broadcast address, no shim involved.
-    env = h.pva_direct_env("127.255.255.255")
+    # search on the container's broadcast address, no shim involved (with a
+    # broadcast address on eth0, pvAccessCPP servers listen there, not on
+    # the wildcard address).
+    broadcast = ipaddress.ip_network(f"{site.ctr.addr}/30", strict=False).broadcast_address
+    env = h.pva_direct_env(str(broadcast))
     if client == "p4p":
         got = h.pva_get(site.ctr, None, [f"{prefix}ID"], env=env)[f"{prefix}ID"]
     else:
