@@ -197,8 +197,9 @@ impl Session {
         }
     }
 
+    /// Sends a message the shim made itself (see `Outbox::send_control`).
     async fn to_client(&self, message: &Message) -> Result<(), Closed> {
-        self.client.send(frame(message)).await
+        self.client.send_control(frame(message)).await
     }
 
     // ----- client to shim -----

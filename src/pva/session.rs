@@ -192,7 +192,7 @@ async fn validate(
         .credentials(&validation.credentials, answer.header.is_big_endian())
         .map_err(SessionError::Untranslatable)?;
     client
-        .send(frame(&wire::connection_validated_ok(BIG_ENDIAN)))
+        .send_control(frame(&wire::connection_validated_ok(BIG_ENDIAN)))
         .await?;
     Ok((validation, translator, plain_credentials))
 }
@@ -270,8 +270,9 @@ impl Session {
         }
     }
 
+    /// Sends a message the shim made itself (see `Outbox::send_control`).
     async fn to_client(&self, message: &Message) -> Result<(), Closed> {
-        self.client.send(frame(message)).await
+        self.client.send_control(frame(message)).await
     }
 
     // ----- client to shim -----
@@ -293,13 +294,17 @@ impl Session {
             Command::Search => self.on_search(&message).await?,
             Command::CreateChannel => self.on_create(&message).await?,
             Command::DestroyChannel => {
-                // sid, cid: the client is done with the channel.
-                if let Some(cid) = self.route(&message) {
-                    if let Some(Channel::Connected { server, .. }) = self.channels.remove(&cid) {
+                // sid, cid: the client is done with the channel. Forward
+                // first (the route is needed for it), then forget it.
+                let cid = self.route(&message);
+                self.forward_to_channel_server(message).await;
+                if let Some(cid) = cid {
+                    if let Some(Channel::Connected { server, sid, .. }) = self.channels.remove(&cid)
+                    {
+                        self.routes.remove(&sid);
                         self.forget_route(server, cid);
                     }
                 }
-                self.forward_to_channel_server(message).await;
             }
             Command::Get
             | Command::Put
@@ -434,8 +439,11 @@ impl Session {
         if !self.links.contains_key(&server) {
             let id = self.next_link;
             self.next_link += 1;
-            if !self.links.is_empty() && !self.translator.active {
-                debug!(target: "nameshim::pva::session", peer = %self.peer, %server, "client connection spans several servers: translating type descriptions");
+            // From the second server connection on, whether the first is
+            // still open or was replaced (an IOC restart): the client's
+            // type cache no longer matches any one server's.
+            if id > 1 && !self.translator.active {
+                debug!(target: "nameshim::pva::session", peer = %self.peer, %server, "client connection spans several server connections: translating type descriptions");
                 self.translator.active = true;
             }
             let mut validation = self.validation.clone();

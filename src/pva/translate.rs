@@ -142,8 +142,7 @@ impl Translator {
             let Some(put_type) = put_type.filter(|_| op.walks_values()) else {
                 return Ok(None);
             };
-            let bits = w.bitset();
-            w.partial_value(&put_type, &bits);
+            w.changed_value(&put_type);
             w.copy_rest();
             w.finish()?;
         }
@@ -251,8 +250,7 @@ impl Translator {
         };
         if let Some(t) = value_type.cloned() {
             if !w.r.is_empty() {
-                let bits = w.bitset();
-                w.partial_value(&t, &bits);
+                w.changed_value(&t);
             }
         }
         w.copy_rest();

@@ -22,6 +22,13 @@ use std::sync::Arc;
 const MAX_DEPTH: usize = 20;
 /// Fields held in one connection direction's cache, at most.
 const MAX_CACHED_FIELDS: usize = 200_000;
+/// Fields one type description may expand to. Cached types can refer to
+/// earlier ones, so a few bytes could otherwise describe a huge tree.
+const MAX_TYPE_NODES: usize = 65_536;
+/// Work one message may cost, per byte of it (plus a fixed allowance):
+/// values visited and type fields written. Bounds both CPU and output.
+const WORK_PER_BYTE: usize = 64;
+const WORK_ALLOWANCE: usize = 1 << 17;
 
 const NULL: u8 = 0xFF;
 const DEFINE: u8 = 0xFD;
@@ -64,19 +71,6 @@ impl FieldType {
             }
             FieldType::StructureArray(t) | FieldType::UnionArray(t) => t.has_variant(),
             _ => false,
-        }
-    }
-
-    fn size_in_fields(&self) -> usize {
-        match self {
-            FieldType::Structure { fields, .. } | FieldType::Union { fields, .. } => {
-                1 + fields
-                    .iter()
-                    .map(|(_, t)| t.size_in_fields())
-                    .sum::<usize>()
-            }
-            FieldType::StructureArray(t) | FieldType::UnionArray(t) => 1 + t.size_in_fields(),
-            _ => 1,
         }
     }
 
@@ -141,17 +135,19 @@ fn put_string(out: &mut BytesMut, s: &[u8], big_endian: bool) {
 /// One sender's type cache on one connection.
 #[derive(Default)]
 pub struct Registry {
-    entries: HashMap<u16, Arc<FieldType>>,
+    /// Each key's type and how many fields it expands to.
+    entries: HashMap<u16, (Arc<FieldType>, usize)>,
     fields: usize,
 }
 
 impl Registry {
-    fn define(&mut self, key: u16, t: Arc<FieldType>) -> Result<(), WireError> {
-        self.fields += t.size_in_fields();
+    fn define(&mut self, key: u16, t: Arc<FieldType>, nodes: usize) -> Result<(), WireError> {
+        let replaced = self.entries.get(&key).map_or(0, |(_, n)| *n);
+        self.fields = self.fields - replaced + nodes;
         if self.fields > MAX_CACHED_FIELDS {
             return Err(WireError::Truncated("type cache limit"));
         }
-        self.entries.insert(key, t);
+        self.entries.insert(key, (t, nodes));
         Ok(())
     }
 }
@@ -164,6 +160,7 @@ pub struct Walker<'a, 'o> {
     big_endian: bool,
     registry: &'o mut Registry,
     error: Option<WireError>,
+    work_left: usize,
 }
 
 impl<'a, 'o> Walker<'a, 'o> {
@@ -179,6 +176,24 @@ impl<'a, 'o> Walker<'a, 'o> {
             big_endian,
             registry,
             error: None,
+            work_left: payload
+                .len()
+                .saturating_mul(WORK_PER_BYTE)
+                .saturating_add(WORK_ALLOWANCE),
+        }
+    }
+
+    /// Takes `units` from the message's work allowance; false when spent.
+    fn spend(&mut self, units: usize) -> bool {
+        match self.work_left.checked_sub(units) {
+            Some(left) => {
+                self.work_left = left;
+                true
+            }
+            None => {
+                self.fail(WireError::Truncated("the work limit of one message"));
+                false
+            }
         }
     }
 
@@ -266,17 +281,21 @@ impl<'a, 'o> Walker<'a, 'o> {
 
     /// A type description; written back in plain form. `None` is null.
     pub fn field_desc(&mut self) -> Option<Arc<FieldType>> {
-        let t = self.read_desc(0);
+        let read = self.read_desc(0);
+        if self.out.is_some() && !self.spend(read.as_ref().map_or(1, |(_, nodes)| *nodes)) {
+            return None;
+        }
         if let Some(out) = self.out.as_deref_mut() {
-            match &t {
-                Some(t) => t.encode(self.big_endian, out),
+            match &read {
+                Some((t, _)) => t.encode(self.big_endian, out),
                 None => out.put_u8(NULL),
             }
         }
-        t
+        read.map(|(t, _)| t)
     }
 
-    fn read_desc(&mut self, depth: usize) -> Option<Arc<FieldType>> {
+    /// A description and the number of fields it expands to.
+    fn read_desc(&mut self, depth: usize) -> Option<(Arc<FieldType>, usize)> {
         if depth > MAX_DEPTH {
             self.fail(WireError::Truncated("type nesting depth"));
             return None;
@@ -288,34 +307,37 @@ impl<'a, 'o> Walker<'a, 'o> {
             NULL => None,
             DEFINE => {
                 let key = self.r.u16("cache key");
-                let t = self.read_desc(depth + 1)?;
-                if let Err(e) = self.registry.define(key, t.clone()) {
+                let (t, nodes) = self.read_desc(depth + 1)?;
+                if let Err(e) = self.registry.define(key, t.clone(), nodes) {
                     self.fail(e);
                 }
-                Some(t)
+                Some((t, nodes))
             }
             REFER => {
                 let key = self.r.u16("cache key");
                 match self.registry.entries.get(&key) {
-                    Some(t) => Some(t.clone()),
+                    Some((t, nodes)) => Some((t.clone(), *nodes)),
                     None => {
                         self.fail(WireError::Truncated("a type cache key never defined"));
                         None
                     }
                 }
             }
-            code => self.read_type(code, depth).map(Arc::new),
+            code => {
+                let (t, nodes) = self.read_type(code, depth)?;
+                Some((Arc::new(t), nodes))
+            }
         }
     }
 
-    fn read_type(&mut self, code: u8, depth: usize) -> Option<FieldType> {
+    fn read_type(&mut self, code: u8, depth: usize) -> Option<(FieldType, usize)> {
         if code & 0x80 == 0 {
             let scalar = code & !0x18;
             if scalar_width(scalar).is_none() {
                 self.fail(WireError::Truncated("a known scalar type code"));
                 return None;
             }
-            return Some(match code & 0x18 {
+            let t = match code & 0x18 {
                 0x00 => FieldType::Scalar(scalar),
                 0x08 => FieldType::ScalarArray(scalar),
                 bits => FieldType::SizedArray {
@@ -323,48 +345,63 @@ impl<'a, 'o> Walker<'a, 'o> {
                     fixed: bits == 0x18,
                     size: self.r.size("array bound").unwrap_or(0),
                 },
-            });
+            };
+            return Some((t, 1));
         }
         match code {
             0x80 | 0x81 => {
                 let id = Bytes::copy_from_slice(self.r.string("type id"));
                 let count = self.r.size("field count").unwrap_or(0) as usize;
                 let mut fields = Vec::new();
+                let mut nodes = 1usize;
                 for _ in 0..count {
                     if self.failed() {
                         return None;
                     }
                     let name = Bytes::copy_from_slice(self.r.string("field name"));
-                    let Some(t) = self.read_desc(depth + 1) else {
+                    let Some((t, n)) = self.read_desc(depth + 1) else {
                         self.fail(WireError::Truncated("a member type"));
                         return None;
                     };
+                    nodes = self.within_type_limit(nodes.saturating_add(n))?;
                     fields.push((name, t));
                 }
-                Some(if code == 0x80 {
+                let t = if code == 0x80 {
                     FieldType::Structure { id, fields }
                 } else {
                     FieldType::Union { id, fields }
-                })
+                };
+                Some((t, nodes))
             }
-            0x82 => Some(FieldType::Variant),
-            0x83 => Some(FieldType::BoundedString(
-                self.r.size("string bound").unwrap_or(0),
+            0x82 => Some((FieldType::Variant, 1)),
+            0x83 => Some((
+                FieldType::BoundedString(self.r.size("string bound").unwrap_or(0)),
+                1,
             )),
             0x88 | 0x89 => {
-                let element = self.read_desc(depth + 1)?;
-                Some(if code == 0x88 {
+                let (element, n) = self.read_desc(depth + 1)?;
+                let nodes = self.within_type_limit(n.saturating_add(1))?;
+                let t = if code == 0x88 {
                     FieldType::StructureArray(element)
                 } else {
                     FieldType::UnionArray(element)
-                })
+                };
+                Some((t, nodes))
             }
-            0x8A => Some(FieldType::VariantArray),
+            0x8A => Some((FieldType::VariantArray, 1)),
             _ => {
                 self.fail(WireError::Truncated("a known type code"));
                 None
             }
         }
+    }
+
+    fn within_type_limit(&mut self, nodes: usize) -> Option<usize> {
+        if nodes > MAX_TYPE_NODES {
+            self.fail(WireError::Truncated("the size limit of one type"));
+            return None;
+        }
+        Some(nodes)
     }
 
     /// A whole value of type `t`.
@@ -375,6 +412,9 @@ impl<'a, 'o> Walker<'a, 'o> {
     fn value_at(&mut self, t: &FieldType, depth: usize) {
         if depth > MAX_DEPTH || self.failed() {
             self.fail(WireError::Truncated("value nesting depth"));
+            return;
+        }
+        if !self.spend(1) {
             return;
         }
         match t {
@@ -464,8 +504,9 @@ impl<'a, 'o> Walker<'a, 'o> {
         }
     }
 
-    /// A BitSet, copied; returns the set bits.
-    pub fn bitset(&mut self) -> Vec<usize> {
+    /// A BitSet, copied; returns its set bits below `limit` (bits past
+    /// the type's fields mean nothing and are ignored, as pvxs does).
+    pub fn bitset(&mut self, limit: usize) -> Vec<usize> {
         let n = self.size("bitset length").unwrap_or(0) as usize;
         let bytes = self.r.bytes(n, "bitset");
         if let Some(out) = self.out.as_deref_mut() {
@@ -473,28 +514,32 @@ impl<'a, 'o> Walker<'a, 'o> {
         }
         // Whole 64-bit words in message order, then the last bytes LSB first.
         let mut bits = Vec::new();
-        let words = n / 8;
-        for w in 0..words {
-            let chunk: [u8; 8] = bytes[w * 8..w * 8 + 8].try_into().unwrap_or([0; 8]);
+        let mut words = bytes.chunks_exact(8);
+        for (w, chunk) in words.by_ref().enumerate() {
+            let chunk: [u8; 8] = chunk.try_into().unwrap_or([0; 8]);
             let word = if self.big_endian {
                 u64::from_be_bytes(chunk)
             } else {
                 u64::from_le_bytes(chunk)
             };
-            for b in 0..64 {
-                if word & (1 << b) != 0 {
-                    bits.push(w * 64 + b);
-                }
+            bits.extend((0..64).filter(|b| word & (1 << b) != 0).map(|b| w * 64 + b));
+            if bits.last().is_some_and(|&b| b >= limit) {
+                break;
             }
         }
-        for (i, byte) in bytes.iter().enumerate().skip(words * 8) {
-            for b in 0..8 {
-                if byte & (1 << b) != 0 {
-                    bits.push(i * 8 + b);
-                }
-            }
+        let tail_start = bytes.len() - words.remainder().len();
+        for (i, byte) in words.remainder().iter().enumerate() {
+            let base = (tail_start + i) * 8;
+            bits.extend((0..8).filter(|b| byte & (1 << b) != 0).map(|b| base + b));
         }
+        bits.retain(|&b| b < limit);
         bits
+    }
+
+    /// A BitSet and the partial value it selects, for a value of type `t`.
+    pub fn changed_value(&mut self, t: &FieldType) {
+        let bits = self.bitset(t.size_in_fields_for_bits());
+        self.partial_value(t, &bits);
     }
 
     /// A partial value: the fields whose bits are set, in bit order
@@ -644,7 +689,58 @@ mod tests {
         // 9 bytes: one LE word with bit 0 and bit 63, then a byte with bit 64+1
         let data = [9, 1, 0, 0, 0, 0, 0, 0, 0x80, 0x02];
         let mut w = Walker::new(&data, false, &mut registry, None);
-        assert_eq!(w.bitset(), vec![0, 63, 65]);
+        assert_eq!(w.bitset(1000), vec![0, 63, 65]);
+        let mut w = Walker::new(&data, false, &mut registry, None);
+        assert_eq!(w.bitset(64), vec![0, 63]);
+    }
+
+    #[test]
+    fn truncated_bitset_is_an_error_not_a_panic() {
+        let mut registry = Registry::default();
+        let mut w = Walker::new(&[0x08], false, &mut registry, None);
+        assert_eq!(w.bitset(10), Vec::<usize>::new());
+        assert!(w.finish().is_err());
+    }
+
+    // Each cached type holds two references to the previous one: a few
+    // bytes describing a tree of 2^k fields.
+    #[test]
+    fn doubling_cache_references_are_refused() {
+        let mut desc = vec![0xFD, 1, 0, 0x80, 0, 1, 1, b'x', 0x22];
+        for key in 2u8..24 {
+            desc.extend_from_slice(&[
+                0xFD,
+                key,
+                0,
+                0x80,
+                0,
+                2,
+                1,
+                b'a',
+                0xFE,
+                key - 1,
+                0,
+                1,
+                b'b',
+                0xFE,
+                key - 1,
+                0,
+            ]);
+        }
+        let mut registry = Registry::default();
+        let mut out = BytesMut::new();
+        let mut w = Walker::new(&desc, false, &mut registry, Some(&mut out));
+        for _ in 0..23 {
+            if w.field_desc().is_none() {
+                break;
+            }
+        }
+        assert!(w.finish().is_err(), "a type of 2^23 fields must be refused");
+        assert!(
+            out.len() < 1 << 20,
+            "output stays small: {} bytes",
+            out.len()
+        );
     }
 
     #[test]

@@ -20,6 +20,11 @@ const MAX_HEAD: usize = 24;
 const COPY_LIMIT: usize = 16 * 1024;
 /// How much one write call gathers from queued frames.
 const BATCH_BYTES: usize = 256 * 1024;
+/// The separate allowance for frames a session makes itself (greetings,
+/// echo and search replies, disconnect notices). They must never wait for
+/// the main budget: relayed messages may hold all of it while they wait for
+/// that same session to pass them on.
+const CONTROL_BYTES: usize = 64 * 1024;
 
 /// One message ready for the wire: a short header and a shared body.
 #[derive(Debug, Clone)]
@@ -74,6 +79,7 @@ struct Queued {
 pub struct Outbox {
     tx: mpsc::UnboundedSender<Queued>,
     budget: Arc<Semaphore>,
+    control: Arc<Semaphore>,
     limit: usize,
 }
 
@@ -81,12 +87,14 @@ pub struct Outbox {
 pub struct OutboxReceiver {
     rx: mpsc::UnboundedReceiver<Queued>,
     budget: Arc<Semaphore>,
+    control: Arc<Semaphore>,
 }
 
 impl Drop for OutboxReceiver {
     fn drop(&mut self) {
         // Wakes every sender waiting for budget that will never come back.
         self.budget.close();
+        self.control.close();
     }
 }
 
@@ -98,26 +106,45 @@ impl Outbox {
             .clamp(1, Semaphore::MAX_PERMITS)
             .min(u32::MAX as usize);
         let budget = Arc::new(Semaphore::new(limit));
+        let control = Arc::new(Semaphore::new(CONTROL_BYTES));
         let (tx, rx) = mpsc::unbounded_channel();
         (
             Outbox {
                 tx,
                 budget: budget.clone(),
+                control: control.clone(),
                 limit,
             },
-            OutboxReceiver { rx, budget },
+            OutboxReceiver {
+                rx,
+                budget,
+                control,
+            },
         )
     }
 
     /// Waits until `len` bytes fit in the queue.
     pub async fn reserve(&self, len: usize) -> Result<Permit, Closed> {
         let cost = len.clamp(1, self.limit) as u32;
+        self.acquire(&self.budget, cost).await
+    }
+
+    async fn acquire(&self, semaphore: &Arc<Semaphore>, cost: u32) -> Result<Permit, Closed> {
         tokio::select! {
-            permit = self.budget.clone().acquire_many_owned(cost) => {
+            permit = semaphore.clone().acquire_many_owned(cost) => {
                 permit.map(Permit).map_err(|_| Closed)
             }
             _ = self.tx.closed() => Err(Closed),
         }
+    }
+
+    /// Queues a frame the session made itself, from the control allowance:
+    /// it waits only for frames already in the queue to be written, never
+    /// for relayed messages that are still on their way to the queue.
+    pub async fn send_control(&self, frame: Frame) -> Result<(), Closed> {
+        let cost = frame.len().clamp(1, CONTROL_BYTES) as u32;
+        let permit = self.acquire(&self.control, cost).await?;
+        self.send_reserved(frame, permit)
     }
 
     /// Reserves `len` bytes if they fit now, without waiting.
@@ -233,6 +260,20 @@ mod tests {
             .await
             .unwrap();
         assert!(got[4..].iter().all(|&b| b == 7));
+    }
+
+    #[tokio::test]
+    async fn control_frames_pass_while_relayed_ones_hold_the_budget() {
+        let (outbox, _rx) = Outbox::new(100);
+        // A relayed message holds the whole budget and is not queued yet.
+        let _held = outbox.reserve(100).await.unwrap();
+        let control =
+            tokio::time::timeout(Duration::from_millis(100), outbox.send_control(frame(16))).await;
+        assert_eq!(
+            control.ok(),
+            Some(Ok(())),
+            "a session's own reply must not wait for the held budget"
+        );
     }
 
     #[tokio::test]
