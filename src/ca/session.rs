@@ -19,7 +19,7 @@ use super::wire::{self, Command, Header, Message};
 use super::{frame, CaDecoder};
 use crate::relay::discovery::{Answer, Awaiting, Resolver};
 use crate::relay::framing::{FrameReader, ReadError};
-use crate::relay::outbox::{Closed, Outbox, Permit};
+use crate::relay::outbox::{Closed, Frame, Outbox, Permit};
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -91,6 +91,8 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<CaContext>) {
         ctx,
         client,
         backend_tx,
+        backend_rx,
+        failed: None,
         answer_tx,
         circuit: None,
         client_name: None,
@@ -103,7 +105,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<CaContext>) {
         next_sid: 1,
         next_link: 1,
     };
-    let outcome = session.run(&mut reader, backend_rx, answer_rx).await;
+    let outcome = session.run(&mut reader, answer_rx).await;
     let channels = session.channels.len();
     drop(session);
     match outcome {
@@ -161,6 +163,9 @@ struct Session {
     ctx: Arc<CaContext>,
     client: Outbox,
     backend_tx: mpsc::UnboundedSender<BackendEvent>,
+    backend_rx: mpsc::UnboundedReceiver<BackendEvent>,
+    /// An error met while the session waited for a server's queue.
+    failed: Option<SessionError>,
     answer_tx: mpsc::UnboundedSender<Answer>,
     circuit: Option<Circuit>,
     client_name: Option<Bytes>,
@@ -180,7 +185,6 @@ impl Session {
     async fn run(
         &mut self,
         reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf, CaDecoder>,
-        mut backend_rx: mpsc::UnboundedReceiver<BackendEvent>,
         mut answer_rx: mpsc::UnboundedReceiver<Answer>,
     ) -> Result<(), SessionError> {
         // rsrv greets on accept; libca searches over TCP only after it.
@@ -191,8 +195,40 @@ impl Session {
                     Some(message) => self.on_client(message).await?,
                     None => return Ok(()),
                 },
-                Some(event) = backend_rx.recv() => self.on_backend(event).await?,
+                Some(event) = self.backend_rx.recv() => self.on_backend(event).await?,
                 Some(answer) = answer_rx.recv() => self.on_answer(answer).await?,
+            }
+            if let Some(e) = self.failed.take() {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Queues a frame for `server`. While that server's queue is full, the
+    /// session goes on passing server messages to the client: the server may
+    /// be waiting for exactly that (its own sends blocked) before it reads
+    /// again, and only the session can pass them on.
+    async fn send_to_server(&mut self, server: SocketAddrV4, frame: Frame) {
+        let Some(outbox) = self.links.get(&server).map(|l| l.backend.outbox.clone()) else {
+            return;
+        };
+        let len = frame.len();
+        let mut frame = Some(frame);
+        loop {
+            tokio::select! {
+                permit = outbox.reserve(len) => {
+                    // A closed link reports itself as an event.
+                    if let (Ok(permit), Some(frame)) = (permit, frame.take()) {
+                        let _ = outbox.send_reserved(frame, permit);
+                    }
+                    return;
+                }
+                Some(event) = self.backend_rx.recv() => {
+                    if let Err(e) = self.on_backend(event).await {
+                        self.failed.get_or_insert(e);
+                        return;
+                    }
+                }
             }
         }
     }
@@ -331,10 +367,8 @@ impl Session {
             name,
         );
         self.channels.insert(cid, Channel::Creating { server });
-        let link = self.link(server);
-        link.cids.insert(cid);
-        // A closed link reports itself as an event, which fails the channel.
-        let _ = link.backend.outbox.send(frame(&request)).await;
+        self.link(server).cids.insert(cid);
+        self.send_to_server(server, frame(&request)).await;
     }
 
     /// The circuit to `server`, opened on first use with the client's
@@ -391,9 +425,10 @@ impl Session {
             .expect("inserted above when missing")
     }
 
-    async fn forward_to_every_server(&self, message: &Message) {
-        for link in self.links.values() {
-            let _ = link.backend.outbox.send(frame(message)).await;
+    async fn forward_to_every_server(&mut self, message: &Message) {
+        let servers: Vec<SocketAddrV4> = self.links.keys().copied().collect();
+        for server in servers {
+            self.send_to_server(server, frame(message)).await;
         }
     }
 
@@ -410,9 +445,7 @@ impl Session {
             return;
         };
         message.header.p1 = server_sid;
-        if let Some(link) = self.links.get(&server) {
-            let _ = link.backend.outbox.send(frame(&message)).await;
-        }
+        self.send_to_server(server, frame(&message)).await;
     }
 
     // ----- server to shim -----
@@ -558,6 +591,112 @@ impl Session {
             self.next_sid = self.next_sid.wrapping_add(1);
             if !self.routes.contains_key(&sid) {
                 return sid;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::search;
+    use crate::relay::discovery::SearchConfig;
+    use bytes::BytesMut;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, UdpSocket};
+
+    fn bytes_of(m: &Message) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        m.encode(&mut b);
+        b.to_vec()
+    }
+
+    /// A server that answers every search and then streams 5 MB monitor
+    /// updates for cid 1 as fast as it may.
+    async fn flooding_server() -> SocketAddrV4 {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp_port = tcp.local_addr().unwrap().port();
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let SocketAddr::V4(udp_addr) = udp.local_addr().unwrap() else {
+            unreachable!()
+        };
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            while let Ok((len, from)) = udp.recv_from(&mut buf).await {
+                let mut reply = BytesMut::new();
+                for (h, _) in wire::decode_datagram(&buf[..len]).unwrap_or_default() {
+                    if h.command() == Ok(Command::Search) {
+                        Header::new(Command::Search, tcp_port, 0, !0, h.p2).encode(&mut reply);
+                    }
+                }
+                let _ = udp.send_to(&reply, from).await;
+            }
+        });
+        tokio::spawn(async move {
+            let (mut s, _) = tcp.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let _ = s.read(&mut buf).await;
+            let created = Message::new(Header::new(Command::CreateChan, 6, 1, 1, 99));
+            s.write_all(&bytes_of(&created)).await.unwrap();
+            let update = Message::with_payload(
+                Header::new(Command::EventAdd, 6, 25, 1, 7),
+                &vec![0u8; 5_000_000],
+            );
+            let update = bytes_of(&update);
+            while s.write_all(&update).await.is_ok() {}
+        });
+        udp_addr
+    }
+
+    // Relayed updates take the client's queue budget before the session
+    // passes them on; the session's own ECHO reply must not wait for that
+    // budget, or the session waits for itself forever.
+    #[tokio::test]
+    async fn echo_reply_does_not_stall_a_client_behind_large_updates() {
+        let search_addr = flooding_server().await;
+        let ctx = Arc::new(CaContext {
+            resolver: search::start(SearchConfig {
+                targets: vec![search_addr],
+                timeout: Duration::from_secs(5),
+                cache_ttl: Duration::from_secs(5),
+                max_pending: 100,
+                max_cached: 100,
+            })
+            .unwrap(),
+            backend: BackendConfig {
+                max_payload: 1 << 24,
+                queue_bytes: 1 << 16,
+                connect_timeout: Duration::from_secs(2),
+            },
+            max_payload: 1 << 24,
+            queue_bytes: 4 << 20,
+            max_channels: 100,
+            max_searches: 100,
+        });
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, p) = front.accept().await.unwrap();
+            serve(s, p, ctx).await;
+        });
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(&bytes_of(&wire::client_version(0, 13)))
+            .await
+            .unwrap();
+        let create = Message::with_name(Header::new(Command::CreateChan, 0, 0, 1, 13), b"X");
+        client.write_all(&bytes_of(&create)).await.unwrap();
+        // Stop reading until every buffer on the way is full, then ask.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        client.write_all(&bytes_of(&wire::echo())).await.unwrap();
+        let mut total = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        while total < 100_000_000 {
+            match tokio::time::timeout(Duration::from_secs(3), client.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => total += n,
+                other => panic!("relay stalled after {total} bytes: {other:?}"),
             }
         }
     }

@@ -133,6 +133,8 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) {
                 plain_credentials,
                 translator,
                 backend_tx,
+                backend_rx,
+                failed: None,
                 answer_tx,
                 links: HashMap::new(),
                 channels: HashMap::new(),
@@ -141,7 +143,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) {
                 next_sid: 1,
                 next_link: 1,
             };
-            session.run(&mut reader, backend_rx, answer_rx).await
+            session.run(&mut reader, answer_rx).await
         }
         Err(e) => Err(e),
     };
@@ -240,6 +242,9 @@ struct Session {
     plain_credentials: Bytes,
     translator: Translator,
     backend_tx: mpsc::UnboundedSender<BackendEvent>,
+    backend_rx: mpsc::UnboundedReceiver<BackendEvent>,
+    /// An error met while the session waited for a server's queue.
+    failed: Option<SessionError>,
     answer_tx: mpsc::UnboundedSender<Answer>,
     links: HashMap<SocketAddrV4, Link>,
     /// Channels by client channel id.
@@ -255,7 +260,6 @@ impl Session {
     async fn run(
         &mut self,
         reader: &mut FrameReader<OwnedReadHalf, ClientDecoder>,
-        mut backend_rx: mpsc::UnboundedReceiver<BackendEvent>,
         mut answer_rx: mpsc::UnboundedReceiver<Answer>,
     ) -> Result<(), SessionError> {
         loop {
@@ -264,8 +268,40 @@ impl Session {
                     Some(message) => self.on_client(message).await?,
                     None => return Ok(()),
                 },
-                Some(event) = backend_rx.recv() => self.on_backend(event).await?,
+                Some(event) = self.backend_rx.recv() => self.on_backend(event).await?,
                 Some(answer) = answer_rx.recv() => self.on_answer(answer).await?,
+            }
+            if let Some(e) = self.failed.take() {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Queues a frame for `server`. While that server's queue is full, the
+    /// session goes on passing server messages to the client: the server may
+    /// be waiting for exactly that (its own sends blocked) before it reads
+    /// again, and only the session can pass them on.
+    async fn send_to_server(&mut self, server: SocketAddrV4, frame: Frame) {
+        let Some(outbox) = self.links.get(&server).map(|l| l.backend.outbox.clone()) else {
+            return;
+        };
+        let len = frame.len();
+        let mut frame = Some(frame);
+        loop {
+            tokio::select! {
+                permit = outbox.reserve(len) => {
+                    // A closed link reports itself as an event.
+                    if let (Ok(permit), Some(frame)) = (permit, frame.take()) {
+                        let _ = outbox.send_reserved(frame, permit);
+                    }
+                    return;
+                }
+                Some(event) = self.backend_rx.recv() => {
+                    if let Err(e) = self.on_backend(event).await {
+                        self.failed.get_or_insert(e);
+                        return;
+                    }
+                }
             }
         }
     }
@@ -430,9 +466,8 @@ impl Session {
         w.u16(1).u32(cid).string(name);
         let request = w.into_message(Command::CreateChannel, false);
         self.channels.insert(cid, Channel::Creating { server });
-        let link = self.link(server);
-        link.cids.insert(cid);
-        let _ = link.backend.outbox.send(frame(&request)).await;
+        self.link(server).cids.insert(cid);
+        self.send_to_server(server, frame(&request)).await;
     }
 
     fn link(&mut self, server: SocketAddrV4) -> &mut Link {
@@ -494,9 +529,6 @@ impl Session {
                 return;
             }
         };
-        let Some(link) = self.links.get(&server) else {
-            return;
-        };
         let big_endian = message.header.is_big_endian();
         let body = message.payload.slice(4..);
         let header = message.header;
@@ -511,7 +543,7 @@ impl Session {
             },
             body,
         );
-        let _ = link.backend.outbox.send(rewritten).await;
+        self.send_to_server(server, rewritten).await;
     }
 
     // ----- server to shim -----
