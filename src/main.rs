@@ -132,6 +132,11 @@ fn bind(
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
 }
 
+/// Names one client connection may have under search at once: well below
+/// the relay's own limit (10000), so one client that searches for many names
+/// found elsewhere cannot take the relay from the others.
+const MAX_SEARCHES_PER_CLIENT: usize = 2_000;
+
 /// Starts both search relays and gathers what the sessions share.
 fn start_services(config: &Config) -> std::io::Result<Arc<relay::listener::Services>> {
     let connect_timeout = std::time::Duration::from_secs(5);
@@ -145,7 +150,7 @@ fn start_services(config: &Config) -> std::io::Result<Arc<relay::listener::Servi
         max_payload: config.max_payload,
         queue_bytes: config.queue_bytes,
         max_channels: config.max_channels,
-        max_searches: 10_000,
+        max_searches: MAX_SEARCHES_PER_CLIENT,
     });
     let pva = Arc::new(pva::session::PvaContext {
         resolver: pva::search::start(config.pva_search.clone())?,
@@ -158,7 +163,7 @@ fn start_services(config: &Config) -> std::io::Result<Arc<relay::listener::Servi
         max_message: config.max_payload,
         queue_bytes: config.queue_bytes,
         max_channels: config.max_channels,
-        max_searches: 10_000,
+        max_searches: MAX_SEARCHES_PER_CLIENT,
         advertise_port: config.advertise_port,
     });
     Ok(Arc::new(relay::listener::Services { ca, pva }))
