@@ -113,7 +113,9 @@ pub struct Cli {
     pub advertise_port: Option<u16>,
 
     /// How long a new connection may stay silent before it counts as PVA.
-    /// CA clients speak at once; PVA clients wait for the server.
+    /// libca speaks as soon as the program calls into it (any pend, poll or
+    /// get); PVA clients wait for the server. Longer is safer for slow CA
+    /// clients, shorter greets PVA clients sooner (see --pva-listen).
     #[arg(long, env = "NAMESHIM_CLASSIFY_WINDOW", value_name = "DURATION",
           default_value = "200ms", value_parser = parse_duration)]
     pub classify_window: Duration,
