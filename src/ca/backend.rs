@@ -11,12 +11,11 @@ use super::wire::Message;
 use super::CaDecoder;
 use crate::relay::framing::FrameReader;
 use crate::relay::outbox::{Outbox, OutboxReceiver};
-use crate::relay::upstream;
+use crate::relay::upstream::{self, BackendLink};
 use std::net::SocketAddrV4;
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio::task::AbortHandle;
 
 /// What a backend circuit reports to its session. `link` tells apart
 /// successive circuits to the same server.
@@ -28,45 +27,26 @@ pub struct BackendConfig {
     pub connect_timeout: Duration,
 }
 
-/// A live circuit. Dropping it closes the circuit.
-pub struct BackendLink {
-    pub id: u64,
-    pub outbox: Outbox,
-    task: AbortHandle,
-}
-
-impl Drop for BackendLink {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl BackendLink {
-    /// Starts connecting to `server`. `client` is the outbox towards the
-    /// client, whose budget bounds what this circuit may have in flight.
-    pub fn open(
-        server: SocketAddrV4,
-        id: u64,
-        config: &BackendConfig,
-        client: Outbox,
-        events: mpsc::UnboundedSender<BackendEvent>,
-    ) -> BackendLink {
-        let (outbox, queue) = Outbox::new(config.queue_bytes);
-        let task = tokio::spawn(run(
-            server,
-            id,
-            config.max_payload,
-            config.connect_timeout,
-            queue,
-            client,
-            events,
-        ));
-        BackendLink {
-            id,
-            outbox,
-            task: task.abort_handle(),
-        }
-    }
+/// Starts connecting to `server`. `client` is the outbox towards the
+/// client, whose budget bounds what this circuit may have in flight.
+pub fn open(
+    server: SocketAddrV4,
+    id: u64,
+    config: &BackendConfig,
+    client: Outbox,
+    events: mpsc::UnboundedSender<BackendEvent>,
+) -> BackendLink {
+    let (outbox, queue) = Outbox::new(config.queue_bytes);
+    let task = tokio::spawn(run(
+        server,
+        id,
+        config.max_payload,
+        config.connect_timeout,
+        queue,
+        client,
+        events,
+    ));
+    BackendLink::new(id, outbox, task.abort_handle())
 }
 
 async fn run(

@@ -14,7 +14,7 @@
 //! Never send NOT_FOUND or an unexpected command to libca over TCP: its TCP
 //! jump table treats both as fatal for the circuit. Unknown names get silence.
 
-use super::backend::{BackendConfig, BackendEvent, BackendLink};
+use super::backend::{self, BackendConfig, BackendEvent};
 use super::wire::{self, Command, Header, Message};
 use super::{frame, CaDecoder};
 use crate::relay::discovery::{Answer, Awaiting, Resolver};
@@ -153,7 +153,7 @@ impl crate::relay::discovery::Waiter for Waiter {
 }
 
 struct Link {
-    backend: BackendLink,
+    backend: crate::relay::upstream::BackendLink,
     cids: HashSet<u32>,
 }
 
@@ -377,7 +377,7 @@ impl Session {
         if !self.links.contains_key(&server) {
             let id = self.next_link;
             self.next_link += 1;
-            let backend = BackendLink::open(
+            let backend = backend::open(
                 server,
                 id,
                 &self.ctx.backend,

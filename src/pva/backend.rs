@@ -9,17 +9,17 @@
 //! connection that is silent for 40 s and never send ECHO themselves, so the
 //! task sends one every 15 s, as clients do.
 
+use super::frame;
 use super::wire::{self, Command, Message};
-use crate::relay::framing::{Decoder as FrameDecoder, FrameReader};
-use crate::relay::outbox::{Frame, Outbox, OutboxReceiver};
-use crate::relay::upstream;
+use crate::relay::framing::FrameReader;
+use crate::relay::outbox::{Outbox, OutboxReceiver};
+use crate::relay::upstream::{self, BackendLink};
 use bytes::BytesMut;
 use std::net::SocketAddrV4;
 use std::time::Duration;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio::task::AbortHandle;
 
 const ECHO_INTERVAL: Duration = Duration::from_secs(15);
 /// pvAccessCPP gives up on a handshake after 5 s; so does the shim.
@@ -36,70 +36,30 @@ pub struct BackendConfig {
     pub big_endian: bool,
 }
 
-/// A live connection. Dropping it closes the connection.
-pub struct BackendLink {
-    pub id: u64,
-    pub outbox: Outbox,
-    task: AbortHandle,
-}
-
-impl Drop for BackendLink {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Frames server-to-client messages (the direction flag must say "server").
-pub struct ServerDecoder(pub wire::Decoder);
-
-impl FrameDecoder for ServerDecoder {
-    type Item = Message;
-    type Error = wire::WireError;
-
-    fn decode(
-        &mut self,
-        buf: &mut BytesMut,
-        needed: &mut usize,
-    ) -> Result<Option<Message>, wire::WireError> {
-        self.0.decode(buf, needed)
-    }
-}
-
-/// A PVA message as an outbox frame, payload shared.
-pub fn frame(message: &Message) -> Frame {
-    Frame::new(|head| message.header.encode(head), message.payload.clone())
-}
-
-impl BackendLink {
-    pub fn open(
-        server: SocketAddrV4,
-        id: u64,
-        config: &BackendConfig,
-        validation: wire::ClientValidation,
-        client: Outbox,
-        events: mpsc::UnboundedSender<BackendEvent>,
-    ) -> BackendLink {
-        let (outbox, queue) = Outbox::new(config.queue_bytes);
-        let task = tokio::spawn(run(
-            server,
-            id,
-            Settings {
-                max_message: config.max_message,
-                connect_timeout: config.connect_timeout,
-                big_endian: config.big_endian,
-            },
-            validation,
-            queue,
-            outbox.clone(),
-            client,
-            events,
-        ));
-        BackendLink {
-            id,
-            outbox,
-            task: task.abort_handle(),
-        }
-    }
+pub fn open(
+    server: SocketAddrV4,
+    id: u64,
+    config: &BackendConfig,
+    validation: wire::ClientValidation,
+    client: Outbox,
+    events: mpsc::UnboundedSender<BackendEvent>,
+) -> BackendLink {
+    let (outbox, queue) = Outbox::new(config.queue_bytes);
+    let task = tokio::spawn(run(
+        server,
+        id,
+        Settings {
+            max_message: config.max_message,
+            connect_timeout: config.connect_timeout,
+            big_endian: config.big_endian,
+        },
+        validation,
+        queue,
+        outbox.clone(),
+        client,
+        events,
+    ));
+    BackendLink::new(id, outbox, task.abort_handle())
 }
 
 struct Settings {
@@ -127,10 +87,7 @@ async fn run(
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);
             let (read, mut write) = stream.into_split();
-            let mut reader = FrameReader::new(
-                read,
-                ServerDecoder(wire::Decoder::new(settings.max_message, true)),
-            );
+            let mut reader = FrameReader::new(read, wire::Decoder::new(settings.max_message, true));
             match tokio::time::timeout(
                 HANDSHAKE_TIMEOUT,
                 handshake(&mut reader, &mut write, &validation, settings.big_endian),
@@ -151,7 +108,7 @@ async fn run(
 }
 
 async fn handshake(
-    reader: &mut FrameReader<OwnedReadHalf, ServerDecoder>,
+    reader: &mut FrameReader<OwnedReadHalf, wire::Decoder>,
     write: &mut tokio::net::tcp::OwnedWriteHalf,
     validation: &wire::ClientValidation,
     big_endian: bool,
@@ -201,7 +158,7 @@ async fn handshake(
     }
 }
 
-async fn next(reader: &mut FrameReader<OwnedReadHalf, ServerDecoder>) -> Result<Message, String> {
+async fn next(reader: &mut FrameReader<OwnedReadHalf, wire::Decoder>) -> Result<Message, String> {
     match reader.next().await {
         Ok(Some(message)) => Ok(message),
         Ok(None) => Err("server closed the connection during the handshake".to_string()),
@@ -211,7 +168,7 @@ async fn next(reader: &mut FrameReader<OwnedReadHalf, ServerDecoder>) -> Result<
 
 #[allow(clippy::too_many_arguments)]
 async fn relay(
-    mut reader: FrameReader<OwnedReadHalf, ServerDecoder>,
+    mut reader: FrameReader<OwnedReadHalf, wire::Decoder>,
     write: tokio::net::tcp::OwnedWriteHalf,
     link: u64,
     server: SocketAddrV4,

@@ -9,3 +9,26 @@ pub mod session;
 pub mod translate;
 pub mod types;
 pub mod wire;
+
+use crate::relay::framing::Decoder;
+use crate::relay::outbox::Frame;
+use bytes::BytesMut;
+
+/// Frames PVA messages on a TCP stream (see `wire::Decoder`).
+impl Decoder for wire::Decoder {
+    type Item = wire::Message;
+    type Error = wire::WireError;
+
+    fn decode(
+        &mut self,
+        buf: &mut BytesMut,
+        needed: &mut usize,
+    ) -> Result<Option<wire::Message>, wire::WireError> {
+        wire::Decoder::decode(self, buf, needed)
+    }
+}
+
+/// A message as an outbox frame; the payload is shared, not copied.
+pub fn frame(message: &wire::Message) -> Frame {
+    Frame::new(|head| message.header.encode(head), message.payload.clone())
+}

@@ -20,11 +20,12 @@
 //! on one server; once it spans several, type descriptions are re-emitted
 //! in plain form so type-cache keys cannot collide (see `translate`).
 
-use super::backend::{frame, BackendConfig, BackendEvent, BackendLink};
+use super::backend::{self, BackendConfig, BackendEvent};
+use super::frame;
 use super::translate::Translator;
 use super::wire::{self, Command, Message};
 use crate::relay::discovery::{Answer, Awaiting, Resolver};
-use crate::relay::framing::{Decoder as FrameDecoder, FrameReader, ReadError};
+use crate::relay::framing::{FrameReader, ReadError};
 use crate::relay::outbox::{Closed, Frame, Outbox, Permit};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::{HashMap, HashSet};
@@ -54,22 +55,6 @@ pub struct PvaContext {
     pub max_searches: usize,
     /// Port put in search responses; None means 0 ("this connection").
     pub advertise_port: Option<u16>,
-}
-
-/// Frames client-to-server messages (the direction flag must say "client").
-struct ClientDecoder(wire::Decoder);
-
-impl FrameDecoder for ClientDecoder {
-    type Item = Message;
-    type Error = wire::WireError;
-
-    fn decode(
-        &mut self,
-        buf: &mut BytesMut,
-        needed: &mut usize,
-    ) -> Result<Option<Message>, wire::WireError> {
-        self.0.decode(buf, needed)
-    }
 }
 
 #[derive(Debug)]
@@ -116,10 +101,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) {
     let (read, write) = stream.into_split();
     let (client, queue) = Outbox::new(ctx.queue_bytes);
     let writer = tokio::spawn(queue.drain_into(write));
-    let mut reader = FrameReader::new(
-        read,
-        ClientDecoder(wire::Decoder::new(ctx.max_message, false)),
-    );
+    let mut reader = FrameReader::new(read, wire::Decoder::new(ctx.max_message, false));
     let outcome = match validate(&client, &mut reader).await {
         Ok((validation, translator, plain_credentials)) => {
             let (backend_tx, backend_rx) = mpsc::unbounded_channel();
@@ -164,13 +146,13 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) {
 /// plain type for servers that never saw the client's cache.
 async fn validate(
     client: &Outbox,
-    reader: &mut FrameReader<OwnedReadHalf, ClientDecoder>,
+    reader: &mut FrameReader<OwnedReadHalf, wire::Decoder>,
 ) -> Result<(wire::ClientValidation, Translator, Bytes), SessionError> {
     client
-        .send(frame(&wire::set_byte_order(true, BIG_ENDIAN)))
+        .send_control(frame(&wire::set_byte_order(true, BIG_ENDIAN)))
         .await?;
     client
-        .send(frame(&wire::server_validation(BIG_ENDIAN)))
+        .send_control(frame(&wire::server_validation(BIG_ENDIAN)))
         .await?;
     let answer = tokio::time::timeout(VALIDATION_TIMEOUT, async {
         loop {
@@ -230,7 +212,7 @@ impl crate::relay::discovery::Waiter for Waiter {
 }
 
 struct Link {
-    backend: BackendLink,
+    backend: crate::relay::upstream::BackendLink,
     cids: HashSet<u32>,
 }
 
@@ -259,7 +241,7 @@ struct Session {
 impl Session {
     async fn run(
         &mut self,
-        reader: &mut FrameReader<OwnedReadHalf, ClientDecoder>,
+        reader: &mut FrameReader<OwnedReadHalf, wire::Decoder>,
         mut answer_rx: mpsc::UnboundedReceiver<Answer>,
     ) -> Result<(), SessionError> {
         loop {
@@ -485,7 +467,7 @@ impl Session {
             if self.translator.active {
                 validation.credentials = self.plain_credentials.clone();
             }
-            let backend = BackendLink::open(
+            let backend = backend::open(
                 server,
                 id,
                 &self.ctx.backend,

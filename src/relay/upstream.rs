@@ -6,6 +6,7 @@ use super::outbox::{Outbox, Permit};
 use std::net::SocketAddrV4;
 use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
 
 /// Bytes a message takes on the wire, to reserve them towards the client.
 pub trait WireLen {
@@ -26,6 +27,27 @@ pub enum BackendEvent<M> {
         link: u64,
         reason: String,
     },
+}
+
+/// A live connection from the shim to a server, on behalf of one client
+/// connection: its id, the queue towards the server, and the task that
+/// runs it. Dropping it closes the connection.
+pub struct BackendLink {
+    pub id: u64,
+    pub outbox: Outbox,
+    task: AbortHandle,
+}
+
+impl BackendLink {
+    pub fn new(id: u64, outbox: Outbox, task: AbortHandle) -> BackendLink {
+        BackendLink { id, outbox, task }
+    }
+}
+
+impl Drop for BackendLink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// Reads server messages and hands them to the session until the server or
