@@ -503,7 +503,16 @@ impl Session {
                 header.p2 = sid;
             }
             Command::ClearChannel => {
+                // p1 = sid, p2 = cid: both must name the same channel, so a
+                // server cannot clear another channel by its cid alone.
                 let cid = header.p2;
+                let named = matches!(self.channels.get(&cid),
+                    Some(Channel::Connected { server: s, server_sid, .. })
+                        if *s == server && *server_sid == header.p1);
+                if !named {
+                    debug!(target: "nameshim::ca::session", %server, cid, sid = header.p1, "CLEAR_CHANNEL naming no channel of this server dropped");
+                    return Ok(());
+                }
                 let Some(Channel::Connected { sid, .. }) = self.forget_channel(server, cid) else {
                     return Ok(());
                 };
@@ -612,11 +621,43 @@ mod tests {
         b.to_vec()
     }
 
-    /// A server that answers every search and then streams 5 MB monitor
-    /// updates for cid 1 as fast as it may.
-    async fn flooding_server() -> SocketAddrV4 {
-        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let tcp_port = tcp.local_addr().unwrap().port();
+    /// A context whose searches go to `search_addr` only.
+    fn test_context(search_addr: SocketAddrV4) -> Arc<CaContext> {
+        Arc::new(CaContext {
+            resolver: search::start(SearchConfig {
+                targets: vec![search_addr],
+                timeout: Duration::from_secs(5),
+                cache_ttl: Duration::from_secs(5),
+                max_pending: 100,
+                max_cached: 100,
+            })
+            .unwrap(),
+            backend: BackendConfig {
+                max_payload: 1 << 24,
+                queue_bytes: 1 << 16,
+                connect_timeout: Duration::from_secs(2),
+            },
+            max_payload: 1 << 24,
+            queue_bytes: 4 << 20,
+            max_channels: 100,
+            max_searches: 100,
+        })
+    }
+
+    /// A client connection to one session served with `test_context`.
+    async fn shim_session(search_addr: SocketAddrV4) -> TcpStream {
+        let ctx = test_context(search_addr);
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, p) = front.accept().await.unwrap();
+            serve(s, p, ctx).await;
+        });
+        TcpStream::connect(addr).await.unwrap()
+    }
+
+    /// Answers every UDP search with `tcp_port`; returns the search address.
+    async fn answering_searches(tcp_port: u16) -> SocketAddrV4 {
         let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let SocketAddr::V4(udp_addr) = udp.local_addr().unwrap() else {
             unreachable!()
@@ -633,6 +674,100 @@ mod tests {
                 let _ = udp.send_to(&reply, from).await;
             }
         });
+        udp_addr
+    }
+
+    /// The next whole CA message from `stream`.
+    async fn next_message(stream: &mut TcpStream, buf: &mut BytesMut) -> Message {
+        loop {
+            let mut needed = 0;
+            if let Some(m) = wire::decode(buf, 1 << 24, &mut needed).unwrap() {
+                return m;
+            }
+            let n = tokio::time::timeout(Duration::from_secs(3), stream.read_buf(buf))
+                .await
+                .expect("a message within 3 s")
+                .unwrap();
+            assert!(n > 0, "connection closed");
+        }
+    }
+
+    /// The next message with `command`, skipping others.
+    async fn next_of(stream: &mut TcpStream, buf: &mut BytesMut, command: Command) -> Message {
+        loop {
+            let m = next_message(stream, buf).await;
+            if m.header.command() == Ok(command) {
+                return m;
+            }
+        }
+    }
+
+    // A server's CLEAR_CHANNEL carries the sid and the cid of one channel.
+    // One that pairs another channel's sid with a cid must not clear the
+    // channel that cid names.
+    #[tokio::test]
+    async fn server_clear_channel_must_name_the_channel_by_sid_and_cid() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let search_addr = answering_searches(tcp.local_addr().unwrap().port()).await;
+        tokio::spawn(async move {
+            let (mut s, _) = tcp.accept().await.unwrap();
+            let mut buf = BytesMut::new();
+            // Channel cid 1 gets sid 101, cid 2 gets sid 102.
+            for _ in 0..2 {
+                let create = next_of(&mut s, &mut buf, Command::CreateChan).await;
+                let cid = create.header.p1;
+                let reply = Message::new(Header::new(Command::CreateChan, 6, 1, cid, 100 + cid));
+                s.write_all(&bytes_of(&reply)).await.unwrap();
+            }
+            // The sid of channel 2 with the cid of channel 1.
+            let bogus = Message::new(Header::new(Command::ClearChannel, 0, 0, 102, 1));
+            s.write_all(&bytes_of(&bogus)).await.unwrap();
+            // Channel 1 must still be routed here.
+            let read = next_of(&mut s, &mut buf, Command::ReadNotify).await;
+            assert_eq!(read.header.p1, 101, "the request carries channel 1's sid");
+            let reply = Message::with_payload(
+                Header::new(Command::ReadNotify, 6, 1, 1, read.header.p2),
+                &[0; 8],
+            );
+            s.write_all(&bytes_of(&reply)).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let mut client = shim_session(search_addr).await;
+        client
+            .write_all(&bytes_of(&wire::client_version(0, 13)))
+            .await
+            .unwrap();
+        for (cid, name) in [(1, b"A"), (2, b"B")] {
+            let create = Message::with_name(Header::new(Command::CreateChan, 0, 0, cid, 13), name);
+            client.write_all(&bytes_of(&create)).await.unwrap();
+        }
+        let mut buf = BytesMut::new();
+        let mut sid_of_channel_1 = None;
+        for _ in 0..2 {
+            let created = next_of(&mut client, &mut buf, Command::CreateChan).await;
+            if created.header.p1 == 1 {
+                sid_of_channel_1 = Some(created.header.p2);
+            }
+        }
+        // Give the bogus CLEAR_CHANNEL time to arrive at the shim.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let read = Message::new(Header::new(
+            Command::ReadNotify,
+            6,
+            1,
+            sid_of_channel_1.unwrap(),
+            7,
+        ));
+        client.write_all(&bytes_of(&read)).await.unwrap();
+        let answer = next_of(&mut client, &mut buf, Command::ReadNotify).await;
+        assert_eq!(answer.header.p2, 7);
+    }
+
+    /// A server that answers every search and then streams 5 MB monitor
+    /// updates for cid 1 as fast as it may.
+    async fn flooding_server() -> SocketAddrV4 {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let udp_addr = answering_searches(tcp.local_addr().unwrap().port()).await;
         tokio::spawn(async move {
             let (mut s, _) = tcp.accept().await.unwrap();
             let mut buf = vec![0u8; 4096];
@@ -656,32 +791,7 @@ mod tests {
     #[tokio::test]
     async fn echo_reply_does_not_stall_a_client_behind_large_updates() {
         let search_addr = flooding_server().await;
-        let ctx = Arc::new(CaContext {
-            resolver: search::start(SearchConfig {
-                targets: vec![search_addr],
-                timeout: Duration::from_secs(5),
-                cache_ttl: Duration::from_secs(5),
-                max_pending: 100,
-                max_cached: 100,
-            })
-            .unwrap(),
-            backend: BackendConfig {
-                max_payload: 1 << 24,
-                queue_bytes: 1 << 16,
-                connect_timeout: Duration::from_secs(2),
-            },
-            max_payload: 1 << 24,
-            queue_bytes: 4 << 20,
-            max_channels: 100,
-            max_searches: 100,
-        });
-        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = front.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (s, p) = front.accept().await.unwrap();
-            serve(s, p, ctx).await;
-        });
-        let mut client = TcpStream::connect(addr).await.unwrap();
+        let mut client = shim_session(search_addr).await;
         client
             .write_all(&bytes_of(&wire::client_version(0, 13)))
             .await
