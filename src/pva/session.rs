@@ -191,6 +191,23 @@ enum Channel {
         sid: u32,
         server_sid: u32,
     },
+    /// The client destroyed it; the server's confirmation (or the loss of
+    /// the server) ends it, and goes back to the client, which waits for it.
+    Destroying {
+        server: SocketAddrV4,
+        sid: u32,
+        server_sid: u32,
+    },
+}
+
+/// Where a request for a connected channel goes.
+#[derive(Clone, Copy)]
+struct Route {
+    cid: u32,
+    /// The sid the client was given, and the server's own.
+    sid: u32,
+    server: SocketAddrV4,
+    server_sid: u32,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -312,17 +329,21 @@ impl Session {
             Command::Search => self.on_search(&message).await?,
             Command::CreateChannel => self.on_create(&message).await?,
             Command::DestroyChannel => {
-                // sid, cid: the client is done with the channel. Forward
-                // first (the route is needed for it), then forget it.
-                let cid = self.route(&message);
-                self.forward_to_channel_server(message).await;
-                if let Some(cid) = cid {
-                    if let Some(Channel::Connected { server, sid, .. }) = self.channels.remove(&cid)
-                    {
-                        self.routes.remove(&sid);
-                        self.forget_route(server, cid);
-                    }
-                }
+                // sid, cid: the client is done with the channel. It stays
+                // (its sid taken, requests dropped) until the server confirms.
+                let Some(route) = self.connected_route(&message) else {
+                    return Ok(());
+                };
+                self.channels.insert(
+                    route.cid,
+                    Channel::Destroying {
+                        server: route.server,
+                        sid: route.sid,
+                        server_sid: route.server_sid,
+                    },
+                );
+                self.translator.forget_channel(route.sid);
+                self.forward(route, message).await;
             }
             Command::Get
             | Command::Put
@@ -334,12 +355,16 @@ impl Session {
             | Command::GetField
             | Command::Rpc
             | Command::CancelRequest => {
-                let message = match self.translator.client_message(&message) {
-                    Ok(None) => message,
-                    Ok(Some(payload)) => with_payload(&message, payload),
-                    Err(e) => return Err(SessionError::Untranslatable(e)),
+                // Route first: a request for no channel costs no translation.
+                let Some(route) = self.connected_route(&message) else {
+                    return Ok(());
                 };
-                self.forward_to_channel_server(message).await
+                let message = self
+                    .translator
+                    .client_message(route.server, &message)
+                    .and_then(|payload| with_payload(message, payload))
+                    .map_err(SessionError::Untranslatable)?;
+                self.forward(route, message).await
             }
             other => {
                 debug!(target: "nameshim::pva::session", peer = %self.peer, cmd = ?other, "client message not relayed")
@@ -489,28 +514,41 @@ impl Session {
             .expect("inserted above when missing")
     }
 
-    /// The cid of the channel whose sid the client put first in `message`.
-    fn route(&self, message: &Message) -> Option<u32> {
+    /// The connected channel whose sid the client put first in `message`.
+    fn connected_route(&self, message: &Message) -> Option<Route> {
         let mut r = wire::Reader::new(&message.payload, message.header.is_big_endian());
         let sid = r.u32("sid");
-        r.finish().ok()?;
-        self.routes.get(&sid).copied()
+        let channel = r
+            .finish()
+            .ok()
+            .and_then(|()| self.routes.get(&sid))
+            .and_then(|cid| Some((*cid, self.channels.get(cid)?)));
+        match channel {
+            Some((
+                cid,
+                &Channel::Connected {
+                    server, server_sid, ..
+                },
+            )) => Some(Route {
+                cid,
+                sid,
+                server,
+                server_sid,
+            }),
+            _ => {
+                // pvxs clients destroy a channel the server already dropped.
+                debug!(target: "nameshim::pva::session", peer = %self.peer, cmd = message.header.command, "request for an unknown channel dropped");
+                None
+            }
+        }
     }
 
     /// Forwards a request that starts with a sid to its channel's server,
     /// with the server's own sid; the rest of the payload is not copied.
-    async fn forward_to_channel_server(&mut self, message: Message) {
-        let route = self.route(&message).and_then(|cid| self.channels.get(&cid));
-        let (server, server_sid) = match route {
-            Some(&Channel::Connected {
-                server, server_sid, ..
-            }) => (server, server_sid),
-            _ => {
-                // pvxs clients destroy a channel the server already dropped.
-                debug!(target: "nameshim::pva::session", peer = %self.peer, cmd = message.header.command, "request for an unknown channel dropped");
-                return;
-            }
-        };
+    async fn forward(&mut self, route: Route, message: Message) {
+        let Route {
+            server, server_sid, ..
+        } = route;
         let big_endian = message.header.is_big_endian();
         let body = message.payload.slice(4..);
         let header = message.header;
@@ -596,18 +634,31 @@ impl Session {
                 }
             }
             Command::DestroyChannel => {
-                // sid, cid: the server dropped the channel (or confirms).
+                // sid, cid: the server dropped the channel, or confirms the
+                // client's destroy. Both ids must name this server's channel.
                 let mut r = wire::Reader::new(&message.payload, big_endian);
-                r.u32("sid");
+                let message_sid = r.u32("sid");
                 let cid = r.u32("cid");
                 if r.finish().is_err() {
                     return Ok(());
                 }
                 match self.channels.get(&cid) {
-                    Some(&Channel::Connected { server: s, sid, .. }) if s == server => {
+                    Some(
+                        &Channel::Connected {
+                            server: s,
+                            sid,
+                            server_sid,
+                        }
+                        | &Channel::Destroying {
+                            server: s,
+                            sid,
+                            server_sid,
+                        },
+                    ) if s == server && server_sid == message_sid => {
                         self.channels.remove(&cid);
                         self.routes.remove(&sid);
                         self.forget_route(server, cid);
+                        self.translator.forget_channel(sid);
                         with_u32_at(&message, 0, sid)
                     }
                     _ => return Ok(()),
@@ -620,9 +671,12 @@ impl Session {
             | Command::Array
             | Command::Process
             | Command::GetField
-            | Command::Rpc => match self.translator.server_message(server, &message) {
-                Ok(None) => message,
-                Ok(Some(payload)) => with_payload(&message, payload),
+            | Command::Rpc => match self
+                .translator
+                .server_message(server, &message)
+                .and_then(|payload| with_payload(message, payload))
+            {
+                Ok(message) => message,
                 Err(e) => {
                     // The shim can no longer follow this server's types:
                     // drop the connection, so its channels start afresh.
@@ -670,7 +724,8 @@ impl Session {
         info!(target: "nameshim::pva::session", peer = %self.peer, %server, channels = lost.cids.len(), cause = reason, "server connection closed");
         for cid in lost.cids {
             let notice = match self.channels.remove(&cid) {
-                Some(Channel::Connected { sid, .. }) => {
+                // For a channel being destroyed, this is the confirmation.
+                Some(Channel::Connected { sid, .. } | Channel::Destroying { sid, .. }) => {
                     self.routes.remove(&sid);
                     let mut w = wire::Writer::new(BIG_ENDIAN);
                     w.u32(sid).u32(cid);
@@ -710,11 +765,16 @@ fn create_failed(cid: u32, why: &[u8]) -> Message {
     w.into_message(Command::CreateChannel, true)
 }
 
-/// The same message with a new payload.
-fn with_payload(message: &Message, payload: Bytes) -> Message {
+/// The message with its payload replaced by `rewritten`, if any. A size
+/// the header cannot hold is an error, never a truncated header.
+fn with_payload(message: Message, rewritten: Option<Bytes>) -> Result<Message, wire::WireError> {
+    let Some(payload) = rewritten else {
+        return Ok(message);
+    };
     let mut header = message.header;
-    header.size = payload.len() as u32;
-    Message { header, payload }
+    header.size = u32::try_from(payload.len())
+        .map_err(|_| wire::WireError::Limit("a translated message over 4 GiB"))?;
+    Ok(Message { header, payload })
 }
 
 /// A copy of a small message with the u32 at `offset` replaced.

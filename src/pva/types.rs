@@ -150,11 +150,6 @@ impl FieldType {
         self.has_variant
     }
 
-    /// Bytes of the plain description (O(1)).
-    pub fn wire_len(&self) -> usize {
-        self.wire_len
-    }
-
     /// Writes the plain description: `wire_len` bytes.
     pub fn encode(&self, big_endian: bool, out: &mut BytesMut) {
         match &self.kind {
