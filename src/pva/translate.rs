@@ -483,4 +483,147 @@ mod tests {
         assert_eq!(&plain[..], &cached[3..]);
         assert_eq!(&t.credentials(&[0xFF], false).unwrap()[..], &[0xFF]);
     }
+
+    #[test]
+    fn credentials_over_4_kib_are_refused() {
+        let mut t = Translator::default();
+        let mut credentials = vec![0x80, 0, 1, 4, b'u', b's', b'e', b'r', 0x60, 0xFE];
+        credentials.extend_from_slice(&5000u32.to_le_bytes());
+        credentials.extend_from_slice(&[b'x'; 5000]);
+        assert_eq!(
+            t.credentials(&credentials, false),
+            Err(WireError::Limit("the size of credentials (4 KiB)"))
+        );
+    }
+
+    // ~800 bytes whose nested definitions and references double a long
+    // field name 15 times: kept for the session, they came to 16 MiB.
+    #[test]
+    fn credentials_with_cache_references_are_refused() {
+        fn doubling(key: u8) -> Vec<u8> {
+            if key == 1 {
+                let mut desc = vec![0xFD, 1, 0, 0x80, 0, 1, 250];
+                desc.extend_from_slice(&[b'n'; 250]);
+                desc.push(0x22);
+                return desc;
+            }
+            let mut desc = vec![0xFD, key, 0, 0x80, 0, 2, 1, b'a'];
+            desc.extend(doubling(key - 1));
+            desc.extend_from_slice(&[1, b'b', 0xFE, key - 1, 0]);
+            desc
+        }
+        let mut t = Translator::default();
+        let credentials = doubling(15);
+        assert!(credentials.len() < 1000);
+        assert!(matches!(
+            t.credentials(&credentials, false),
+            Err(WireError::Limit(_))
+        ));
+        // Even a small one: credentials stand alone.
+        let small = [
+            0xFD, 1, 0, 0x80, 0, 2, 1, b'a', 0xFD, 2, 0, 0x80, 0, 0, 1, b'b', 0xFE, 2, 0,
+        ];
+        assert_eq!(
+            t.credentials(&small, false),
+            Err(WireError::Limit("a type cache reference in credentials"))
+        );
+    }
+
+    // The server's INIT response: {any v}, so values are walked.
+    const INIT_ANY: [u8; 12] = [5, 0, 0, 0, 0x08, 0xFF, 0x80, 0, 1, 1, b'v', 0x82];
+
+    fn translator_with_get_op() -> Translator {
+        let mut t = Translator {
+            active: true,
+            ..Translator::default()
+        };
+        t.client_message(server(), &msg(Command::Get, false, &GET_INIT))
+            .unwrap();
+        t.server_message(server(), &msg(Command::Get, true, &INIT_ANY))
+            .unwrap();
+        assert_eq!(t.op_count(), 1);
+        t
+    }
+
+    #[test]
+    fn destroy_bit_ends_an_operation_after_the_servers_answer() {
+        let mut t = translator_with_get_op();
+        // GET with DESTROY: the answer still needs the op's type.
+        t.client_message(
+            server(),
+            &msg(Command::Get, false, &[1, 0, 0, 0, 5, 0, 0, 0, 0x50]),
+        )
+        .unwrap();
+        assert_eq!(t.op_count(), 1);
+        let answer = [5, 0, 0, 0, 0x50, 0xFF, 1, 1, 0xFD, 3, 0, 0x22, 7, 0, 0, 0];
+        let out = t
+            .server_message(server(), &msg(Command::Get, true, &answer))
+            .unwrap()
+            .unwrap();
+        assert_eq!(&out[..], &[5, 0, 0, 0, 0x50, 0xFF, 1, 1, 0x22, 7, 0, 0, 0]);
+        assert_eq!(t.op_count(), 0);
+    }
+
+    #[test]
+    fn monitor_destroy_bit_ends_the_operation_at_once() {
+        let mut t = Translator::default();
+        let mut init = GET_INIT;
+        init[4] = 6;
+        t.client_message(server(), &msg(Command::Monitor, false, &init))
+            .unwrap();
+        assert_eq!(t.op_count(), 1);
+        t.client_message(
+            server(),
+            &msg(Command::Monitor, false, &[1, 0, 0, 0, 6, 0, 0, 0, 0x10]),
+        )
+        .unwrap();
+        assert_eq!(t.op_count(), 0);
+    }
+
+    #[test]
+    fn failed_init_ends_the_operation() {
+        let mut t = Translator::default();
+        t.client_message(server(), &msg(Command::Get, false, &GET_INIT))
+            .unwrap();
+        let failed = [5, 0, 0, 0, 0x08, 2, 1, b'x', 0];
+        t.server_message(server(), &msg(Command::Get, true, &failed))
+            .unwrap();
+        assert_eq!(t.op_count(), 0);
+    }
+
+    #[test]
+    fn operations_end_with_their_channel_or_server() {
+        let other: SocketAddrV4 = "127.0.0.1:40000".parse().unwrap();
+        let mut t = Translator::default();
+        let mut on_sid_2 = GET_INIT;
+        on_sid_2[0] = 2;
+        on_sid_2[4] = 6;
+        let mut on_other = GET_INIT;
+        on_other[0] = 3;
+        on_other[4] = 7;
+        t.client_message(server(), &msg(Command::Get, false, &GET_INIT))
+            .unwrap();
+        t.client_message(server(), &msg(Command::Get, false, &on_sid_2))
+            .unwrap();
+        t.client_message(other, &msg(Command::Get, false, &on_other))
+            .unwrap();
+        assert_eq!(t.op_count(), 3);
+        t.forget_channel(1);
+        assert_eq!(t.op_count(), 2);
+        t.forget_server(other);
+        assert_eq!(t.op_count(), 1);
+        t.forget_channel(2);
+        assert_eq!(t.op_count(), 0);
+    }
+
+    #[test]
+    fn a_server_cannot_set_the_types_of_another_servers_operation() {
+        let other: SocketAddrV4 = "127.0.0.1:40000".parse().unwrap();
+        let mut t = Translator::default();
+        t.client_message(server(), &msg(Command::Get, false, &GET_INIT))
+            .unwrap();
+        t.server_message(other, &msg(Command::Get, true, &INIT_ANY))
+            .unwrap();
+        assert!(!t.ops[&5].walks_values());
+    }
 }

@@ -906,4 +906,193 @@ mod tests {
         w.field_desc();
         assert!(w.finish().is_err());
     }
+
+    /// A pvRequest-style description that hides a definition of `define`
+    /// in an (unselected) union member: `levels` nested structures around a
+    /// reference to `refer`. Alternating the two keys nests each cached type
+    /// `levels` deeper than the other, at no depth cost per message.
+    fn hidden_nesting(define: u8, refer: u8, levels: usize) -> Vec<u8> {
+        let mut desc = vec![0x81, 0, 1, 1, b'm', 0xFD, define, 0];
+        for _ in 0..levels {
+            desc.extend_from_slice(&[0x80, 0, 1, 1, b'n']);
+        }
+        desc.extend_from_slice(&[0xFE, refer, 0]);
+        desc
+    }
+
+    fn read_one(registry: &mut Registry, desc: &[u8]) -> Result<(), WireError> {
+        let mut w = Walker::new(desc, false, registry, None);
+        w.field_desc();
+        w.finish()
+    }
+
+    // The remote crash: each message passes the per-description depth
+    // check, but the cached types nest 18 levels deeper each time, until
+    // dropping one overflows the stack. Only the first fits now.
+    #[test]
+    fn alternating_cache_keys_cannot_nest_past_the_depth_limit() {
+        let mut registry = Registry::default();
+        read_one(&mut registry, &[0xFD, 2, 0, 0x22]).unwrap();
+        let mut accepted = 0;
+        for round in 0..10 {
+            let (define, refer) = if round % 2 == 0 { (1, 2) } else { (2, 1) };
+            match read_one(&mut registry, &hidden_nesting(define, refer, 18)) {
+                Ok(()) => accepted += 1,
+                Err(e) => {
+                    assert_eq!(e, WireError::Limit("type nesting depth"));
+                    break;
+                }
+            }
+        }
+        assert_eq!(accepted, 1, "a second round would nest 37 levels");
+    }
+
+    // The whole attack (3,600 messages, ~450 KB) never leaves a type
+    // deeper than the limit in the cache, and costs little to refuse.
+    #[test]
+    fn full_alternating_attack_leaves_every_cached_type_within_the_depth_limit() {
+        let mut registry = Registry::default();
+        read_one(&mut registry, &[0xFD, 2, 0, 0x22]).unwrap();
+        let mut refused = 0;
+        for round in 0..3_600 {
+            let (define, refer) = if round % 2 == 0 { (1, 2) } else { (2, 1) };
+            if read_one(&mut registry, &hidden_nesting(define, refer, 18)).is_err() {
+                refused += 1;
+            }
+            assert!(registry.entries.values().all(|t| t.depth <= MAX_DEPTH));
+        }
+        // Each refused definition keeps the key's old type, so every other
+        // round (redefining key 1 around the int of key 2) still fits.
+        assert_eq!(refused, 1_800);
+    }
+
+    // A reference placed `level` deep costs the depth of the type it names.
+    #[test]
+    fn a_reference_costs_the_depth_of_its_type() {
+        let mut deep = vec![0xFD, 1, 0];
+        for _ in 0..15 {
+            deep.extend_from_slice(&[0x80, 0, 1, 1, b'n']);
+        }
+        deep.push(0x22);
+        let mut registry = Registry::default();
+        read_one(&mut registry, &deep).unwrap();
+        let wrapped = |levels: usize| {
+            let mut desc = Vec::new();
+            for _ in 0..levels {
+                desc.extend_from_slice(&[0x80, 0, 1, 1, b'w']);
+            }
+            desc.extend_from_slice(&[0xFE, 1, 0]);
+            desc
+        };
+        assert!(read_one(&mut registry, &wrapped(5)).is_ok(), "20 levels");
+        assert_eq!(
+            read_one(&mut registry, &wrapped(6)),
+            Err(WireError::Limit("type nesting depth")),
+            "21 levels"
+        );
+    }
+
+    /// One description: key k = {a: <definition of key k-1>, b: key k-1},
+    /// key 1 = {<200-byte name> int}. A few bytes per key, each doubling
+    /// the plain form.
+    fn doubling_long_names(key: u8) -> Vec<u8> {
+        if key == 1 {
+            let mut desc = vec![0xFD, 1, 0, 0x80, 0, 1, 200];
+            desc.extend_from_slice(&[b'n'; 200]);
+            desc.push(0x22);
+            return desc;
+        }
+        let mut desc = vec![0xFD, key, 0, 0x80, 0, 2, 1, b'a'];
+        desc.extend(doubling_long_names(key - 1));
+        desc.extend_from_slice(&[1, b'b', 0xFE, key - 1, 0]);
+        desc
+    }
+
+    // Few fields (2^14 leaves, under the field limit) with long names: the
+    // old limit counted fields, and ~400 bytes came out as megabytes.
+    #[test]
+    fn long_field_names_cannot_amplify_the_output() {
+        let desc = doubling_long_names(15);
+        let mut registry = Registry::default();
+        let mut out = BytesMut::new();
+        let mut w = Walker::new(&desc, false, &mut registry, Some(&mut out));
+        w.field_desc();
+        let refused = w.finish();
+        assert!(
+            out.len() <= desc.len() * GROWTH_PER_BYTE + GROWTH_ALLOWANCE,
+            "{} bytes out of {}",
+            out.len(),
+            desc.len()
+        );
+        assert_eq!(refused, Err(WireError::Limit("the size of one type")));
+    }
+
+    /// Key 1: a structure of 1000 empty structures with 250-byte names
+    /// (about 254 KB plain, 1001 fields); then a variant array whose
+    /// `count` elements each refer to it (4 bytes each).
+    fn references_in_a_variant_array(count: u8) -> (Vec<u8>, Vec<u8>) {
+        let mut define = vec![0xFD, 1, 0, 0x80, 0, 0xFE];
+        define.extend_from_slice(&1000u32.to_le_bytes());
+        for _ in 0..1000 {
+            define.push(250);
+            define.extend_from_slice(&[b'f'; 250]);
+            define.extend_from_slice(&[0x80, 0, 0]);
+        }
+        let mut value = vec![count];
+        for _ in 0..count {
+            value.extend_from_slice(&[1, 0xFE, 1, 0]);
+        }
+        (define, value)
+    }
+
+    // In passthrough nothing is written, but a reference still costs what
+    // it expands to: the same message must not be fine one way and
+    // refused the other.
+    #[test]
+    fn referenced_types_cost_work_in_passthrough_too() {
+        let (define, value) = references_in_a_variant_array(20);
+        let mut registry = Registry::default();
+        read_one(&mut registry, &define).unwrap();
+        let mut w = Walker::new(&[0x8A], false, &mut registry, None);
+        let t = w.field_desc().unwrap();
+        let mut w = Walker::new(&value, false, &mut registry, None);
+        w.value(&t);
+        assert_eq!(
+            w.finish(),
+            Err(WireError::Limit("the work one message may cost"))
+        );
+        // One reference fits.
+        let (_, value) = references_in_a_variant_array(1);
+        let mut w = Walker::new(&value, false, &mut registry, None);
+        w.value(&t);
+        assert!(w.finish().is_ok());
+    }
+
+    #[test]
+    fn a_types_summary_matches_its_plain_form() {
+        // {double a, {int b, any c} s, union{string x} u, struct[] {int y} l}
+        let desc = [
+            0x80, 1, b'T', 4, //
+            1, b'a', 0x43, //
+            1, b's', 0x80, 0, 2, 1, b'b', 0x22, 1, b'c', 0x82, //
+            1, b'u', 0x81, 0, 1, 1, b'x', 0x60, //
+            1, b'l', 0x88, 0x80, 0, 1, 1, b'y', 0x22,
+        ];
+        let mut registry = Registry::default();
+        let mut w = Walker::new(&desc, false, &mut registry, None);
+        let t = w.field_desc().unwrap();
+        w.finish().unwrap();
+        let mut plain = BytesMut::new();
+        t.encode(false, &mut plain);
+        assert_eq!(&plain[..], &desc[..]);
+        assert_eq!(t.wire_len, desc.len());
+        assert_eq!((t.depth, t.nodes, t.bits), (3, 10, 7));
+        assert!(t.has_variant);
+        // bits: 0 top, 1 a, 2 s, 3 b, 4 c, 5 u, 6 l
+        let names = |bit| t.field_at_bit(bit).map(|f| f.bits);
+        assert_eq!(names(2), Some(3));
+        assert_eq!(t.field_at_bit(4).map(|f| f.has_variant), Some(true));
+        assert_eq!(t.field_at_bit(6).map(|f| f.depth), Some(2));
+        assert!(t.field_at_bit(7).is_none());
+    }
 }
