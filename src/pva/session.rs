@@ -191,6 +191,23 @@ enum Channel {
         sid: u32,
         server_sid: u32,
     },
+    /// The client destroyed it; the server's confirmation (or the loss of
+    /// the server) ends it, and goes back to the client, which waits for it.
+    Destroying {
+        server: SocketAddrV4,
+        sid: u32,
+        server_sid: u32,
+    },
+}
+
+/// Where a request for a connected channel goes.
+#[derive(Clone, Copy)]
+struct Route {
+    cid: u32,
+    /// The sid the client was given, and the server's own.
+    sid: u32,
+    server: SocketAddrV4,
+    server_sid: u32,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -312,17 +329,21 @@ impl Session {
             Command::Search => self.on_search(&message).await?,
             Command::CreateChannel => self.on_create(&message).await?,
             Command::DestroyChannel => {
-                // sid, cid: the client is done with the channel. Forward
-                // first (the route is needed for it), then forget it.
-                let cid = self.route(&message);
-                self.forward_to_channel_server(message).await;
-                if let Some(cid) = cid {
-                    if let Some(Channel::Connected { server, sid, .. }) = self.channels.remove(&cid)
-                    {
-                        self.routes.remove(&sid);
-                        self.forget_route(server, cid);
-                    }
-                }
+                // sid, cid: the client is done with the channel. It stays
+                // (its sid taken, requests dropped) until the server confirms.
+                let Some(route) = self.connected_route(&message) else {
+                    return Ok(());
+                };
+                self.channels.insert(
+                    route.cid,
+                    Channel::Destroying {
+                        server: route.server,
+                        sid: route.sid,
+                        server_sid: route.server_sid,
+                    },
+                );
+                self.translator.forget_channel(route.sid);
+                self.forward(route, message).await;
             }
             Command::Get
             | Command::Put
@@ -334,12 +355,16 @@ impl Session {
             | Command::GetField
             | Command::Rpc
             | Command::CancelRequest => {
-                let message = match self.translator.client_message(&message) {
-                    Ok(None) => message,
-                    Ok(Some(payload)) => with_payload(&message, payload),
-                    Err(e) => return Err(SessionError::Untranslatable(e)),
+                // Route first: a request for no channel costs no translation.
+                let Some(route) = self.connected_route(&message) else {
+                    return Ok(());
                 };
-                self.forward_to_channel_server(message).await
+                let message = self
+                    .translator
+                    .client_message(route.server, &message)
+                    .and_then(|payload| with_payload(message, payload))
+                    .map_err(SessionError::Untranslatable)?;
+                self.forward(route, message).await
             }
             other => {
                 debug!(target: "nameshim::pva::session", peer = %self.peer, cmd = ?other, "client message not relayed")
@@ -489,28 +514,41 @@ impl Session {
             .expect("inserted above when missing")
     }
 
-    /// The cid of the channel whose sid the client put first in `message`.
-    fn route(&self, message: &Message) -> Option<u32> {
+    /// The connected channel whose sid the client put first in `message`.
+    fn connected_route(&self, message: &Message) -> Option<Route> {
         let mut r = wire::Reader::new(&message.payload, message.header.is_big_endian());
         let sid = r.u32("sid");
-        r.finish().ok()?;
-        self.routes.get(&sid).copied()
+        let channel = r
+            .finish()
+            .ok()
+            .and_then(|()| self.routes.get(&sid))
+            .and_then(|cid| Some((*cid, self.channels.get(cid)?)));
+        match channel {
+            Some((
+                cid,
+                &Channel::Connected {
+                    server, server_sid, ..
+                },
+            )) => Some(Route {
+                cid,
+                sid,
+                server,
+                server_sid,
+            }),
+            _ => {
+                // pvxs clients destroy a channel the server already dropped.
+                debug!(target: "nameshim::pva::session", peer = %self.peer, cmd = message.header.command, "request for an unknown channel dropped");
+                None
+            }
+        }
     }
 
     /// Forwards a request that starts with a sid to its channel's server,
     /// with the server's own sid; the rest of the payload is not copied.
-    async fn forward_to_channel_server(&mut self, message: Message) {
-        let route = self.route(&message).and_then(|cid| self.channels.get(&cid));
-        let (server, server_sid) = match route {
-            Some(&Channel::Connected {
-                server, server_sid, ..
-            }) => (server, server_sid),
-            _ => {
-                // pvxs clients destroy a channel the server already dropped.
-                debug!(target: "nameshim::pva::session", peer = %self.peer, cmd = message.header.command, "request for an unknown channel dropped");
-                return;
-            }
-        };
+    async fn forward(&mut self, route: Route, message: Message) {
+        let Route {
+            server, server_sid, ..
+        } = route;
         let big_endian = message.header.is_big_endian();
         let body = message.payload.slice(4..);
         let header = message.header;
@@ -596,18 +634,31 @@ impl Session {
                 }
             }
             Command::DestroyChannel => {
-                // sid, cid: the server dropped the channel (or confirms).
+                // sid, cid: the server dropped the channel, or confirms the
+                // client's destroy. Both ids must name this server's channel.
                 let mut r = wire::Reader::new(&message.payload, big_endian);
-                r.u32("sid");
+                let message_sid = r.u32("sid");
                 let cid = r.u32("cid");
                 if r.finish().is_err() {
                     return Ok(());
                 }
                 match self.channels.get(&cid) {
-                    Some(&Channel::Connected { server: s, sid, .. }) if s == server => {
+                    Some(
+                        &Channel::Connected {
+                            server: s,
+                            sid,
+                            server_sid,
+                        }
+                        | &Channel::Destroying {
+                            server: s,
+                            sid,
+                            server_sid,
+                        },
+                    ) if s == server && server_sid == message_sid => {
                         self.channels.remove(&cid);
                         self.routes.remove(&sid);
                         self.forget_route(server, cid);
+                        self.translator.forget_channel(sid);
                         with_u32_at(&message, 0, sid)
                     }
                     _ => return Ok(()),
@@ -620,9 +671,12 @@ impl Session {
             | Command::Array
             | Command::Process
             | Command::GetField
-            | Command::Rpc => match self.translator.server_message(server, &message) {
-                Ok(None) => message,
-                Ok(Some(payload)) => with_payload(&message, payload),
+            | Command::Rpc => match self
+                .translator
+                .server_message(server, &message)
+                .and_then(|payload| with_payload(message, payload))
+            {
+                Ok(message) => message,
                 Err(e) => {
                     // The shim can no longer follow this server's types:
                     // drop the connection, so its channels start afresh.
@@ -670,7 +724,8 @@ impl Session {
         info!(target: "nameshim::pva::session", peer = %self.peer, %server, channels = lost.cids.len(), cause = reason, "server connection closed");
         for cid in lost.cids {
             let notice = match self.channels.remove(&cid) {
-                Some(Channel::Connected { sid, .. }) => {
+                // For a channel being destroyed, this is the confirmation.
+                Some(Channel::Connected { sid, .. } | Channel::Destroying { sid, .. }) => {
                     self.routes.remove(&sid);
                     let mut w = wire::Writer::new(BIG_ENDIAN);
                     w.u32(sid).u32(cid);
@@ -710,11 +765,16 @@ fn create_failed(cid: u32, why: &[u8]) -> Message {
     w.into_message(Command::CreateChannel, true)
 }
 
-/// The same message with a new payload.
-fn with_payload(message: &Message, payload: Bytes) -> Message {
+/// The message with its payload replaced by `rewritten`, if any. A size
+/// the header cannot hold is an error, never a truncated header.
+fn with_payload(message: Message, rewritten: Option<Bytes>) -> Result<Message, wire::WireError> {
+    let Some(payload) = rewritten else {
+        return Ok(message);
+    };
     let mut header = message.header;
-    header.size = payload.len() as u32;
-    Message { header, payload }
+    header.size = u32::try_from(payload.len())
+        .map_err(|_| wire::WireError::Limit("a translated message over 4 GiB"))?;
+    Ok(Message { header, payload })
 }
 
 /// A copy of a small message with the u32 at `offset` replaced.
@@ -731,5 +791,299 @@ fn with_u32_at(message: &Message, offset: usize, value: u32) -> Message {
     Message {
         header: message.header,
         payload: payload.freeze(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pva::search;
+    use crate::relay::discovery::SearchConfig;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, UdpSocket};
+
+    const WAIT: Duration = Duration::from_secs(2);
+
+    /// One end of a PVA connection: sends messages, reads whole ones.
+    struct Peer {
+        stream: TcpStream,
+        buf: BytesMut,
+        decoder: wire::Decoder,
+    }
+
+    impl Peer {
+        /// `from_server`: what the direction flag of incoming messages says.
+        fn new(stream: TcpStream, from_server: bool) -> Peer {
+            Peer {
+                stream,
+                buf: BytesMut::new(),
+                decoder: wire::Decoder::new(1 << 20, from_server),
+            }
+        }
+
+        async fn send(&mut self, m: &Message) {
+            let mut out = BytesMut::new();
+            m.encode(&mut out);
+            self.stream.write_all(&out).await.unwrap();
+        }
+
+        /// The next application message; None on EOF or after `WAIT`.
+        async fn next(&mut self) -> Option<Message> {
+            loop {
+                let mut needed = 0;
+                match self.decoder.decode(&mut self.buf, &mut needed) {
+                    Ok(Some(m)) if m.header.is_control() => continue,
+                    Ok(Some(m)) => return Some(m),
+                    Ok(None) => {}
+                    Err(_) => return None,
+                }
+                let mut chunk = [0u8; 4096];
+                match tokio::time::timeout(WAIT, self.stream.read(&mut chunk)).await {
+                    Ok(Ok(n)) if n > 0 => self.buf.extend_from_slice(&chunk[..n]),
+                    _ => return None,
+                }
+            }
+        }
+    }
+
+    fn u32s(m: &Message) -> (u32, u32) {
+        let mut r = wire::Reader::new(&m.payload, false);
+        (r.u32("a"), r.u32("b"))
+    }
+
+    /// A PVA server on the loopback: answers every search, accepts one
+    /// connection, creates every channel with server sid 1000 + cid,
+    /// confirms each DESTROY_CHANNEL, and reports what it receives.
+    /// Messages sent on the returned sender go to the shim.
+    async fn fake_server() -> (
+        SocketAddrV4,
+        mpsc::UnboundedReceiver<Message>,
+        mpsc::UnboundedSender<Message>,
+    ) {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp_port = tcp.local_addr().unwrap().port();
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let SocketAddr::V4(udp_addr) = udp.local_addr().unwrap() else {
+            unreachable!()
+        };
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            while let Ok((len, from)) = udp.recv_from(&mut buf).await {
+                for m in wire::decode_datagram(&buf[..len]) {
+                    let Ok(search) = wire::parse_search(&m) else {
+                        continue;
+                    };
+                    let mut w = wire::Writer::new(false);
+                    w.bytes(&[7; 12])
+                        .u32(search.sequence)
+                        .bytes(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 127, 0, 0, 1])
+                        .u16(tcp_port)
+                        .string(b"tcp")
+                        .u8(1)
+                        .u16(search.names.len() as u16);
+                    for (id, _) in &search.names {
+                        w.u32(*id);
+                    }
+                    let mut out = BytesMut::new();
+                    w.into_message(Command::SearchResponse, true)
+                        .encode(&mut out);
+                    let _ = udp.send_to(&out, from).await;
+                }
+            }
+        });
+        let (got_tx, got_rx) = mpsc::unbounded_channel();
+        let (inject_tx, mut inject_rx) = mpsc::unbounded_channel::<Message>();
+        tokio::spawn(async move {
+            let (s, _) = tcp.accept().await.unwrap();
+            let mut shim = Peer::new(s, false);
+            shim.send(&wire::set_byte_order(true, false)).await;
+            shim.send(&wire::server_validation(false)).await;
+            loop {
+                tokio::select! {
+                    m = shim.next() => {
+                        let Some(m) = m else { continue };
+                        let reply = match m.header.command() {
+                            Ok(Command::ConnectionValidation) => {
+                                Some(wire::connection_validated_ok(false))
+                            }
+                            Ok(Command::CreateChannel) => {
+                                let mut r = wire::Reader::new(&m.payload, false);
+                                r.u16("count");
+                                let cid = r.u32("cid");
+                                let mut w = wire::Writer::new(false);
+                                w.u32(cid).u32(1000 + cid).u8(wire::STATUS_OK);
+                                Some(w.into_message(Command::CreateChannel, true))
+                            }
+                            Ok(Command::DestroyChannel) => {
+                                let mut w = wire::Writer::new(false);
+                                w.bytes(&m.payload);
+                                Some(w.into_message(Command::DestroyChannel, true))
+                            }
+                            _ => None,
+                        };
+                        if let Some(reply) = reply {
+                            shim.send(&reply).await;
+                        }
+                        let _ = got_tx.send(m);
+                    }
+                    Some(m) = inject_rx.recv() => shim.send(&m).await,
+                }
+            }
+        });
+        (udp_addr, got_rx, inject_tx)
+    }
+
+    /// A shim session on the loopback searching `search_addr`, and a
+    /// validated client connected to it.
+    async fn client_of_shim(search_addr: SocketAddrV4) -> Peer {
+        let ctx = Arc::new(PvaContext {
+            resolver: search::start(SearchConfig {
+                targets: vec![search_addr],
+                timeout: Duration::from_secs(1),
+                cache_ttl: Duration::from_secs(5),
+                max_pending: 100,
+                max_cached: 100,
+            })
+            .unwrap(),
+            backend: BackendConfig {
+                max_message: 1 << 20,
+                queue_bytes: 1 << 20,
+                connect_timeout: WAIT,
+                big_endian: false,
+            },
+            max_message: 1 << 20,
+            queue_bytes: 1 << 20,
+            max_channels: 100,
+            max_searches: 100,
+            advertise_port: None,
+        });
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, p) = front.accept().await.unwrap();
+            serve(s, p, ctx).await;
+        });
+        let mut client = Peer::new(TcpStream::connect(addr).await.unwrap(), true);
+        let greeting = client.next().await.unwrap();
+        assert_eq!(greeting.header.command(), Ok(Command::ConnectionValidation));
+        client
+            .send(&wire::client_validation(
+                false,
+                &wire::ClientValidation {
+                    buffer_size: 0x10000,
+                    registry_size: 0x7FFF,
+                    qos: 0,
+                    method: Bytes::from_static(b"anonymous"),
+                    credentials: Bytes::from_static(&[0xFF]),
+                },
+            ))
+            .await;
+        let validated = client.next().await.unwrap();
+        assert_eq!(validated.header.command(), Ok(Command::ConnectionValidated));
+        client
+    }
+
+    /// Creates channel `cid`; returns the sid the shim gave it.
+    async fn create(client: &mut Peer, cid: u32) -> u32 {
+        let mut w = wire::Writer::new(false);
+        w.u16(1).u32(cid).string(b"pv");
+        client
+            .send(&w.into_message(Command::CreateChannel, false))
+            .await;
+        let created = client.next().await.unwrap();
+        assert_eq!(created.header.command(), Ok(Command::CreateChannel));
+        let (got_cid, sid) = u32s(&created);
+        assert_eq!(got_cid, cid);
+        sid
+    }
+
+    fn two_u32(command: Command, from_server: bool, a: u32, b: u32) -> Message {
+        let mut w = wire::Writer::new(false);
+        w.u32(a).u32(b);
+        w.into_message(command, from_server)
+    }
+
+    async fn echo_round_trip(client: &mut Peer) -> Option<Message> {
+        client
+            .send(&wire::Writer::new(false).into_message(Command::Echo, false))
+            .await;
+        client.next().await
+    }
+
+    // Translation costs work, and a request for no channel goes nowhere:
+    // it must be dropped before any type is read. A pvRequest naming a key
+    // never defined used to close the client's connection.
+    #[tokio::test]
+    async fn requests_for_unknown_channels_are_dropped_before_translation() {
+        let nobody: SocketAddrV4 = "127.0.0.1:9".parse().unwrap();
+        let mut client = client_of_shim(nobody).await;
+        let get_init = [77, 0, 0, 0, 1, 0, 0, 0, 0x08, 0xFE, 9, 0, 0xFF];
+        let mut w = wire::Writer::new(false);
+        w.bytes(&get_init);
+        client.send(&w.into_message(Command::Get, false)).await;
+        let echo = echo_round_trip(&mut client).await;
+        assert_eq!(
+            echo.map(|m| m.header.command()),
+            Some(Ok(Command::Echo)),
+            "the connection stays open"
+        );
+    }
+
+    // pvxs and pvAccessCPP clients wait for the server's DESTROY_CHANNEL
+    // confirmation; it comes back with the sid the client knows.
+    #[tokio::test]
+    async fn client_destroy_channel_is_confirmed_with_the_clients_sid() {
+        let (search_addr, mut server_got, _inject) = fake_server().await;
+        let mut client = client_of_shim(search_addr).await;
+        let sid = create(&mut client, 7).await;
+        client
+            .send(&two_u32(Command::DestroyChannel, false, sid, 7))
+            .await;
+        let confirmed = client.next().await.expect("a confirmation");
+        assert_eq!(confirmed.header.command(), Ok(Command::DestroyChannel));
+        assert_eq!(u32s(&confirmed), (sid, 7));
+        let mut destroyed_on_server = None;
+        while let Ok(m) = server_got.try_recv() {
+            if m.header.command() == Ok(Command::DestroyChannel) {
+                destroyed_on_server = Some(u32s(&m));
+            }
+        }
+        assert_eq!(destroyed_on_server, Some((1007, 7)));
+    }
+
+    // A server DESTROY_CHANNEL must name the channel by its own sid as well
+    // as the cid: one naming another sid is ignored.
+    #[tokio::test]
+    async fn server_destroy_channel_naming_another_sid_is_ignored() {
+        let (search_addr, mut server_got, inject) = fake_server().await;
+        let mut client = client_of_shim(search_addr).await;
+        let sid = create(&mut client, 7).await;
+        inject
+            .send(two_u32(Command::DestroyChannel, true, 999, 7))
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let echo = echo_round_trip(&mut client).await;
+        assert_eq!(echo.map(|m| m.header.command()), Some(Ok(Command::Echo)));
+        // The channel still works: a request reaches the server.
+        let mut w = wire::Writer::new(false);
+        w.u32(sid).u32(1).u8(0x08).bytes(&[0x80, 0, 0]);
+        client.send(&w.into_message(Command::Get, false)).await;
+        let reached = tokio::time::timeout(WAIT, async {
+            while let Some(m) = server_got.recv().await {
+                if m.header.command() == Ok(Command::Get) {
+                    return Some(u32s(&m));
+                }
+            }
+            None
+        })
+        .await;
+        assert_eq!(reached, Ok(Some((1007, 1))));
+        // The right sid destroys it.
+        inject
+            .send(two_u32(Command::DestroyChannel, true, 1007, 7))
+            .unwrap();
+        let destroyed = client.next().await.expect("a destroy notice");
+        assert_eq!(destroyed.header.command(), Ok(Command::DestroyChannel));
+        assert_eq!(u32s(&destroyed), (sid, 7));
     }
 }

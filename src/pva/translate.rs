@@ -14,11 +14,16 @@
 //! pvxs and pvAccessCPP accept plain descriptions anywhere. Messages whose
 //! types hold no variant union carry no description in their values and
 //! still pass through unchanged.
+//!
+//! Each operation (ioid) keeps the types of its INIT response, to walk its
+//! values. An operation ends with DESTROY_REQUEST, a request or response
+//! with the DESTROY sub-command bit, a failed INIT, the end of its channel
+//! or the loss of its server.
 
 use super::types::{FieldType, Registry, Walker};
 use super::wire::{Command, Message, WireError};
 use bytes::{Bytes, BytesMut};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddrV4;
 use std::sync::Arc;
 
@@ -29,12 +34,20 @@ const GET: u8 = 0x40;
 const GET_PUT: u8 = 0x80;
 /// Operations tracked per client connection, at most.
 const MAX_OPS: usize = 65_536;
+/// Credentials larger than this are refused. pvAccessCPP's "ca"
+/// credentials (a user and a host name) take well under 1 KiB.
+const MAX_CREDENTIAL_BYTES: usize = 4 << 10;
 
 struct Op {
     command: Command,
+    /// The channel, by the sid the client uses, and its server.
+    sid: u32,
+    server: SocketAddrV4,
     /// From the server's INIT response: the value type (GET, PUT,
     /// MONITOR, ARRAY), or the put and get types (PUT_GET).
     types: Vec<Arc<FieldType>>,
+    /// The client asked to destroy it: it ends with the server's answer.
+    ending: bool,
 }
 
 impl Op {
@@ -50,33 +63,90 @@ pub struct Translator {
     client: Registry,
     servers: HashMap<SocketAddrV4, Registry>,
     ops: HashMap<u32, Op>,
+    /// The ioids of each channel's operations, by sid.
+    channel_ops: HashMap<u32, HashSet<u32>>,
 }
 
 impl Translator {
     /// Reads the client's credentials (a type and a value); returns them
     /// with a plain type, for servers that never saw the client's cache.
+    /// They are kept for the session's life, so they must be small and
+    /// stand alone: a definition (`0xFD`, as pvAccessCPP sends) is fine,
+    /// a reference to a key is refused.
     pub fn credentials(
         &mut self,
         credentials: &[u8],
         big_endian: bool,
     ) -> Result<Bytes, WireError> {
+        if credentials.len() > MAX_CREDENTIAL_BYTES {
+            return Err(WireError::Limit("the size of credentials (4 KiB)"));
+        }
         let mut out = BytesMut::new();
-        let mut w = Walker::new(credentials, big_endian, &mut self.client, Some(&mut out));
+        let mut w = Walker::new(credentials, big_endian, &mut self.client, Some(&mut out))
+            .without_references();
         if let Some(t) = w.field_desc() {
             w.value(&t);
         }
         w.copy_rest();
         w.finish()?;
+        if out.len() > MAX_CREDENTIAL_BYTES {
+            return Err(WireError::Limit("the size of credentials (4 KiB)"));
+        }
         Ok(out.freeze())
     }
 
     pub fn forget_server(&mut self, server: SocketAddrV4) {
         self.servers.remove(&server);
+        let ended: Vec<u32> = self
+            .ops
+            .iter()
+            .filter(|(_, op)| op.server == server)
+            .map(|(&ioid, _)| ioid)
+            .collect();
+        for ioid in ended {
+            self.end_op(ioid);
+        }
     }
 
-    /// A client request (`sid, ioid, subcmd, ...`). Returns a new payload
-    /// when the message had to be rewritten.
-    pub fn client_message(&mut self, message: &Message) -> Result<Option<Bytes>, WireError> {
+    /// The channel the client knows as `sid` is gone, with its operations.
+    pub fn forget_channel(&mut self, sid: u32) {
+        for ioid in self.channel_ops.remove(&sid).unwrap_or_default() {
+            self.ops.remove(&ioid);
+        }
+    }
+
+    #[cfg(test)]
+    fn op_count(&self) -> usize {
+        self.ops.len()
+    }
+
+    fn start_op(&mut self, ioid: u32, op: Op) {
+        self.end_op(ioid);
+        if self.ops.len() < MAX_OPS {
+            self.channel_ops.entry(op.sid).or_default().insert(ioid);
+            self.ops.insert(ioid, op);
+        }
+    }
+
+    fn end_op(&mut self, ioid: u32) {
+        let Some(op) = self.ops.remove(&ioid) else {
+            return;
+        };
+        if let Some(ioids) = self.channel_ops.get_mut(&op.sid) {
+            ioids.remove(&ioid);
+            if ioids.is_empty() {
+                self.channel_ops.remove(&op.sid);
+            }
+        }
+    }
+
+    /// A client request (`sid, ioid, subcmd, ...`) for a channel on
+    /// `server`. Returns a new payload when the message had to be rewritten.
+    pub fn client_message(
+        &mut self,
+        server: SocketAddrV4,
+        message: &Message,
+    ) -> Result<Option<Bytes>, WireError> {
         let Ok(command) = message.header.command() else {
             return Ok(None);
         };
@@ -90,11 +160,11 @@ impl Translator {
             &mut self.client,
             active.then_some(&mut out),
         );
-        w.copy(4, "sid");
+        let sid = w.u32("sid");
         let ioid = w.u32("ioid");
         match command {
             Command::DestroyRequest => {
-                self.ops.remove(&ioid);
+                self.end_op(ioid);
                 return Ok(None);
             }
             Command::Get
@@ -109,44 +179,57 @@ impl Translator {
         let subcmd = w.u8("subcommand");
         if subcmd & INIT != 0 {
             // The pvRequest: a type and a value, then anything else as is.
-            if let Some(t) = w.field_desc() {
-                w.value(&t);
-            }
-            w.copy_rest();
+            typed_value(&mut w);
             w.finish()?;
-            if self.ops.len() < MAX_OPS {
-                self.ops.insert(
-                    ioid,
-                    Op {
-                        command,
-                        types: Vec::new(),
-                    },
-                );
-            }
+            self.start_op(
+                ioid,
+                Op {
+                    command,
+                    sid,
+                    server,
+                    types: Vec::new(),
+                    ending: false,
+                },
+            );
         } else if command == Command::Rpc {
-            if let Some(t) = w.field_desc() {
-                w.value(&t);
-            }
-            w.copy_rest();
+            typed_value(&mut w);
             w.finish()?;
         } else {
-            let Some(op) = self.ops.get(&ioid) else {
-                return Ok(None);
-            };
-            let put_type = match command {
-                Command::Put | Command::PutGet if subcmd & (GET | GET_PUT) == 0 => {
+            let put_type = self.ops.get(&ioid).and_then(|op| match command {
+                Command::Put | Command::PutGet
+                    if subcmd & (GET | GET_PUT) == 0 && op.walks_values() =>
+                {
                     op.types.first().cloned()
                 }
                 _ => None,
-            };
-            let Some(put_type) = put_type.filter(|_| op.walks_values()) else {
-                return Ok(None);
-            };
-            w.changed_value(&put_type);
-            w.copy_rest();
-            w.finish()?;
+            });
+            if let Some(put_type) = put_type {
+                w.changed_value(&put_type);
+                w.copy_rest();
+                w.finish()?;
+            } else {
+                w.finish()?;
+                out.clear();
+            }
         }
-        Ok(active.then(|| out.freeze()))
+        if subcmd & DESTROY != 0 {
+            self.client_destroys(ioid, command);
+        }
+        if !active || out.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(out.freeze()))
+    }
+
+    /// A request with the DESTROY bit: a monitor ends now (no answer
+    /// follows), any other operation with the server's answer, whose value
+    /// may still need its types.
+    fn client_destroys(&mut self, ioid: u32, command: Command) {
+        if command == Command::Monitor {
+            self.end_op(ioid);
+        } else if let Some(op) = self.ops.get_mut(&ioid) {
+            op.ending = true;
+        }
     }
 
     /// A server message (`ioid, subcmd, status, ...` or GET_FIELD's
@@ -186,10 +269,16 @@ impl Translator {
         ) {
             return Ok(None);
         }
+        // Only this server's operations: a server cannot touch another's.
+        let op = self
+            .ops
+            .get(&ioid)
+            .filter(|op| op.server == server && op.command == command);
         let subcmd = w.u8("subcommand");
         if subcmd & INIT != 0 {
             let mut types = Vec::new();
-            if w.status() {
+            let ok = w.status();
+            if ok {
                 let count = match command {
                     Command::Get | Command::Put | Command::Monitor | Command::Array => 1,
                     Command::PutGet => 2,
@@ -203,59 +292,84 @@ impl Translator {
             }
             w.copy_rest();
             w.finish()?;
-            if let Some(op) = self.ops.get_mut(&ioid) {
-                op.types = types;
+            if op.is_some() {
+                match self.ops.get_mut(&ioid) {
+                    Some(op) if ok && subcmd & DESTROY == 0 => op.types = types,
+                    _ => self.end_op(ioid),
+                }
             }
             return Ok(active.then(|| out.freeze()));
         }
-        if command == Command::Rpc {
+        let ends = op.is_some_and(|op| op.ending) || subcmd & DESTROY != 0;
+        let rewritten = if command == Command::Rpc {
             if w.status() {
-                if let Some(t) = w.field_desc() {
-                    w.value(&t);
-                }
+                typed_value(&mut w);
+            } else {
+                w.copy_rest();
             }
-            w.copy_rest();
             w.finish()?;
-            return Ok(active.then(|| out.freeze()));
-        }
-        let Some(op) = self.ops.get(&ioid) else {
-            return Ok(None);
-        };
-        if !op.walks_values() || op.command != command {
-            return Ok(None);
-        }
-        let value_type = match command {
-            Command::Monitor if subcmd & DESTROY != 0 => None,
-            Command::Monitor => op.types.first(),
-            _ => {
-                if !w.status() {
-                    None
-                } else {
-                    match command {
-                        Command::Get => op.types.first(),
-                        Command::Put if subcmd & GET != 0 => op.types.first(),
-                        Command::PutGet if subcmd & GET_PUT != 0 => op.types.first(),
-                        Command::PutGet => op.types.get(1),
-                        Command::Array if subcmd & GET != 0 => {
-                            // A whole array value, not a partial one.
-                            if let Some(t) = op.types.first().cloned() {
-                                w.value(&t);
-                            }
-                            None
-                        }
-                        _ => None,
-                    }
+            active.then(|| out.freeze())
+        } else {
+            match op.filter(|op| op.walks_values()) {
+                None => None,
+                Some(op) => {
+                    let types = op.types.clone();
+                    server_value(&mut w, command, subcmd, &types);
+                    w.copy_rest();
+                    w.finish()?;
+                    active.then(|| out.freeze())
                 }
             }
         };
-        if let Some(t) = value_type.cloned() {
-            if !w.r.is_empty() {
-                w.changed_value(&t);
+        if ends && op.is_some() {
+            self.end_op(ioid);
+        }
+        Ok(rewritten)
+    }
+}
+
+/// A type description and a value of it, then the rest as is. The value is
+/// walked only when it can hold descriptions (O(1) to know).
+fn typed_value(w: &mut Walker) {
+    if let Some(t) = w.field_desc() {
+        if t.has_variant() {
+            w.value(&t);
+        }
+    }
+    w.copy_rest();
+}
+
+/// The value part of a server's (non-INIT) answer, for an operation whose
+/// `types` hold a variant union.
+fn server_value(w: &mut Walker, command: Command, subcmd: u8, types: &[Arc<FieldType>]) {
+    let value_type = match command {
+        Command::Monitor if subcmd & DESTROY != 0 => None,
+        Command::Monitor => types.first(),
+        _ => {
+            if !w.status() {
+                None
+            } else {
+                match command {
+                    Command::Get => types.first(),
+                    Command::Put if subcmd & GET != 0 => types.first(),
+                    Command::PutGet if subcmd & GET_PUT != 0 => types.first(),
+                    Command::PutGet => types.get(1),
+                    Command::Array if subcmd & GET != 0 => {
+                        // A whole array value, not a partial one.
+                        if let Some(t) = types.first() {
+                            w.value(t);
+                        }
+                        None
+                    }
+                    _ => None,
+                }
             }
         }
-        w.copy_rest();
-        w.finish()?;
-        Ok(active.then(|| out.freeze()))
+    };
+    if let Some(t) = value_type {
+        if !w.r.is_empty() {
+            w.changed_value(t);
+        }
     }
 }
 
@@ -285,7 +399,7 @@ mod tests {
     fn passthrough_tracks_without_rewriting() {
         let mut t = Translator::default();
         assert_eq!(
-            t.client_message(&msg(Command::Get, false, &GET_INIT))
+            t.client_message(server(), &msg(Command::Get, false, &GET_INIT))
                 .unwrap(),
             None
         );
@@ -308,7 +422,7 @@ mod tests {
             ..Translator::default()
         };
         let out = t
-            .client_message(&msg(Command::Get, false, &GET_INIT))
+            .client_message(server(), &msg(Command::Get, false, &GET_INIT))
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -344,7 +458,7 @@ mod tests {
     fn each_server_has_its_own_cache() {
         let mut t = Translator::default();
         let other: SocketAddrV4 = "127.0.0.1:40000".parse().unwrap();
-        t.client_message(&msg(Command::Get, false, &GET_INIT))
+        t.client_message(server(), &msg(Command::Get, false, &GET_INIT))
             .unwrap();
         let init = [5, 0, 0, 0, 0x08, 0xFF, 0xFD, 1, 0, 0x80, 0, 0];
         t.server_message(server(), &msg(Command::Get, true, &init))
@@ -368,5 +482,148 @@ mod tests {
         let plain = t.credentials(&cached, false).unwrap();
         assert_eq!(&plain[..], &cached[3..]);
         assert_eq!(&t.credentials(&[0xFF], false).unwrap()[..], &[0xFF]);
+    }
+
+    #[test]
+    fn credentials_over_4_kib_are_refused() {
+        let mut t = Translator::default();
+        let mut credentials = vec![0x80, 0, 1, 4, b'u', b's', b'e', b'r', 0x60, 0xFE];
+        credentials.extend_from_slice(&5000u32.to_le_bytes());
+        credentials.extend_from_slice(&[b'x'; 5000]);
+        assert_eq!(
+            t.credentials(&credentials, false).map(|plain| plain.len()),
+            Err(WireError::Limit("the size of credentials (4 KiB)"))
+        );
+    }
+
+    // ~800 bytes whose nested definitions and references double a long
+    // field name 15 times: kept for the session, they came to 16 MiB.
+    #[test]
+    fn credentials_with_cache_references_are_refused() {
+        fn doubling(key: u8) -> Vec<u8> {
+            if key == 1 {
+                let mut desc = vec![0xFD, 1, 0, 0x80, 0, 1, 250];
+                desc.extend_from_slice(&[b'n'; 250]);
+                desc.push(0x22);
+                return desc;
+            }
+            let mut desc = vec![0xFD, key, 0, 0x80, 0, 2, 1, b'a'];
+            desc.extend(doubling(key - 1));
+            desc.extend_from_slice(&[1, b'b', 0xFE, key - 1, 0]);
+            desc
+        }
+        let mut t = Translator::default();
+        let credentials = doubling(15);
+        assert!(credentials.len() < 1000);
+        assert!(matches!(
+            t.credentials(&credentials, false),
+            Err(WireError::Limit(_))
+        ));
+        // Even a small one: credentials stand alone.
+        let small = [
+            0xFD, 1, 0, 0x80, 0, 2, 1, b'a', 0xFD, 2, 0, 0x80, 0, 0, 1, b'b', 0xFE, 2, 0,
+        ];
+        assert_eq!(
+            t.credentials(&small, false),
+            Err(WireError::Limit("a type cache reference in credentials"))
+        );
+    }
+
+    // The server's INIT response: {any v}, so values are walked.
+    const INIT_ANY: [u8; 12] = [5, 0, 0, 0, 0x08, 0xFF, 0x80, 0, 1, 1, b'v', 0x82];
+
+    fn translator_with_get_op() -> Translator {
+        let mut t = Translator {
+            active: true,
+            ..Translator::default()
+        };
+        t.client_message(server(), &msg(Command::Get, false, &GET_INIT))
+            .unwrap();
+        t.server_message(server(), &msg(Command::Get, true, &INIT_ANY))
+            .unwrap();
+        assert_eq!(t.op_count(), 1);
+        t
+    }
+
+    #[test]
+    fn destroy_bit_ends_an_operation_after_the_servers_answer() {
+        let mut t = translator_with_get_op();
+        // GET with DESTROY: the answer still needs the op's type.
+        t.client_message(
+            server(),
+            &msg(Command::Get, false, &[1, 0, 0, 0, 5, 0, 0, 0, 0x50]),
+        )
+        .unwrap();
+        assert_eq!(t.op_count(), 1);
+        let answer = [5, 0, 0, 0, 0x50, 0xFF, 1, 1, 0xFD, 3, 0, 0x22, 7, 0, 0, 0];
+        let out = t
+            .server_message(server(), &msg(Command::Get, true, &answer))
+            .unwrap()
+            .unwrap();
+        assert_eq!(&out[..], &[5, 0, 0, 0, 0x50, 0xFF, 1, 1, 0x22, 7, 0, 0, 0]);
+        assert_eq!(t.op_count(), 0);
+    }
+
+    #[test]
+    fn monitor_destroy_bit_ends_the_operation_at_once() {
+        let mut t = Translator::default();
+        let mut init = GET_INIT;
+        init[4] = 6;
+        t.client_message(server(), &msg(Command::Monitor, false, &init))
+            .unwrap();
+        assert_eq!(t.op_count(), 1);
+        t.client_message(
+            server(),
+            &msg(Command::Monitor, false, &[1, 0, 0, 0, 6, 0, 0, 0, 0x10]),
+        )
+        .unwrap();
+        assert_eq!(t.op_count(), 0);
+    }
+
+    #[test]
+    fn failed_init_ends_the_operation() {
+        let mut t = Translator::default();
+        t.client_message(server(), &msg(Command::Get, false, &GET_INIT))
+            .unwrap();
+        let failed = [5, 0, 0, 0, 0x08, 2, 1, b'x', 0];
+        t.server_message(server(), &msg(Command::Get, true, &failed))
+            .unwrap();
+        assert_eq!(t.op_count(), 0);
+    }
+
+    #[test]
+    fn operations_end_with_their_channel_or_server() {
+        let other: SocketAddrV4 = "127.0.0.1:40000".parse().unwrap();
+        let mut t = Translator::default();
+        let mut on_sid_2 = GET_INIT;
+        on_sid_2[0] = 2;
+        on_sid_2[4] = 6;
+        let mut on_other = GET_INIT;
+        on_other[0] = 3;
+        on_other[4] = 7;
+        t.client_message(server(), &msg(Command::Get, false, &GET_INIT))
+            .unwrap();
+        t.client_message(server(), &msg(Command::Get, false, &on_sid_2))
+            .unwrap();
+        t.client_message(other, &msg(Command::Get, false, &on_other))
+            .unwrap();
+        assert_eq!(t.op_count(), 3);
+        t.forget_channel(1);
+        assert_eq!(t.op_count(), 2);
+        t.forget_server(other);
+        assert_eq!(t.op_count(), 1);
+        t.forget_channel(2);
+        assert_eq!(t.op_count(), 0);
+    }
+
+    #[test]
+    fn a_server_cannot_set_the_types_of_another_servers_operation() {
+        let other: SocketAddrV4 = "127.0.0.1:40000".parse().unwrap();
+        let mut t = Translator::default();
+        t.client_message(server(), &msg(Command::Get, false, &GET_INIT))
+            .unwrap();
+        t.server_message(other, &msg(Command::Get, true, &INIT_ANY))
+            .unwrap();
+        assert!(!t.ops[&5].walks_values());
     }
 }

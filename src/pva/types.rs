@@ -12,30 +12,68 @@
 //! Values are serialized without type information, except inside variant
 //! unions ("any"), which carry a description before the value. So a value
 //! needs walking only if its type holds a variant union somewhere.
+//!
+//! Invariant: every `FieldType` the walker builds, including those reached
+//! through cache references, nests at most `MAX_DEPTH` levels, expands to
+//! at most `MAX_TYPE_NODES` fields and `MAX_TYPE_BYTES` bytes in plain form.
+//! So every recursion over a type (drop, encode, equality) is at most
+//! `MAX_DEPTH` deep, and what a type costs to write is known in O(1)
+//! (`FieldType::wire_len`) before it is written.
 
 use super::wire::{Reader, WireError};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// pvxs refuses deeper nesting; so does the shim.
+/// Levels of nesting below the top of a type (pvxs `maxNestingDepth`,
+/// `dataencode.cpp`), counted through cache references too: a reference
+/// costs the depth of the type it names.
 const MAX_DEPTH: usize = 20;
-/// Fields held in one connection direction's cache, at most.
+/// Fields held in one connection direction's cache, at most (counted as
+/// expanded, so shared subtrees count once per use).
 const MAX_CACHED_FIELDS: usize = 200_000;
+/// Plain-form bytes of the types held in one connection direction's cache.
+/// Long names make few fields cost many bytes.
+const MAX_CACHED_BYTES: usize = 8 << 20;
 /// Fields one type description may expand to. Cached types can refer to
 /// earlier ones, so a few bytes could otherwise describe a huge tree.
 const MAX_TYPE_NODES: usize = 65_536;
+/// Bytes one type description may expand to in plain form (type codes, ids,
+/// field names): what re-emitting it costs, whatever it took on the wire.
+const MAX_TYPE_BYTES: usize = 256 << 10;
 /// Work one message may cost, per byte of it (plus a fixed allowance):
-/// values visited and type fields written. Bounds both CPU and output.
+/// one unit per value visited, one per byte of every type description read
+/// (a reference costs what it expands to), in every mode.
 const WORK_PER_BYTE: usize = 64;
-const WORK_ALLOWANCE: usize = 1 << 17;
+const WORK_ALLOWANCE: usize = 256 << 10;
+/// A re-emitted message may be at most this many times its input, plus a
+/// fixed allowance (one type of `MAX_TYPE_BYTES` fits in the allowance).
+const GROWTH_PER_BYTE: usize = 4;
+const GROWTH_ALLOWANCE: usize = MAX_TYPE_BYTES;
 
 const NULL: u8 = 0xFF;
 const DEFINE: u8 = 0xFD;
 const REFER: u8 = 0xFE;
 
+/// A type description with what it costs, computed once when it is built.
 #[derive(Debug, PartialEq, Eq)]
-pub enum FieldType {
+pub struct FieldType {
+    kind: Kind,
+    /// Levels of nesting below this node (a scalar or empty structure: 0).
+    depth: usize,
+    /// Fields it expands to.
+    nodes: usize,
+    /// Bytes of its plain description.
+    wire_len: usize,
+    /// Whether a value of this type can hold a type description.
+    has_variant: bool,
+    /// Bits it takes in a BitSet: structures number their members,
+    /// everything else (unions and arrays included) is one bit.
+    bits: usize,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Kind {
     /// A scalar: its type code (bool 0x00, integers 0x2X, floats 0x4X, string 0x60).
     Scalar(u8),
     /// A variable-length array of scalars (code | 0x08).
@@ -50,6 +88,8 @@ pub enum FieldType {
     Structure {
         id: Bytes,
         fields: Vec<(Bytes, Arc<FieldType>)>,
+        /// The BitSet bit of each member, counted from the structure's own.
+        offsets: Vec<usize>,
     },
     Union {
         id: Bytes,
@@ -62,33 +102,69 @@ pub enum FieldType {
 }
 
 impl FieldType {
-    /// Whether a value of this type can hold a type description.
-    pub fn has_variant(&self) -> bool {
-        match self {
-            FieldType::Variant | FieldType::VariantArray => true,
-            FieldType::Structure { fields, .. } | FieldType::Union { fields, .. } => {
-                fields.iter().any(|(_, t)| t.has_variant())
+    /// Builds a node, summing what its members cost (O(members)).
+    fn new(kind: Kind) -> FieldType {
+        let leaf = |wire_len: usize, has_variant: bool| (0, 1, wire_len, has_variant, 1);
+        let (depth, nodes, wire_len, has_variant, bits) = match &kind {
+            Kind::Scalar(_) | Kind::ScalarArray(_) => leaf(1, false),
+            Kind::SizedArray { size, .. } | Kind::BoundedString(size) => {
+                leaf(1 + size_len(*size as usize), false)
             }
-            FieldType::StructureArray(t) | FieldType::UnionArray(t) => t.has_variant(),
-            _ => false,
+            Kind::Variant | Kind::VariantArray => leaf(1, true),
+            Kind::StructureArray(e) | Kind::UnionArray(e) => {
+                (1 + e.depth, 1 + e.nodes, 1 + e.wire_len, e.has_variant, 1)
+            }
+            Kind::Structure { id, fields, .. } | Kind::Union { id, fields } => {
+                let mut depth = 0;
+                let mut nodes = 1usize;
+                let mut wire_len = 1 + string_len(id) + size_len(fields.len());
+                let mut has_variant = false;
+                let mut bits = 1usize;
+                for (name, t) in fields {
+                    depth = depth.max(1 + t.depth);
+                    nodes = nodes.saturating_add(t.nodes);
+                    wire_len = wire_len
+                        .saturating_add(string_len(name))
+                        .saturating_add(t.wire_len);
+                    has_variant |= t.has_variant;
+                    bits = bits.saturating_add(t.bits);
+                }
+                if matches!(kind, Kind::Union { .. }) {
+                    bits = 1;
+                }
+                (depth, nodes, wire_len, has_variant, bits)
+            }
+        };
+        FieldType {
+            kind,
+            depth,
+            nodes,
+            wire_len,
+            has_variant,
+            bits,
         }
     }
 
-    /// Writes the plain description.
+    /// Whether a value of this type can hold a type description (O(1)).
+    pub fn has_variant(&self) -> bool {
+        self.has_variant
+    }
+
+    /// Writes the plain description: `wire_len` bytes.
     pub fn encode(&self, big_endian: bool, out: &mut BytesMut) {
-        match self {
-            FieldType::Scalar(code) => out.put_u8(*code),
-            FieldType::ScalarArray(code) => out.put_u8(code | 0x08),
-            FieldType::SizedArray { code, fixed, size } => {
+        match &self.kind {
+            Kind::Scalar(code) => out.put_u8(*code),
+            Kind::ScalarArray(code) => out.put_u8(code | 0x08),
+            Kind::SizedArray { code, fixed, size } => {
                 out.put_u8(code | if *fixed { 0x18 } else { 0x10 });
                 put_size(out, *size as usize, big_endian);
             }
-            FieldType::BoundedString(size) => {
+            Kind::BoundedString(size) => {
                 out.put_u8(0x83);
                 put_size(out, *size as usize, big_endian);
             }
-            FieldType::Structure { id, fields } | FieldType::Union { id, fields } => {
-                out.put_u8(if matches!(self, FieldType::Structure { .. }) {
+            Kind::Structure { id, fields, .. } | Kind::Union { id, fields } => {
+                out.put_u8(if matches!(self.kind, Kind::Structure { .. }) {
                     0x80
                 } else {
                     0x81
@@ -100,29 +176,69 @@ impl FieldType {
                     t.encode(big_endian, out);
                 }
             }
-            FieldType::Variant => out.put_u8(0x82),
-            FieldType::StructureArray(t) => {
+            Kind::Variant => out.put_u8(0x82),
+            Kind::StructureArray(t) => {
                 out.put_u8(0x88);
                 t.encode(big_endian, out);
             }
-            FieldType::UnionArray(t) => {
+            Kind::UnionArray(t) => {
                 out.put_u8(0x89);
                 t.encode(big_endian, out);
             }
-            FieldType::VariantArray => out.put_u8(0x8A),
+            Kind::VariantArray => out.put_u8(0x8A),
+        }
+    }
+
+    /// The field that BitSet bit `bit` names: O(depth x log(members)).
+    fn field_at_bit(&self, mut bit: usize) -> Option<&FieldType> {
+        let mut t = self;
+        loop {
+            if bit == 0 {
+                return Some(t);
+            }
+            if bit >= t.bits {
+                return None;
+            }
+            let Kind::Structure {
+                fields, offsets, ..
+            } = &t.kind
+            else {
+                return None;
+            };
+            // offsets[0] is 1 and bit >= 1, so a member starts at or before it.
+            let member = offsets
+                .partition_point(|&start| start <= bit)
+                .checked_sub(1)?;
+            bit -= offsets[member];
+            t = &fields.get(member)?.1;
         }
     }
 }
 
+/// Bytes `put_size` writes for `n`.
+fn size_len(n: usize) -> usize {
+    if n < 254 {
+        1
+    } else {
+        5
+    }
+}
+
+fn string_len(s: &[u8]) -> usize {
+    size_len(s.len()).saturating_add(s.len())
+}
+
+/// Sizes come from the wire (u32) or from lengths bounded by a message.
 pub fn put_size(out: &mut BytesMut, n: usize, big_endian: bool) {
     if n < 254 {
         out.put_u8(n as u8);
     } else {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
         out.put_u8(0xFE);
         if big_endian {
-            out.put_u32(n as u32)
+            out.put_u32(n)
         } else {
-            out.put_u32_le(n as u32)
+            out.put_u32_le(n)
         }
     }
 }
@@ -135,19 +251,26 @@ fn put_string(out: &mut BytesMut, s: &[u8], big_endian: bool) {
 /// One sender's type cache on one connection.
 #[derive(Default)]
 pub struct Registry {
-    /// Each key's type and how many fields it expands to.
-    entries: HashMap<u16, (Arc<FieldType>, usize)>,
+    entries: HashMap<u16, Arc<FieldType>>,
+    /// Fields and plain bytes of all entries, as expanded.
     fields: usize,
+    bytes: usize,
 }
 
 impl Registry {
-    fn define(&mut self, key: u16, t: Arc<FieldType>, nodes: usize) -> Result<(), WireError> {
-        let replaced = self.entries.get(&key).map_or(0, |(_, n)| *n);
-        self.fields = self.fields - replaced + nodes;
-        if self.fields > MAX_CACHED_FIELDS {
-            return Err(WireError::Truncated("type cache limit"));
+    fn define(&mut self, key: u16, t: Arc<FieldType>) -> Result<(), WireError> {
+        let (old_fields, old_bytes) = self
+            .entries
+            .get(&key)
+            .map_or((0, 0), |old| (old.nodes, old.wire_len));
+        let fields = self.fields - old_fields + t.nodes;
+        let bytes = self.bytes - old_bytes + t.wire_len;
+        if fields > MAX_CACHED_FIELDS || bytes > MAX_CACHED_BYTES {
+            return Err(WireError::Limit("the size of one type cache"));
         }
-        self.entries.insert(key, (t, nodes));
+        self.fields = fields;
+        self.bytes = bytes;
+        self.entries.insert(key, t);
         Ok(())
     }
 }
@@ -161,6 +284,10 @@ pub struct Walker<'a, 'o> {
     registry: &'o mut Registry,
     error: Option<WireError>,
     work_left: usize,
+    /// How long `out` may grow: a small multiple of the input.
+    out_limit: usize,
+    /// Whether `0xFE` references are accepted (not in credentials).
+    references: bool,
 }
 
 impl<'a, 'o> Walker<'a, 'o> {
@@ -170,6 +297,12 @@ impl<'a, 'o> Walker<'a, 'o> {
         registry: &'o mut Registry,
         out: Option<&'o mut BytesMut>,
     ) -> Self {
+        let out_limit = out.as_ref().map_or(0, |o| o.len()).saturating_add(
+            payload
+                .len()
+                .saturating_mul(GROWTH_PER_BYTE)
+                .saturating_add(GROWTH_ALLOWANCE),
+        );
         Walker {
             r: Reader::new(payload, big_endian),
             out,
@@ -180,7 +313,15 @@ impl<'a, 'o> Walker<'a, 'o> {
                 .len()
                 .saturating_mul(WORK_PER_BYTE)
                 .saturating_add(WORK_ALLOWANCE),
+            out_limit,
+            references: true,
         }
+    }
+
+    /// Refuses `0xFE` references: for a description that must stand alone.
+    pub fn without_references(mut self) -> Self {
+        self.references = false;
+        self
     }
 
     /// Takes `units` from the message's work allowance; false when spent.
@@ -191,7 +332,7 @@ impl<'a, 'o> Walker<'a, 'o> {
                 true
             }
             None => {
-                self.fail(WireError::Truncated("the work limit of one message"));
+                self.fail(WireError::Limit("the work one message may cost"));
                 false
             }
         }
@@ -280,128 +421,164 @@ impl<'a, 'o> Walker<'a, 'o> {
     }
 
     /// A type description; written back in plain form. `None` is null.
+    /// Costs the bytes it expands to, in every mode: a reference is cheap
+    /// to read but not to write or to walk.
     pub fn field_desc(&mut self) -> Option<Arc<FieldType>> {
-        let read = self.read_desc(0);
-        if self.out.is_some() && !self.spend(read.as_ref().map_or(1, |(_, nodes)| *nodes)) {
+        let t = self.read_desc(0);
+        if self.failed() {
             return None;
         }
+        let len = t.as_ref().map_or(1, |t| t.wire_len);
+        if !self.spend(len) {
+            return None;
+        }
+        let out_limit = self.out_limit;
         if let Some(out) = self.out.as_deref_mut() {
-            match &read {
-                Some((t, _)) => t.encode(self.big_endian, out),
+            if out.len().saturating_add(len) > out_limit {
+                self.fail(WireError::Limit("the size of a translated message"));
+                return None;
+            }
+            match &t {
+                Some(t) => t.encode(self.big_endian, out),
                 None => out.put_u8(NULL),
             }
         }
-        read.map(|(t, _)| t)
+        t
     }
 
-    /// A description and the number of fields it expands to.
-    fn read_desc(&mut self, depth: usize) -> Option<(Arc<FieldType>, usize)> {
-        if depth > MAX_DEPTH {
-            self.fail(WireError::Truncated("type nesting depth"));
+    /// A description at nesting `level` (0 at the top of a description).
+    fn read_desc(&mut self, level: usize) -> Option<Arc<FieldType>> {
+        if level > MAX_DEPTH {
+            self.fail(WireError::Limit("type nesting depth"));
             return None;
         }
         if self.failed() {
             return None;
         }
-        match self.r.u8("type code") {
-            NULL => None,
+        let t = match self.r.u8("type code") {
+            NULL => return None,
             DEFINE => {
                 let key = self.r.u16("cache key");
-                let (t, nodes) = self.read_desc(depth + 1)?;
-                if let Err(e) = self.registry.define(key, t.clone(), nodes) {
+                let t = self.read_desc(level)?;
+                if let Err(e) = self.registry.define(key, t.clone()) {
                     self.fail(e);
+                    return None;
                 }
-                Some((t, nodes))
+                t
             }
             REFER => {
                 let key = self.r.u16("cache key");
+                if !self.references {
+                    self.fail(WireError::Limit("a type cache reference in credentials"));
+                    return None;
+                }
                 match self.registry.entries.get(&key) {
-                    Some((t, nodes)) => Some((t.clone(), *nodes)),
+                    Some(t) => t.clone(),
                     None => {
                         self.fail(WireError::Truncated("a type cache key never defined"));
-                        None
+                        return None;
                     }
                 }
             }
-            code => {
-                let (t, nodes) = self.read_type(code, depth)?;
-                Some((Arc::new(t), nodes))
-            }
+            code => Arc::new(self.read_type(code, level)?),
+        };
+        // A reference brings a whole tree at once: it must fit below
+        // `level` as a plain description would.
+        if level + t.depth > MAX_DEPTH {
+            self.fail(WireError::Limit("type nesting depth"));
+            return None;
         }
+        Some(t)
     }
 
-    fn read_type(&mut self, code: u8, depth: usize) -> Option<(FieldType, usize)> {
+    fn read_type(&mut self, code: u8, level: usize) -> Option<FieldType> {
         if code & 0x80 == 0 {
             let scalar = code & !0x18;
             if scalar_width(scalar).is_none() {
                 self.fail(WireError::Truncated("a known scalar type code"));
                 return None;
             }
-            let t = match code & 0x18 {
-                0x00 => FieldType::Scalar(scalar),
-                0x08 => FieldType::ScalarArray(scalar),
-                bits => FieldType::SizedArray {
+            let kind = match code & 0x18 {
+                0x00 => Kind::Scalar(scalar),
+                0x08 => Kind::ScalarArray(scalar),
+                bits => Kind::SizedArray {
                     code: scalar,
                     fixed: bits == 0x18,
                     size: self.r.size("array bound").unwrap_or(0),
                 },
             };
-            return Some((t, 1));
+            return Some(FieldType::new(kind));
         }
-        match code {
+        let kind = match code {
             0x80 | 0x81 => {
                 let id = Bytes::copy_from_slice(self.r.string("type id"));
                 let count = self.r.size("field count").unwrap_or(0) as usize;
                 let mut fields = Vec::new();
+                // Running totals refuse a huge structure before it is built.
                 let mut nodes = 1usize;
+                let mut bytes = 1 + string_len(&id) + size_len(count);
                 for _ in 0..count {
                     if self.failed() {
                         return None;
                     }
                     let name = Bytes::copy_from_slice(self.r.string("field name"));
-                    let Some((t, n)) = self.read_desc(depth + 1) else {
+                    let Some(t) = self.read_desc(level + 1) else {
                         self.fail(WireError::Truncated("a member type"));
                         return None;
                     };
-                    nodes = self.within_type_limit(nodes.saturating_add(n))?;
+                    nodes = nodes.saturating_add(t.nodes);
+                    bytes = bytes
+                        .saturating_add(string_len(&name))
+                        .saturating_add(t.wire_len);
+                    self.within_type_limits(nodes, bytes)?;
                     fields.push((name, t));
                 }
-                let t = if code == 0x80 {
-                    FieldType::Structure { id, fields }
+                if code == 0x80 {
+                    let mut offsets = Vec::with_capacity(fields.len());
+                    let mut next = 1usize;
+                    for (_, t) in &fields {
+                        offsets.push(next);
+                        next = next.saturating_add(t.bits);
+                    }
+                    Kind::Structure {
+                        id,
+                        fields,
+                        offsets,
+                    }
                 } else {
-                    FieldType::Union { id, fields }
-                };
-                Some((t, nodes))
+                    Kind::Union { id, fields }
+                }
             }
-            0x82 => Some((FieldType::Variant, 1)),
-            0x83 => Some((
-                FieldType::BoundedString(self.r.size("string bound").unwrap_or(0)),
-                1,
-            )),
+            0x82 => Kind::Variant,
+            0x83 => Kind::BoundedString(self.r.size("string bound").unwrap_or(0)),
             0x88 | 0x89 => {
-                let (element, n) = self.read_desc(depth + 1)?;
-                let nodes = self.within_type_limit(n.saturating_add(1))?;
-                let t = if code == 0x88 {
-                    FieldType::StructureArray(element)
+                let element = self.read_desc(level + 1)?;
+                self.within_type_limits(element.nodes + 1, element.wire_len + 1)?;
+                if code == 0x88 {
+                    Kind::StructureArray(element)
                 } else {
-                    FieldType::UnionArray(element)
-                };
-                Some((t, nodes))
+                    Kind::UnionArray(element)
+                }
             }
-            0x8A => Some((FieldType::VariantArray, 1)),
+            0x8A => Kind::VariantArray,
             _ => {
                 self.fail(WireError::Truncated("a known type code"));
-                None
+                return None;
             }
-        }
+        };
+        Some(FieldType::new(kind))
     }
 
-    fn within_type_limit(&mut self, nodes: usize) -> Option<usize> {
+    fn within_type_limits(&mut self, nodes: usize, bytes: usize) -> Option<()> {
         if nodes > MAX_TYPE_NODES {
-            self.fail(WireError::Truncated("the size limit of one type"));
+            self.fail(WireError::Limit("the number of fields of one type"));
             return None;
         }
-        Some(nodes)
+        if bytes > MAX_TYPE_BYTES {
+            self.fail(WireError::Limit("the size of one type"));
+            return None;
+        }
+        Some(())
     }
 
     /// A whole value of type `t`.
@@ -410,34 +587,34 @@ impl<'a, 'o> Walker<'a, 'o> {
     }
 
     fn value_at(&mut self, t: &FieldType, depth: usize) {
-        if depth > MAX_DEPTH || self.failed() {
-            self.fail(WireError::Truncated("value nesting depth"));
+        if depth > MAX_DEPTH {
+            self.fail(WireError::Limit("value nesting depth"));
             return;
         }
-        if !self.spend(1) {
+        if self.failed() || !self.spend(1) {
             return;
         }
-        match t {
-            FieldType::Scalar(code) => self.scalar(*code),
-            FieldType::BoundedString(_) => self.scalar(0x60),
-            FieldType::ScalarArray(code)
-            | FieldType::SizedArray {
+        match &t.kind {
+            Kind::Scalar(code) => self.scalar(*code),
+            Kind::BoundedString(_) => self.scalar(0x60),
+            Kind::ScalarArray(code)
+            | Kind::SizedArray {
                 code, fixed: false, ..
             } => {
                 let n = self.size("array length").unwrap_or(0);
                 self.scalars(*code, n);
             }
-            FieldType::SizedArray {
+            Kind::SizedArray {
                 code,
                 fixed: true,
                 size,
             } => self.scalars(*code, *size),
-            FieldType::Structure { fields, .. } => {
+            Kind::Structure { fields, .. } => {
                 for (_, member) in fields {
                     self.value_at(member, depth + 1);
                 }
             }
-            FieldType::Union { fields, .. } => {
+            Kind::Union { fields, .. } => {
                 if let Some(selector) = self.size("union selector") {
                     match fields.get(selector as usize) {
                         Some((_, member)) => self.value_at(member, depth + 1),
@@ -445,12 +622,12 @@ impl<'a, 'o> Walker<'a, 'o> {
                     }
                 }
             }
-            FieldType::Variant => {
+            Kind::Variant => {
                 if let Some(inner) = self.field_desc() {
                     self.value_at(&inner, depth + 1);
                 }
             }
-            FieldType::StructureArray(element) | FieldType::UnionArray(element) => {
+            Kind::StructureArray(element) | Kind::UnionArray(element) => {
                 let n = self.size("array length").unwrap_or(0);
                 for _ in 0..n {
                     if self.failed() {
@@ -461,14 +638,16 @@ impl<'a, 'o> Walker<'a, 'o> {
                     }
                 }
             }
-            FieldType::VariantArray => {
+            Kind::VariantArray => {
                 let n = self.size("array length").unwrap_or(0);
                 for _ in 0..n {
-                    if self.failed() {
+                    if self.failed() || !self.spend(1) {
                         return;
                     }
                     if self.u8("element present") != 0 {
-                        self.value_at(&FieldType::Variant, depth + 1);
+                        if let Some(inner) = self.field_desc() {
+                            self.value_at(&inner, depth + 1);
+                        }
                     }
                 }
             }
@@ -538,56 +717,28 @@ impl<'a, 'o> Walker<'a, 'o> {
 
     /// A BitSet and the partial value it selects, for a value of type `t`.
     pub fn changed_value(&mut self, t: &FieldType) {
-        let bits = self.bitset(t.size_in_fields_for_bits());
+        let bits = self.bitset(t.bits);
         self.partial_value(t, &bits);
     }
 
     /// A partial value: the fields whose bits are set, in bit order
     /// (pvData `PVStructure::serialize` with a BitSet).
     pub fn partial_value(&mut self, t: &FieldType, bits: &[usize]) {
-        let flat = flatten(t);
         let mut next_free = 0;
         for &bit in bits {
             if bit < next_free {
                 continue; // inside a field already written whole
             }
-            let Some(field) = flat.get(bit) else { break };
+            let Some(field) = t.field_at_bit(bit) else {
+                break;
+            };
             self.value(field);
-            next_free = bit + field.size_in_fields_for_bits();
-        }
-    }
-}
-
-impl FieldType {
-    /// Bits a field takes in a BitSet: structures number their members,
-    /// everything else (unions and arrays included) is one bit.
-    fn size_in_fields_for_bits(&self) -> usize {
-        match self {
-            FieldType::Structure { fields, .. } => {
-                1 + fields
-                    .iter()
-                    .map(|(_, t)| t.size_in_fields_for_bits())
-                    .sum::<usize>()
+            if self.failed() {
+                return;
             }
-            _ => 1,
+            next_free = bit + field.bits;
         }
     }
-}
-
-/// The fields of a type in BitSet order: depth-first, a structure before
-/// its members.
-fn flatten(t: &FieldType) -> Vec<&FieldType> {
-    let mut out = Vec::new();
-    fn visit<'t>(t: &'t FieldType, out: &mut Vec<&'t FieldType>) {
-        out.push(t);
-        if let FieldType::Structure { fields, .. } = t {
-            for (_, member) in fields {
-                visit(member, out);
-            }
-        }
-    }
-    visit(t, &mut out);
-    out
 }
 
 /// Bytes of one scalar; 0 for strings; None for an unknown code.
@@ -754,5 +905,213 @@ mod tests {
         let mut w = Walker::new(&desc, false, &mut registry, None);
         w.field_desc();
         assert!(w.finish().is_err());
+    }
+
+    /// A pvRequest-style description that hides a definition of `define`
+    /// in an (unselected) union member: `levels` nested structures around a
+    /// reference to `refer`. Alternating the two keys nests each cached type
+    /// `levels` deeper than the other, at no depth cost per message.
+    fn hidden_nesting(define: u8, refer: u8, levels: usize) -> Vec<u8> {
+        let mut desc = vec![0x81, 0, 1, 1, b'm', 0xFD, define, 0];
+        for _ in 0..levels {
+            desc.extend_from_slice(&[0x80, 0, 1, 1, b'n']);
+        }
+        desc.extend_from_slice(&[0xFE, refer, 0]);
+        desc
+    }
+
+    fn read_one(registry: &mut Registry, desc: &[u8]) -> Result<(), WireError> {
+        let mut w = Walker::new(desc, false, registry, None);
+        w.field_desc();
+        w.finish()
+    }
+
+    // The remote crash: each message passes the per-description depth
+    // check, but the cached types nest 18 levels deeper each time, until
+    // dropping one overflows the stack. Only the first fits now.
+    #[test]
+    fn alternating_cache_keys_cannot_nest_past_the_depth_limit() {
+        let mut registry = Registry::default();
+        read_one(&mut registry, &[0xFD, 2, 0, 0x22]).unwrap();
+        let mut accepted = 0;
+        for round in 0..10 {
+            let (define, refer) = if round % 2 == 0 { (1, 2) } else { (2, 1) };
+            match read_one(&mut registry, &hidden_nesting(define, refer, 18)) {
+                Ok(()) => accepted += 1,
+                Err(e) => {
+                    assert_eq!(e, WireError::Limit("type nesting depth"));
+                    break;
+                }
+            }
+        }
+        assert_eq!(accepted, 1, "a second round would nest 37 levels");
+    }
+
+    // The whole attack (3,600 messages, ~450 KB) never leaves a type
+    // deeper than the limit in the cache, and costs little to refuse.
+    #[test]
+    fn full_alternating_attack_leaves_every_cached_type_within_the_depth_limit() {
+        let mut registry = Registry::default();
+        read_one(&mut registry, &[0xFD, 2, 0, 0x22]).unwrap();
+        let mut refused = 0;
+        for round in 0..3_600 {
+            let (define, refer) = if round % 2 == 0 { (1, 2) } else { (2, 1) };
+            if read_one(&mut registry, &hidden_nesting(define, refer, 18)).is_err() {
+                refused += 1;
+            }
+            assert!(registry.entries.values().all(|t| t.depth <= MAX_DEPTH));
+        }
+        // Each refused definition keeps the key's old type, so every other
+        // round (redefining key 1 around the int of key 2) still fits.
+        assert_eq!(refused, 1_800);
+    }
+
+    // A reference placed `level` deep costs the depth of the type it names.
+    #[test]
+    fn a_reference_costs_the_depth_of_its_type() {
+        let mut deep = vec![0xFD, 1, 0];
+        for _ in 0..15 {
+            deep.extend_from_slice(&[0x80, 0, 1, 1, b'n']);
+        }
+        deep.push(0x22);
+        let mut registry = Registry::default();
+        read_one(&mut registry, &deep).unwrap();
+        let wrapped = |levels: usize| {
+            let mut desc = Vec::new();
+            for _ in 0..levels {
+                desc.extend_from_slice(&[0x80, 0, 1, 1, b'w']);
+            }
+            desc.extend_from_slice(&[0xFE, 1, 0]);
+            desc
+        };
+        assert!(read_one(&mut registry, &wrapped(5)).is_ok(), "20 levels");
+        assert_eq!(
+            read_one(&mut registry, &wrapped(6)),
+            Err(WireError::Limit("type nesting depth")),
+            "21 levels"
+        );
+    }
+
+    /// Key 1 = {<200-byte name> int}; key k = {a: key k-1, b: key k-1}:
+    /// 16 bytes per key, each doubling the plain form.
+    fn doubling_long_names(key: u8) -> Vec<u8> {
+        if key == 1 {
+            let mut desc = vec![0xFD, 1, 0, 0x80, 0, 1, 200];
+            desc.extend_from_slice(&[b'n'; 200]);
+            desc.push(0x22);
+            return desc;
+        }
+        vec![
+            0xFD,
+            key,
+            0,
+            0x80,
+            0,
+            2,
+            1,
+            b'a',
+            0xFE,
+            key - 1,
+            0,
+            1,
+            b'b',
+            0xFE,
+            key - 1,
+            0,
+        ]
+    }
+
+    // Few fields (2^14 leaves, under the field limit) with long names: the
+    // old limit counted fields, so 3 bytes referring to key 15 came out as
+    // 3.3 MB. Each message, translated, stays within its growth limit.
+    #[test]
+    fn long_field_names_cannot_amplify_the_output() {
+        let mut registry = Registry::default();
+        let mut refused = Vec::new();
+        let messages = (1..=15).map(doubling_long_names).chain([vec![0xFE, 15, 0]]);
+        for desc in messages {
+            let mut out = BytesMut::new();
+            let mut w = Walker::new(&desc, false, &mut registry, Some(&mut out));
+            w.field_desc();
+            if let Err(e) = w.finish() {
+                refused.push(e);
+            }
+            assert!(
+                out.len() <= desc.len() * GROWTH_PER_BYTE + GROWTH_ALLOWANCE,
+                "{} bytes out of {}",
+                out.len(),
+                desc.len()
+            );
+        }
+        assert_eq!(refused[0], WireError::Limit("the size of one type"));
+    }
+
+    /// Key 1: a structure of 1000 empty structures with 250-byte names
+    /// (about 254 KB plain, 1001 fields); then a variant array whose
+    /// `count` elements each refer to it (4 bytes each).
+    fn references_in_a_variant_array(count: u8) -> (Vec<u8>, Vec<u8>) {
+        let mut define = vec![0xFD, 1, 0, 0x80, 0, 0xFE];
+        define.extend_from_slice(&1000u32.to_le_bytes());
+        for _ in 0..1000 {
+            define.push(250);
+            define.extend_from_slice(&[b'f'; 250]);
+            define.extend_from_slice(&[0x80, 0, 0]);
+        }
+        let mut value = vec![count];
+        for _ in 0..count {
+            value.extend_from_slice(&[1, 0xFE, 1, 0]);
+        }
+        (define, value)
+    }
+
+    // In passthrough nothing is written, but a reference still costs what
+    // it expands to: the same message must not be fine one way and
+    // refused the other.
+    #[test]
+    fn referenced_types_cost_work_in_passthrough_too() {
+        let (define, value) = references_in_a_variant_array(20);
+        let mut registry = Registry::default();
+        read_one(&mut registry, &define).unwrap();
+        let mut w = Walker::new(&[0x8A], false, &mut registry, None);
+        let t = w.field_desc().unwrap();
+        let mut w = Walker::new(&value, false, &mut registry, None);
+        w.value(&t);
+        assert_eq!(
+            w.finish(),
+            Err(WireError::Limit("the work one message may cost"))
+        );
+        // One reference fits.
+        let (_, value) = references_in_a_variant_array(1);
+        let mut w = Walker::new(&value, false, &mut registry, None);
+        w.value(&t);
+        assert!(w.finish().is_ok());
+    }
+
+    #[test]
+    fn a_types_summary_matches_its_plain_form() {
+        // {double a, {int b, any c} s, union{string x} u, struct[] {int y} l}
+        let desc = [
+            0x80, 1, b'T', 4, //
+            1, b'a', 0x43, //
+            1, b's', 0x80, 0, 2, 1, b'b', 0x22, 1, b'c', 0x82, //
+            1, b'u', 0x81, 0, 1, 1, b'x', 0x60, //
+            1, b'l', 0x88, 0x80, 0, 1, 1, b'y', 0x22,
+        ];
+        let mut registry = Registry::default();
+        let mut w = Walker::new(&desc, false, &mut registry, None);
+        let t = w.field_desc().unwrap();
+        w.finish().unwrap();
+        let mut plain = BytesMut::new();
+        t.encode(false, &mut plain);
+        assert_eq!(&plain[..], &desc[..]);
+        assert_eq!(t.wire_len, desc.len());
+        assert_eq!((t.depth, t.nodes, t.bits), (3, 10, 7));
+        assert!(t.has_variant);
+        // bits: 0 top, 1 a, 2 s, 3 b, 4 c, 5 u, 6 l
+        let names = |bit| t.field_at_bit(bit).map(|f| f.bits);
+        assert_eq!(names(2), Some(3));
+        assert_eq!(t.field_at_bit(4).map(|f| f.has_variant), Some(true));
+        assert_eq!(t.field_at_bit(6).map(|f| f.depth), Some(2));
+        assert!(t.field_at_bit(7).is_none());
     }
 }

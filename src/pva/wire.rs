@@ -185,6 +185,8 @@ pub enum WireError {
     Segmentation,
     /// A payload ended before a field it must hold.
     Truncated(&'static str),
+    /// A message is well formed but exceeds one of the shim's limits.
+    Limit(&'static str),
 }
 
 impl fmt::Display for WireError {
@@ -198,6 +200,7 @@ impl fmt::Display for WireError {
             }
             WireError::Segmentation => write!(f, "segmented message out of order"),
             WireError::Truncated(what) => write!(f, "message too short for {what}"),
+            WireError::Limit(what) => write!(f, "limit: {what}"),
         }
     }
 }
