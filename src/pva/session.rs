@@ -106,7 +106,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) {
         Ok((validation, translator, plain_credentials)) => {
             let (backend_tx, backend_rx) = mpsc::unbounded_channel();
             let (answer_tx, answer_rx) = mpsc::unbounded_channel();
-            let awaiting = Awaiting::new(ctx.max_searches);
+            let awaiting = Awaiting::new(ctx.max_searches, peer.ip());
             let mut session = Session {
                 peer,
                 ctx,
@@ -193,7 +193,7 @@ enum Channel {
     },
 }
 
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 enum Waiter {
     Search {
         id: u32,
@@ -206,8 +206,14 @@ enum Waiter {
 }
 
 impl crate::relay::discovery::Waiter for Waiter {
-    fn must_settle(&self) -> bool {
-        matches!(self, Waiter::Create { .. })
+    fn wants_prompt_answer(&self) -> bool {
+        matches!(
+            self,
+            Waiter::Search {
+                must_reply: true,
+                ..
+            }
+        )
     }
 }
 
@@ -252,6 +258,7 @@ impl Session {
                 },
                 Some(event) = self.backend_rx.recv() => self.on_backend(event).await?,
                 Some(answer) = answer_rx.recv() => self.on_answer(answer).await?,
+                _ = self.awaiting.prompt_due() => self.on_prompt_due().await?,
             }
             if let Some(e) = self.failed.take() {
                 return Err(e);
@@ -404,6 +411,15 @@ impl Session {
     async fn on_answer(&mut self, answer: Answer) -> Result<(), SessionError> {
         for waiter in self.awaiting.take(&answer.name) {
             self.settle(waiter, &answer.name, answer.server).await?;
+        }
+        Ok(())
+    }
+
+    /// Must-reply searches not answered in time are told "not found",
+    /// while the names are still searched for the others.
+    async fn on_prompt_due(&mut self) -> Result<(), SessionError> {
+        for (name, waiter) in self.awaiting.take_prompted(tokio::time::Instant::now()) {
+            self.settle(waiter, &name, None).await?;
         }
         Ok(())
     }

@@ -7,12 +7,34 @@
 //! accepted only from this host's own addresses, and only when the server
 //! they name is local too, so a client is never routed to another machine.
 //! The protocol (datagram layout, answer parsing) is a [`SearchProtocol`].
+//!
+//! Hostile clients and local forgers:
+//! - Search ids are the keyed SipHash of a counter (see [`SearchIds`]), so
+//!   a local process that does not see the searches cannot predict them; a
+//!   protocol whose servers answer from their server port (CA) also has its
+//!   answers from any other port ignored.
+//! - Every name under search is charged to the client address that asked
+//!   first (later askers join it for free). One address may hold at most
+//!   `max_pending_per_address` names (default 2,500). When the relay is full
+//!   (`max_pending`, default 10,000), an address holding less than an equal
+//!   share (`max_pending` / addresses with names under search, counting
+//!   itself) still gets its search: it takes the place of one search of
+//!   the address that holds the most, which ends as not found. Otherwise the
+//!   search is refused and ends as not found at once. So no address keeps
+//!   more than an equal share while others are waiting.
+//! - The cache holds at most `max_cached` names and [`MAX_CACHED_NAME_BYTES`]
+//!   of name bytes, and is swept of expired answers every `cache_ttl`.
+//! - Resends are kept in a time-ordered queue, so the work per request or
+//!   per datagram does not grow with the number of names under search.
 
 use crate::relay::localaddr::LocalAddrs;
 use bytes::{Bytes, BytesMut};
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::hash_map::RandomState;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, Hash};
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -26,6 +48,14 @@ const MAX_RESEND_DELAY: Duration = Duration::from_secs(1);
 const REQUEST_QUEUE: usize = 4096;
 /// Largest search datagram either protocol sends.
 const MAX_DATAGRAM: usize = 1500;
+/// Name bytes the cache holds at most, besides its entry count: 100,000
+/// names of typical length (under 60 bytes) fit, long names count more.
+pub const MAX_CACHED_NAME_BYTES: usize = 16 << 20;
+/// The cache is swept at least this often when `cache_ttl` is shorter.
+const MIN_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Resend queue entries of finished searches kept before the queue is
+/// rebuilt from the live searches.
+const SCHEDULE_SLACK: usize = 1024;
 
 /// What differs between CA and PVA searches.
 pub trait SearchProtocol: Send + 'static {
@@ -33,6 +63,10 @@ pub trait SearchProtocol: Send + 'static {
     const NAME: &'static str;
     /// Longest name a datagram can carry.
     const MAX_NAME_LEN: usize;
+    /// Whether servers answer from the UDP port they were searched on (the
+    /// targets' port). rsrv and caproto answer from their server port;
+    /// pvAccessCPP answers from a random port, so PVA cannot require it.
+    const ANSWERS_FROM_SERVER_PORT: bool;
 
     /// Appends one search datagram for a prefix of `names` (search id, name)
     /// to `out` and returns how many names it holds (at least one).
@@ -65,6 +99,9 @@ pub struct SearchConfig {
     pub cache_ttl: Duration,
     /// Names searched at once, at most.
     pub max_pending: usize,
+    /// Names searched at once for one client address (all its
+    /// connections), at most.
+    pub max_pending_per_address: usize,
     /// Names remembered, at most.
     pub max_cached: usize,
 }
@@ -80,6 +117,8 @@ pub struct Answer {
 enum Request {
     Lookup {
         name: Bytes,
+        /// The client address the search is charged to.
+        client: IpAddr,
         reply: mpsc::UnboundedSender<Answer>,
     },
     /// The server at this address went away: forget what it owned.
@@ -115,11 +154,19 @@ impl Resolver {
         Ok(Resolver { requests: tx })
     }
 
-    /// Asks for the server of `name`; the answer arrives on `reply`.
-    pub fn lookup(&self, name: Bytes, reply: &mpsc::UnboundedSender<Answer>) -> Result<(), Busy> {
+    /// Asks for the server of `name` on behalf of the client at `client`;
+    /// the answer arrives on `reply`. `name` should own its bytes: the
+    /// relay keeps it while it searches and caches.
+    pub fn lookup(
+        &self,
+        name: Bytes,
+        client: IpAddr,
+        reply: &mpsc::UnboundedSender<Answer>,
+    ) -> Result<(), Busy> {
         self.requests
             .try_send(Request::Lookup {
                 name,
+                client,
                 reply: reply.clone(),
             })
             .map_err(|_| Busy)
@@ -145,12 +192,118 @@ pub fn bind_search_socket(local: Ipv4Addr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
+/// Search ids that a local process cannot predict: SipHash-1-3 (std's
+/// `RandomState`, keyed with 128 bits from the operating system's random
+/// source) of a counter. SipHash is a pseudo-random function, so without the
+/// key the ids seen so far say nothing about the next ones; a forger that
+/// cannot read the search datagrams must guess, with a chance of about
+/// (names under search) / 2^32 per guessed id. (A process that can read
+/// them, by binding the servers' search port, is as trusted as a server.)
+struct SearchIds {
+    key: RandomState,
+    counter: u64,
+}
+
+impl SearchIds {
+    fn new() -> Self {
+        SearchIds {
+            key: RandomState::new(),
+            counter: 0,
+        }
+    }
+
+    fn next(&mut self) -> u32 {
+        self.counter = self.counter.wrapping_add(1);
+        let hash = self.key.hash_one(self.counter);
+        (hash ^ (hash >> 32)) as u32
+    }
+}
+
 struct Pending {
     id: u32,
+    /// The client address this search is charged to.
+    owner: IpAddr,
     waiters: Vec<mpsc::UnboundedSender<Answer>>,
     sends: u32,
     next_send: Instant,
     deadline: Instant,
+}
+
+/// Found servers by name, bounded in entries and in name bytes.
+struct Cache {
+    entries: HashMap<Bytes, (SocketAddrV4, Instant)>,
+    name_bytes: usize,
+    max_entries: usize,
+    max_name_bytes: usize,
+    ttl: Duration,
+}
+
+impl Cache {
+    fn new(max_entries: usize, max_name_bytes: usize, ttl: Duration) -> Self {
+        Cache {
+            entries: HashMap::new(),
+            name_bytes: 0,
+            max_entries,
+            max_name_bytes,
+            ttl,
+        }
+    }
+
+    fn get(&mut self, name: &Bytes, now: Instant) -> Option<SocketAddrV4> {
+        let &(server, expires) = self.entries.get(name)?;
+        if expires > now {
+            return Some(server);
+        }
+        self.remove(name);
+        None
+    }
+
+    fn insert(&mut self, name: Bytes, server: SocketAddrV4, now: Instant) {
+        self.remove(&name);
+        let full = |c: &Cache| {
+            c.entries.len() >= c.max_entries || c.name_bytes + name.len() > c.max_name_bytes
+        };
+        if full(self) {
+            self.sweep(now);
+            if full(self) {
+                // Everything in it is fresh: start again rather than pick.
+                self.entries.clear();
+                self.name_bytes = 0;
+            }
+        }
+        if full(self) {
+            return; // one name larger than the whole budget
+        }
+        self.name_bytes += name.len();
+        self.entries.insert(name, (server, now + self.ttl));
+    }
+
+    fn remove(&mut self, name: &Bytes) {
+        if let Some((name, _)) = self.entries.remove_entry(name) {
+            self.name_bytes -= name.len();
+        }
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&SocketAddrV4, Instant) -> bool) {
+        let mut removed = 0;
+        self.entries.retain(|name, (server, expires)| {
+            let kept = keep(server, *expires);
+            if !kept {
+                removed += name.len();
+            }
+            kept
+        });
+        self.name_bytes -= removed;
+    }
+
+    /// Drops every expired answer.
+    fn sweep(&mut self, now: Instant) {
+        self.retain(|_, expires| expires > now);
+    }
+
+    fn forget(&mut self, server: SocketAddrV4) {
+        self.retain(|cached, _| *cached != server);
+    }
 }
 
 struct SearchRelay<P> {
@@ -159,31 +312,51 @@ struct SearchRelay<P> {
     config: SearchConfig,
     pending: HashMap<Bytes, Pending>,
     names_by_id: HashMap<u32, Bytes>,
-    cache: HashMap<Bytes, (SocketAddrV4, Instant)>,
+    /// When each search is next due to be sent, by search id. Entries of
+    /// finished searches stay until they come up (or the queue is rebuilt).
+    schedule: BinaryHeap<Reverse<(Instant, u32)>>,
+    /// The names under search charged to each client address.
+    owned: HashMap<IpAddr, HashSet<Bytes>>,
+    cache: Cache,
     local: LocalAddrs,
-    next_id: u32,
+    ids: SearchIds,
     sequence: u32,
+}
+
+/// Whether a new search may start, and at whose expense.
+#[derive(Debug, PartialEq, Eq)]
+enum Admission {
+    Admit,
+    /// Admit after ending one search of this (the heaviest) address.
+    AdmitInsteadOf(IpAddr),
+    Refuse,
 }
 
 impl<P: SearchProtocol> SearchRelay<P> {
     fn new(protocol: P, socket: UdpSocket, config: SearchConfig) -> Self {
+        let mut ids = SearchIds::new();
+        let sequence = ids.next();
         SearchRelay {
             protocol,
             socket,
+            cache: Cache::new(config.max_cached, MAX_CACHED_NAME_BYTES, config.cache_ttl),
             config,
             pending: HashMap::new(),
             names_by_id: HashMap::new(),
-            cache: HashMap::new(),
+            schedule: BinaryHeap::new(),
+            owned: HashMap::new(),
             local: LocalAddrs::new(),
-            next_id: 1,
-            sequence: 0,
+            ids,
+            sequence,
         }
     }
 
     async fn run(mut self, mut requests: mpsc::Receiver<Request>) {
         let mut datagram = vec![0u8; 64 * 1024];
+        let mut sweep = tokio::time::interval(self.config.cache_ttl.max(MIN_SWEEP_INTERVAL));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let next_due = self.pending.values().map(|p| p.next_send).min();
+            let next_due = self.schedule.peek().map(|Reverse((at, _))| *at);
             tokio::select! {
                 request = requests.recv() => {
                     let Some(request) = request else { return };
@@ -199,46 +372,67 @@ impl<P: SearchProtocol> SearchRelay<P> {
                     Err(e) => debug!(target: "nameshim::relay::discovery", cause = %e, "search socket receive error"),
                 },
                 _ = sleep_until_opt(next_due) => self.send_due().await,
+                _ = sweep.tick() => self.cache.sweep(Instant::now()),
             }
         }
     }
 
     fn handle(&mut self, request: Request) {
         match request {
-            Request::Lookup { name, reply } => self.lookup(name, reply),
-            Request::Forget(server) => {
-                self.cache.retain(|_, (cached, _)| *cached != server);
-            }
+            Request::Lookup {
+                name,
+                client,
+                reply,
+            } => self.lookup(name, client, reply),
+            Request::Forget(server) => self.cache.forget(server),
         }
     }
 
-    fn lookup(&mut self, name: Bytes, reply: mpsc::UnboundedSender<Answer>) {
+    fn lookup(&mut self, name: Bytes, client: IpAddr, reply: mpsc::UnboundedSender<Answer>) {
         let now = Instant::now();
-        if let Some(&(server, expires)) = self.cache.get(&name) {
-            if expires > now {
-                let _ = reply.send(Answer {
-                    name,
-                    server: Some(server),
-                });
-                return;
-            }
-            self.cache.remove(&name);
+        if let Some(server) = self.cache.get(&name, now) {
+            let _ = reply.send(Answer {
+                name,
+                server: Some(server),
+            });
+            return;
         }
         if let Some(pending) = self.pending.get_mut(&name) {
             pending.waiters.push(reply);
             return;
         }
-        if self.pending.len() >= self.config.max_pending || name.len() > P::MAX_NAME_LEN {
-            debug!(target: "nameshim::relay::discovery", name = %String::from_utf8_lossy(&name), "search refused (limit)");
-            let _ = reply.send(Answer { name, server: None });
-            return;
+        let admission = if name.len() > P::MAX_NAME_LEN {
+            Admission::Refuse
+        } else {
+            self.admission(client)
+        };
+        match admission {
+            Admission::Admit => {}
+            Admission::AdmitInsteadOf(heaviest) => {
+                let evicted = self
+                    .owned
+                    .get(&heaviest)
+                    .and_then(|names| names.iter().next().cloned());
+                if let Some(evicted) = evicted {
+                    debug!(target: "nameshim::relay::discovery", %client, %heaviest, name = %String::from_utf8_lossy(&evicted), "search ended to make room (fair share)");
+                    self.finish(&evicted, None);
+                }
+            }
+            Admission::Refuse => {
+                debug!(target: "nameshim::relay::discovery", %client, name = %String::from_utf8_lossy(&name), "search refused (limit)");
+                let _ = reply.send(Answer { name, server: None });
+                return;
+            }
         }
         let id = self.allocate_id();
         self.names_by_id.insert(id, name.clone());
+        self.owned.entry(client).or_default().insert(name.clone());
+        self.schedule.push(Reverse((now, id)));
         self.pending.insert(
             name,
             Pending {
                 id,
+                owner: client,
                 waiters: vec![reply],
                 sends: 0,
                 next_send: now,
@@ -247,39 +441,77 @@ impl<P: SearchProtocol> SearchRelay<P> {
         );
     }
 
+    /// The fair-share rule of the module doc.
+    fn admission(&self, client: IpAddr) -> Admission {
+        let held = self.owned.get(&client).map_or(0, HashSet::len);
+        if held >= self.config.max_pending_per_address {
+            return Admission::Refuse;
+        }
+        if self.pending.len() < self.config.max_pending {
+            return Admission::Admit;
+        }
+        let addresses = self.owned.len() + usize::from(held == 0);
+        let share = self.config.max_pending / addresses.max(1);
+        if held >= share {
+            return Admission::Refuse;
+        }
+        // Only strictly heavier holders give way, so two addresses at
+        // nearly equal shares never take searches from each other in turn.
+        match self.owned.iter().max_by_key(|(_, names)| names.len()) {
+            Some((&heaviest, names)) if names.len() > held + 1 => {
+                Admission::AdmitInsteadOf(heaviest)
+            }
+            _ => Admission::Refuse,
+        }
+    }
+
     fn allocate_id(&mut self) -> u32 {
         loop {
-            let id = self.next_id;
-            self.next_id = self.next_id.wrapping_add(1);
-            if !self.names_by_id.contains_key(&id) {
+            let id = self.ids.next();
+            if id != 0 && !self.names_by_id.contains_key(&id) {
                 return id;
             }
         }
     }
 
     /// Sends every name whose resend time has come, and gives up on names
-    /// past their deadline.
+    /// past their deadline or with nobody left waiting.
     async fn send_due(&mut self) {
         let now = Instant::now();
         let mut expired = Vec::new();
         let mut due: Vec<(u32, Bytes)> = Vec::new();
-        for (name, pending) in &mut self.pending {
+        while let Some(&Reverse((at, id))) = self.schedule.peek() {
+            if at > now {
+                break;
+            }
+            self.schedule.pop();
+            let Some(name) = self.names_by_id.get(&id) else {
+                continue; // finished already
+            };
+            let Some(pending) = self.pending.get_mut(name) else {
+                continue;
+            };
+            if pending.next_send != at {
+                continue;
+            }
             // Nobody left to tell: the clients that asked have gone.
             pending.waiters.retain(|waiter| !waiter.is_closed());
             if pending.deadline <= now || pending.waiters.is_empty() {
                 expired.push(name.clone());
-            } else if pending.next_send <= now {
-                due.push((pending.id, name.clone()));
-                let delay = FIRST_RESEND_DELAY
-                    .saturating_mul(1 << pending.sends.min(16))
-                    .min(MAX_RESEND_DELAY);
-                pending.sends += 1;
-                pending.next_send = (now + delay).min(pending.deadline);
+                continue;
             }
+            due.push((pending.id, name.clone()));
+            let delay = FIRST_RESEND_DELAY
+                .saturating_mul(1 << pending.sends.min(16))
+                .min(MAX_RESEND_DELAY);
+            pending.sends += 1;
+            pending.next_send = (now + delay).min(pending.deadline);
+            self.schedule.push(Reverse((pending.next_send, id)));
         }
         for name in expired {
             self.finish(&name, None);
         }
+        self.compact_schedule();
         let names: Vec<(u32, &[u8])> = due.iter().map(|(id, n)| (*id, &n[..])).collect();
         let mut rest = &names[..];
         let mut datagram = BytesMut::with_capacity(MAX_DATAGRAM);
@@ -301,10 +533,28 @@ impl<P: SearchProtocol> SearchRelay<P> {
         }
     }
 
+    /// Rebuilds the resend queue when finished searches dominate it.
+    fn compact_schedule(&mut self) {
+        if self.schedule.len() <= 2 * self.pending.len() + SCHEDULE_SLACK {
+            return;
+        }
+        self.schedule = self
+            .pending
+            .values()
+            .map(|p| Reverse((p.next_send, p.id)))
+            .collect();
+    }
+
     fn on_datagram(&mut self, datagram: &[u8], from: SocketAddr) {
         let SocketAddr::V4(from) = from else { return };
         if !self.local.contains(*from.ip()) {
             debug!(target: "nameshim::relay::discovery", peer = %from, "ignored search answer from a remote host");
+            return;
+        }
+        if P::ANSWERS_FROM_SERVER_PORT
+            && !self.config.targets.iter().any(|t| t.port() == from.port())
+        {
+            debug!(target: "nameshim::relay::discovery", peer = %from, "ignored search answer from a port no server searches on");
             return;
         }
         let mut found = Vec::new();
@@ -324,21 +574,9 @@ impl<P: SearchProtocol> SearchRelay<P> {
                 continue; // answered already, by another server
             };
             debug!(target: "nameshim::relay::discovery", protocol = P::NAME, name = %String::from_utf8_lossy(&name), %server, "found");
-            self.remember(name.clone(), server);
+            self.cache.insert(name.clone(), server, Instant::now());
             self.finish(&name, Some(server));
         }
-    }
-
-    fn remember(&mut self, name: Bytes, server: SocketAddrV4) {
-        let now = Instant::now();
-        if self.cache.len() >= self.config.max_cached {
-            self.cache.retain(|_, (_, expires)| *expires > now);
-            if self.cache.len() >= self.config.max_cached {
-                self.cache.clear();
-            }
-        }
-        self.cache
-            .insert(name, (server, now + self.config.cache_ttl));
     }
 
     fn finish(&mut self, name: &Bytes, server: Option<SocketAddrV4>) {
@@ -346,6 +584,12 @@ impl<P: SearchProtocol> SearchRelay<P> {
             return;
         };
         self.names_by_id.remove(&pending.id);
+        if let Some(names) = self.owned.get_mut(&pending.owner) {
+            names.remove(name);
+            if names.is_empty() {
+                self.owned.remove(&pending.owner);
+            }
+        }
         if server.is_none() {
             debug!(target: "nameshim::relay::discovery", name = %String::from_utf8_lossy(name), "not found");
         }
@@ -365,37 +609,59 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-/// Distinct waiters kept for one name under search, besides those that
-/// must always be settled.
+/// Waiters kept for one name under search, of every kind. A client repeats
+/// a search until it is answered; distinct requests beyond this many for
+/// one name are settled at once as not found.
 const MAX_WAITERS_PER_NAME: usize = 64;
 
+/// How long a waiter that wants a prompt answer (a PVA must-reply search)
+/// waits before it is told "not found", while the name is still searched
+/// for the others. A pvxs server answers a must-reply search at once even
+/// when it has none of the names (pvxs `server.cpp`: `if(nreply==0 &&
+/// !msg.mustReply) return;`), and clients wait for that answer. By then the
+/// relay has sent the name six times (at 0, 20, 60, 140, 300 and 620 ms), so
+/// a local server that has it has had every chance to answer.
+pub const PROMPT_NOT_FOUND: Duration = Duration::from_secs(1);
+
 /// A waiter for a name: something a session must do once the name's server
-/// is known (or known to be absent).
-pub trait Waiter: PartialEq {
-    /// Whether dropping this waiter would leave a request unanswered
-    /// (a channel creation), so it must be kept whatever the limits.
-    fn must_settle(&self) -> bool;
+/// is known (or known to be absent). Equal waiters are one request repeated.
+pub trait Waiter: Eq + Hash + Clone {
+    /// Whether the client wants an answer even when the name is not found,
+    /// without waiting for the whole search (see [`PROMPT_NOT_FOUND`]).
+    fn wants_prompt_answer(&self) -> bool;
 }
 
 /// The names one client connection waits for, each asked of the relay once.
+/// Adding, taking and expiring waiters cost constant time each.
 pub struct Awaiting<W> {
-    names: HashMap<Bytes, Vec<W>>,
+    /// Each waiter with the time it is due a prompt "not found", if any.
+    names: HashMap<Bytes, HashMap<W, Option<Instant>>>,
+    /// Prompt answers due, in time order (the delay is constant). Entries
+    /// whose waiter was answered meanwhile are skipped when they come up.
+    prompts: VecDeque<(Instant, Bytes, W)>,
+    /// Waiters in `names` that are due a prompt answer.
+    live_prompts: usize,
     max_names: usize,
+    /// The client address the relay charges these searches to.
+    client: IpAddr,
 }
 
 impl<W: Waiter> Awaiting<W> {
-    pub fn new(max_names: usize) -> Self {
+    pub fn new(max_names: usize, client: IpAddr) -> Self {
         Awaiting {
             names: HashMap::new(),
+            prompts: VecDeque::new(),
+            live_prompts: 0,
             max_names,
+            client,
         }
     }
 
-    /// Registers `waiter` for `name`, asking the relay when the name is new.
-    /// Clients repeat a search until it is answered: one waiter is kept per
-    /// distinct request, and a bounded number per name. Returns the waiter
-    /// back when it cannot wait (limits, or the relay is overloaded): the
-    /// caller settles it as "not found".
+    /// Registers `waiter` for `name`, asking the relay when the name is new;
+    /// a repeated request is kept once. Returns the waiter back when it
+    /// cannot wait (the limits, or the relay is overloaded): the caller
+    /// settles it as "not found" at once. The name is copied when kept, so
+    /// it never holds on to the message it was cut from.
     pub fn add(
         &mut self,
         name: Bytes,
@@ -403,23 +669,93 @@ impl<W: Waiter> Awaiting<W> {
         resolver: &Resolver,
         answers: &mpsc::UnboundedSender<Answer>,
     ) -> Option<W> {
-        if let Some(waiters) = self.names.get_mut(&name) {
-            if !waiters.contains(&waiter)
-                && (waiter.must_settle() || waiters.len() < MAX_WAITERS_PER_NAME)
-            {
-                waiters.push(waiter);
+        let now = Instant::now();
+        if let Some((key, waiters)) = self.names.get_key_value(&name) {
+            if waiters.contains_key(&waiter) {
+                return None;
             }
+            if waiters.len() >= MAX_WAITERS_PER_NAME {
+                return Some(waiter);
+            }
+            let key = key.clone();
+            self.insert(key, waiter, now);
             return None;
         }
-        if self.names.len() >= self.max_names || resolver.lookup(name.clone(), answers).is_err() {
+        if self.names.len() >= self.max_names {
             return Some(waiter);
         }
-        self.names.insert(name, vec![waiter]);
+        let name = Bytes::copy_from_slice(&name);
+        if resolver.lookup(name.clone(), self.client, answers).is_err() {
+            return Some(waiter);
+        }
+        self.names.insert(name.clone(), HashMap::new());
+        self.insert(name, waiter, now);
         None
+    }
+
+    fn insert(&mut self, name: Bytes, waiter: W, now: Instant) {
+        let prompt = waiter.wants_prompt_answer().then(|| now + PROMPT_NOT_FOUND);
+        if let Some(at) = prompt {
+            self.compact_prompts();
+            self.prompts.push_back((at, name.clone(), waiter.clone()));
+            self.live_prompts += 1;
+        }
+        if let Some(waiters) = self.names.get_mut(&name) {
+            waiters.insert(waiter, prompt);
+        }
+    }
+
+    /// Drops queue entries of waiters answered meanwhile, once they are
+    /// the majority, so the queue stays within twice the live waiters.
+    fn compact_prompts(&mut self) {
+        if self.prompts.len() <= 2 * self.live_prompts + MAX_WAITERS_PER_NAME {
+            return;
+        }
+        let names = &self.names;
+        self.prompts.retain(|(at, name, waiter)| {
+            names
+                .get(name)
+                .and_then(|waiters| waiters.get(waiter))
+                .is_some_and(|due| *due == Some(*at))
+        });
     }
 
     /// Everything that waited for the answered name.
     pub fn take(&mut self, name: &Bytes) -> Vec<W> {
-        self.names.remove(name).unwrap_or_default()
+        let Some(waiters) = self.names.remove(name) else {
+            return Vec::new();
+        };
+        self.live_prompts -= waiters.values().filter(|due| due.is_some()).count();
+        waiters.into_keys().collect()
+    }
+
+    /// Completes when a waiter is due a prompt answer; never, if none is.
+    /// Holds no borrow, so it can sit in a `select!` beside other branches.
+    pub fn prompt_due(&self) -> impl std::future::Future<Output = ()> + 'static {
+        sleep_until_opt(self.prompts.front().map(|(at, _, _)| *at))
+    }
+
+    /// The waiters whose prompt answer is due by `now`, with their names:
+    /// the caller settles them as "not found". The names stay under search
+    /// for the other waiters.
+    pub fn take_prompted(&mut self, now: Instant) -> Vec<(Bytes, W)> {
+        let mut due = Vec::new();
+        while let Some((at, _, _)) = self.prompts.front() {
+            if *at > now {
+                break;
+            }
+            let Some((at, name, waiter)) = self.prompts.pop_front() else {
+                break;
+            };
+            let Some(waiters) = self.names.get_mut(&name) else {
+                continue;
+            };
+            if waiters.get(&waiter) == Some(&Some(at)) {
+                waiters.remove(&waiter);
+                self.live_prompts -= 1;
+                due.push((name, waiter));
+            }
+        }
+        due
     }
 }
