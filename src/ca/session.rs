@@ -624,6 +624,33 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, UdpSocket};
 
+    #[test]
+    fn a_kept_user_name_does_not_pin_the_message_it_came_in() {
+        let mut header = Header::new(Command::ClientName, 0, 0, 0, 0);
+        header.payload_size = 1 << 20;
+        let mut payload = vec![0u8; 1 << 20];
+        payload[..5].copy_from_slice(b"alice");
+        let message = Message {
+            header,
+            payload: Bytes::from(payload),
+        };
+        let name = owned_client_name(&message, Command::ClientName).unwrap();
+        assert_eq!(&name[..], b"alice");
+        assert!(message.payload.is_unique());
+    }
+
+    #[test]
+    fn a_user_name_longer_than_rsrv_accepts_is_refused() {
+        let name = vec![b'u'; MAX_CLIENT_NAME_LEN + 1];
+        let message = Message::with_name(Header::new(Command::HostName, 0, 0, 0, 0), &name);
+        assert!(matches!(
+            owned_client_name(&message, Command::HostName),
+            Err(SessionError::NameTooLong(Command::HostName, 512))
+        ));
+        let fits = Message::with_name(Header::new(Command::HostName, 0, 0, 0, 0), &name[1..]);
+        assert!(owned_client_name(&fits, Command::HostName).is_ok());
+    }
+
     fn bytes_of(m: &Message) -> Vec<u8> {
         let mut b = BytesMut::new();
         m.encode(&mut b);

@@ -759,3 +759,342 @@ impl<W: Waiter> Awaiting<W> {
         due
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BufMut;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Waiter comparisons made on this thread.
+        static COMPARISONS: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// A waiter that counts how often it is compared.
+    #[derive(Clone, Debug, Hash)]
+    struct TestWaiter {
+        id: u32,
+        prompt: bool,
+    }
+
+    impl PartialEq for TestWaiter {
+        fn eq(&self, other: &Self) -> bool {
+            COMPARISONS.with(|c| c.set(c.get() + 1));
+            self.id == other.id && self.prompt == other.prompt
+        }
+    }
+    impl Eq for TestWaiter {}
+
+    impl Waiter for TestWaiter {
+        fn wants_prompt_answer(&self) -> bool {
+            self.prompt
+        }
+    }
+
+    fn create(id: u32) -> TestWaiter {
+        TestWaiter { id, prompt: false }
+    }
+
+    const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    /// A resolver whose requests the test reads itself.
+    fn test_resolver() -> (Resolver, mpsc::Receiver<Request>) {
+        let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
+        (Resolver { requests: tx }, rx)
+    }
+
+    #[test]
+    fn waiters_beyond_the_per_name_cap_are_refused_whatever_their_kind() {
+        let (resolver, _requests) = test_resolver();
+        let (answers, _) = mpsc::unbounded_channel();
+        let mut awaiting = Awaiting::new(10, CLIENT);
+        let name = Bytes::from_static(b"UNKNOWN");
+        let refused = (0..60_000)
+            .filter_map(|cid| awaiting.add(name.clone(), create(cid), &resolver, &answers))
+            .count();
+        assert_eq!(refused, 60_000 - MAX_WAITERS_PER_NAME);
+        assert_eq!(awaiting.take(&name).len(), MAX_WAITERS_PER_NAME);
+    }
+
+    #[test]
+    fn adding_a_waiter_compares_a_bounded_number_of_waiters() {
+        let (resolver, _requests) = test_resolver();
+        let (answers, _) = mpsc::unbounded_channel();
+        let mut awaiting = Awaiting::new(10, CLIENT);
+        let name = Bytes::from_static(b"UNKNOWN");
+        COMPARISONS.with(|c| c.set(0));
+        let adds = 60_000;
+        for i in 0..adds {
+            // Distinct creates up to the cap, then the same ones repeated.
+            let cid = i % MAX_WAITERS_PER_NAME as u32;
+            awaiting.add(name.clone(), create(cid), &resolver, &answers);
+        }
+        // A set compares a new waiter with the few that share its hash;
+        // a list compares it with every waiter kept (64 per add here).
+        let comparisons = COMPARISONS.with(Cell::get);
+        assert!(
+            comparisons <= 2 * adds as usize,
+            "{comparisons} comparisons for {adds} adds"
+        );
+        assert_eq!(awaiting.take(&name).len(), MAX_WAITERS_PER_NAME);
+    }
+
+    #[test]
+    fn a_stored_name_does_not_pin_the_message_it_came_in() {
+        let (resolver, mut requests) = test_resolver();
+        let (answers, _) = mpsc::unbounded_channel();
+        let mut awaiting = Awaiting::new(10, CLIENT);
+        // A large message, as a client may send, with a short name in it.
+        let mut message = vec![0u8; 1 << 20];
+        message[100..104].copy_from_slice(b"NAME");
+        let message = Bytes::from(message);
+        let name = message.slice_ref(&message[100..104]);
+        assert!(awaiting.add(name, create(1), &resolver, &answers).is_none());
+        // Both the session's copy and the relay's request hold the name;
+        // neither may hold the message.
+        assert!(message.is_unique());
+        let Ok(Request::Lookup { name, .. }) = requests.try_recv() else {
+            panic!("the relay was not asked");
+        };
+        assert_eq!(&name[..], b"NAME");
+        assert_eq!(awaiting.take(&name).len(), 1);
+    }
+
+    #[test]
+    fn a_prompt_waiter_is_told_not_found_while_others_keep_waiting() {
+        let (resolver, mut requests) = test_resolver();
+        let (answers, _) = mpsc::unbounded_channel();
+        let mut awaiting = Awaiting::new(10, CLIENT);
+        let name = Bytes::from_static(b"LATE");
+        let must_reply = TestWaiter {
+            id: 7,
+            prompt: true,
+        };
+        awaiting.add(name.clone(), must_reply.clone(), &resolver, &answers);
+        awaiting.add(name.clone(), create(8), &resolver, &answers);
+        let now = Instant::now();
+        assert!(awaiting.take_prompted(now).is_empty());
+        let later = now + PROMPT_NOT_FOUND;
+        assert_eq!(awaiting.take_prompted(later), [(name.clone(), must_reply)]);
+        // The name is still under search for the create: the relay was
+        // asked once, and a later answer reaches the create only.
+        assert!(requests.try_recv().is_ok());
+        assert!(requests.try_recv().is_err());
+        assert_eq!(awaiting.take(&name), [create(8)]);
+    }
+
+    #[test]
+    fn answered_prompt_waiters_do_not_pile_up_in_the_queue() {
+        let (resolver, _requests) = test_resolver();
+        let (answers, _) = mpsc::unbounded_channel();
+        let mut awaiting = Awaiting::new(10, CLIENT);
+        let name = Bytes::from_static(b"FOUND:AT:ONCE");
+        for id in 0..100_000 {
+            let waiter = TestWaiter { id, prompt: true };
+            awaiting.add(name.clone(), waiter, &resolver, &answers);
+            awaiting.take(&name);
+        }
+        assert!(awaiting.prompts.len() <= 2 * MAX_WAITERS_PER_NAME + 1);
+    }
+
+    #[test]
+    fn cache_is_bounded_in_name_bytes() {
+        let now = Instant::now();
+        let server = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 5064);
+        let mut cache = Cache::new(1_000_000, 10_000, Duration::from_secs(60));
+        for i in 0..1_000u32 {
+            let mut name = BytesMut::new();
+            name.put_u32(i);
+            name.resize(500, b'x');
+            cache.insert(name.freeze(), server, now);
+            assert!(cache.name_bytes <= 10_000);
+            let sum: usize = cache.entries.keys().map(Bytes::len).sum();
+            assert_eq!(sum, cache.name_bytes);
+        }
+        assert!(!cache.entries.is_empty());
+    }
+
+    /// A minimal protocol: a search datagram is (u32 id, u8 length, name)
+    /// repeated; an answer is (u32 id, u16 port) repeated.
+    struct TestProtocol;
+
+    impl SearchProtocol for TestProtocol {
+        const NAME: &'static str = "test";
+        const MAX_NAME_LEN: usize = 255;
+        const ANSWERS_FROM_SERVER_PORT: bool = false;
+
+        fn encode(
+            &mut self,
+            names: &[(u32, &[u8])],
+            _sequence: u32,
+            _reply_port: u16,
+            out: &mut BytesMut,
+        ) -> usize {
+            let mut fitted = 0;
+            for (id, name) in names {
+                if fitted > 0 && out.len() + 5 + name.len() > 1400 {
+                    break;
+                }
+                out.put_u32(*id);
+                out.put_u8(name.len() as u8);
+                out.put_slice(name);
+                fitted += 1;
+            }
+            fitted
+        }
+
+        fn answers(
+            &mut self,
+            datagram: &[u8],
+            _from: SocketAddrV4,
+            found: &mut Vec<(u32, SocketAddrV4)>,
+        ) {
+            for answer in datagram.chunks_exact(6) {
+                let id = u32::from_be_bytes([answer[0], answer[1], answer[2], answer[3]]);
+                let port = u16::from_be_bytes([answer[4], answer[5]]);
+                found.push((id, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)));
+            }
+        }
+    }
+
+    /// A relay searching a silent fake server; returns both.
+    async fn test_relay(config: impl FnOnce(&mut SearchConfig)) -> (Resolver, UdpSocket) {
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let SocketAddr::V4(target) = server.local_addr().unwrap() else {
+            unreachable!()
+        };
+        let mut search = SearchConfig {
+            targets: vec![target],
+            timeout: Duration::from_secs(10),
+            cache_ttl: Duration::from_secs(10),
+            max_pending: 100,
+            max_pending_per_address: 100,
+            max_cached: 100,
+        };
+        config(&mut search);
+        let socket = bind_search_socket(Ipv4Addr::LOCALHOST).unwrap();
+        (
+            Resolver::start(TestProtocol, socket, search).unwrap(),
+            server,
+        )
+    }
+
+    /// Answers the names of every search datagram `server` receives.
+    fn answer_everything(server: UdpSocket, port: u16) {
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            while let Ok((len, from)) = server.recv_from(&mut buf).await {
+                let mut reply = BytesMut::new();
+                let mut rest = &buf[..len];
+                while rest.len() >= 5 {
+                    let name_len = usize::from(rest[4]);
+                    reply.put_slice(&rest[..4]);
+                    reply.put_u16(port);
+                    rest = rest.get(5 + name_len..).unwrap_or_default();
+                }
+                let _ = server.send_to(&reply, from).await;
+            }
+        });
+    }
+
+    /// The answers already delivered on `rx`.
+    async fn answers_now(rx: &mut mpsc::UnboundedReceiver<Answer>) -> Vec<Answer> {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut answers = Vec::new();
+        while let Ok(answer) = rx.try_recv() {
+            answers.push(answer);
+        }
+        answers
+    }
+
+    fn address(last: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 0, 0, last))
+    }
+
+    fn numbered(prefix: &str, i: usize) -> Bytes {
+        Bytes::from(format!("{prefix}:{i}"))
+    }
+
+    #[tokio::test]
+    async fn expired_answers_leave_the_cache_without_a_lookup() {
+        let (resolver, server) = test_relay(|c| c.cache_ttl = Duration::from_millis(50)).await;
+        answer_everything(server, 40000);
+        let name = Bytes::from(b"SWEPT".to_vec());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        resolver.lookup(name.clone(), CLIENT, &tx).unwrap();
+        let answer = rx.recv().await.unwrap();
+        assert!(answer.server.is_some());
+        drop(answer);
+        assert!(!name.is_unique(), "the cache holds the name");
+        tokio::time::sleep(MIN_SWEEP_INTERVAL + Duration::from_millis(300)).await;
+        assert!(name.is_unique(), "the expired answer is still cached");
+    }
+
+    #[tokio::test]
+    async fn one_address_holds_at_most_its_limit_across_connections() {
+        let (resolver, _server) = test_relay(|c| c.max_pending_per_address = 4).await;
+        let (first, mut first_rx) = mpsc::unbounded_channel();
+        let (second, mut second_rx) = mpsc::unbounded_channel();
+        for i in 0..3 {
+            resolver
+                .lookup(numbered("A", i), address(1), &first)
+                .unwrap();
+            resolver
+                .lookup(numbered("B", i), address(1), &second)
+                .unwrap();
+        }
+        let refused =
+            answers_now(&mut first_rx).await.len() + answers_now(&mut second_rx).await.len();
+        assert_eq!(refused, 2, "6 asked, 4 allowed");
+        // Another address is not affected.
+        let (other, mut other_rx) = mpsc::unbounded_channel();
+        resolver
+            .lookup(numbered("C", 0), address(2), &other)
+            .unwrap();
+        assert!(answers_now(&mut other_rx).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_newcomer_gets_a_search_in_a_full_relay() {
+        let (resolver, _server) = test_relay(|c| c.max_pending = 10).await;
+        let (greedy, mut greedy_rx) = mpsc::unbounded_channel();
+        for i in 0..10 {
+            resolver
+                .lookup(numbered("G", i), address(1), &greedy)
+                .unwrap();
+        }
+        assert!(answers_now(&mut greedy_rx).await.is_empty());
+        let (newcomer, mut newcomer_rx) = mpsc::unbounded_channel();
+        for i in 0..5 {
+            resolver
+                .lookup(numbered("N", i), address(2), &newcomer)
+                .unwrap();
+        }
+        // Two addresses: an equal share is 5 each.
+        assert!(answers_now(&mut newcomer_rx).await.is_empty());
+        let ended = answers_now(&mut greedy_rx).await;
+        assert_eq!(ended.len(), 5);
+        assert!(ended.iter().all(|a| a.server.is_none()));
+        // Beyond its share the newcomer is refused, and the greedy address
+        // cannot take its searches back.
+        resolver
+            .lookup(numbered("N", 5), address(2), &newcomer)
+            .unwrap();
+        resolver
+            .lookup(numbered("G", 10), address(1), &greedy)
+            .unwrap();
+        assert_eq!(answers_now(&mut newcomer_rx).await.len(), 1);
+        assert_eq!(answers_now(&mut greedy_rx).await.len(), 1);
+    }
+
+    #[test]
+    fn search_ids_differ_between_relays_and_do_not_count() {
+        let mut one = SearchIds::new();
+        let mut two = SearchIds::new();
+        let a: Vec<u32> = (0..4).map(|_| one.next()).collect();
+        let b: Vec<u32> = (0..4).map(|_| two.next()).collect();
+        assert_ne!(a, b);
+        assert!(a.windows(2).all(|w| w[1].wrapping_sub(w[0]) != 1));
+    }
+}
