@@ -772,7 +772,7 @@ mod tests {
     }
 
     /// A waiter that counts how often it is compared.
-    #[derive(Clone, Debug, Hash)]
+    #[derive(Clone, Debug)]
     struct TestWaiter {
         id: u32,
         prompt: bool,
@@ -785,6 +785,13 @@ mod tests {
         }
     }
     impl Eq for TestWaiter {}
+
+    impl Hash for TestWaiter {
+        fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+            self.id.hash(state);
+            self.prompt.hash(state);
+        }
+    }
 
     impl Waiter for TestWaiter {
         fn wants_prompt_answer(&self) -> bool {
