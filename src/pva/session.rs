@@ -755,7 +755,6 @@ mod tests {
     use super::*;
     use crate::pva::search;
     use crate::relay::discovery::SearchConfig;
-    use crate::relay::framing::Decoder as _;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, UdpSocket};
 
