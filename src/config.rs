@@ -15,6 +15,12 @@ use std::time::Duration;
 pub const DEFAULT_PORT: u16 = 5066;
 const DEFAULT_CA_SERVER_PORT: u16 = 5064;
 const DEFAULT_PVA_BROADCAST_PORT: u16 = 5076;
+/// Names each search relay (CA, PVA) searches for at once.
+const MAX_PENDING_SEARCHES: usize = 10_000;
+/// Names one client address (all its connections) may have under search in
+/// one relay: a quarter of the relay, so that even before the relay's
+/// fair-share rule steps in, at least four addresses are needed to fill it.
+const MAX_PENDING_SEARCHES_PER_ADDRESS: usize = MAX_PENDING_SEARCHES / 4;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -314,7 +320,8 @@ impl Config {
             targets,
             timeout: cli.search_timeout,
             cache_ttl: cli.cache_ttl,
-            max_pending: 10_000,
+            max_pending: MAX_PENDING_SEARCHES,
+            max_pending_per_address: MAX_PENDING_SEARCHES_PER_ADDRESS,
             max_cached: 100_000,
         };
         Config {

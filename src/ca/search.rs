@@ -19,6 +19,9 @@ pub struct CaSearch;
 impl SearchProtocol for CaSearch {
     const NAME: &'static str = "ca";
     const MAX_NAME_LEN: usize = wire::MAX_NAME_LEN;
+    /// rsrv answers on the socket the search arrived on, bound to the UDP
+    /// server port (`cast_server.c`), and so does caproto.
+    const ANSWERS_FROM_SERVER_PORT: bool = true;
 
     fn encode(
         &mut self,
@@ -72,6 +75,9 @@ mod tests {
     use tokio::net::UdpSocket;
     use tokio::sync::mpsc;
 
+    /// The client address searches are charged to.
+    const CLIENT: std::net::IpAddr = std::net::IpAddr::V4(Ipv4Addr::LOCALHOST);
+
     async fn fake_server() -> (UdpSocket, SearchConfig) {
         let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let SocketAddr::V4(addr) = server.local_addr().unwrap() else {
@@ -82,6 +88,7 @@ mod tests {
             timeout: Duration::from_millis(300),
             cache_ttl: Duration::from_secs(5),
             max_pending: 100,
+            max_pending_per_address: 100,
             max_cached: 100,
         };
         (server, config)
@@ -89,6 +96,11 @@ mod tests {
 
     /// Answers every searched name as rsrv would, with TCP port `port`.
     async fn answer_all(server: &UdpSocket, port: u16) -> Vec<Bytes> {
+        answer_all_from(server, server, port).await
+    }
+
+    /// Reads one search datagram on `server` and answers it from `sender`.
+    async fn answer_all_from(server: &UdpSocket, sender: &UdpSocket, port: u16) -> Vec<Bytes> {
         let mut buf = vec![0u8; 2048];
         let (len, from) = server.recv_from(&mut buf).await.unwrap();
         let mut names = Vec::new();
@@ -103,8 +115,57 @@ mod tests {
                 reply.extend_from_slice(&[0, 13, 0, 0, 0, 0, 0, 0]);
             }
         }
-        server.send_to(&reply, from).await.unwrap();
+        sender.send_to(&reply, from).await.unwrap();
         names
+    }
+
+    /// The search ids of one search datagram.
+    async fn searched_ids(server: &UdpSocket) -> Vec<u32> {
+        let mut buf = vec![0u8; 2048];
+        let (len, _) = server.recv_from(&mut buf).await.unwrap();
+        wire::decode_datagram(&buf[..len])
+            .unwrap()
+            .into_iter()
+            .filter(|(header, _)| header.command() == Ok(Command::Search))
+            .map(|(header, _)| header.p2)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn answer_from_a_port_no_server_uses_is_ignored() {
+        let (server, config) = fake_server().await;
+        let resolver = start(config).unwrap();
+        let forger = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        resolver
+            .lookup(Bytes::from_static(b"F"), CLIENT, &tx)
+            .unwrap();
+        // The forger sees the search and answers it with the right id,
+        // but from its own port rather than the CA server port.
+        answer_all_from(&server, &forger, 40666).await;
+        assert_eq!(rx.recv().await.unwrap().server, None);
+    }
+
+    #[tokio::test]
+    async fn search_ids_are_not_sequential() {
+        let (server, config) = fake_server().await;
+        let resolver = start(config).unwrap();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        for name in [&b"ID:0"[..], b"ID:1", b"ID:2", b"ID:3", b"ID:4", b"ID:5"] {
+            resolver
+                .lookup(Bytes::from_static(name), CLIENT, &tx)
+                .unwrap();
+        }
+        let ids = searched_ids(&server).await;
+        assert_eq!(ids.len(), 6);
+        for a in &ids {
+            for b in &ids {
+                assert!(
+                    a.wrapping_sub(*b) != 1,
+                    "consecutive search ids {b} and {a} in {ids:?}"
+                );
+            }
+        }
     }
 
     #[tokio::test]
@@ -112,8 +173,12 @@ mod tests {
         let (server, config) = fake_server().await;
         let resolver = start(config).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        resolver.lookup(Bytes::from_static(b"A:ONE"), &tx).unwrap();
-        resolver.lookup(Bytes::from_static(b"A:TWO"), &tx).unwrap();
+        resolver
+            .lookup(Bytes::from_static(b"A:ONE"), CLIENT, &tx)
+            .unwrap();
+        resolver
+            .lookup(Bytes::from_static(b"A:TWO"), CLIENT, &tx)
+            .unwrap();
         let mut names = answer_all(&server, 40000).await;
         names.sort();
         assert_eq!(names, [&b"A:ONE"[..], &b"A:TWO"[..]]);
@@ -128,10 +193,14 @@ mod tests {
         let (server, config) = fake_server().await;
         let resolver = start(config).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        resolver.lookup(Bytes::from_static(b"B"), &tx).unwrap();
+        resolver
+            .lookup(Bytes::from_static(b"B"), CLIENT, &tx)
+            .unwrap();
         answer_all(&server, 40001).await;
         rx.recv().await.unwrap();
-        resolver.lookup(Bytes::from_static(b"B"), &tx).unwrap();
+        resolver
+            .lookup(Bytes::from_static(b"B"), CLIENT, &tx)
+            .unwrap();
         let again = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
         assert_eq!(
             again.unwrap().unwrap().server.map(|s| s.port()),
@@ -148,7 +217,9 @@ mod tests {
         let (server, config) = fake_server().await;
         let resolver = start(config).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        resolver.lookup(Bytes::from_static(b"NOBODY"), &tx).unwrap();
+        resolver
+            .lookup(Bytes::from_static(b"NOBODY"), CLIENT, &tx)
+            .unwrap();
         let answer = rx.recv().await.unwrap();
         assert_eq!(answer.server, None);
         let mut buf = [0u8; 256];
@@ -167,7 +238,9 @@ mod tests {
         let (server, config) = fake_server().await;
         let resolver = start(config).unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
-        resolver.lookup(Bytes::from_static(b"ORPHAN"), &tx).unwrap();
+        resolver
+            .lookup(Bytes::from_static(b"ORPHAN"), CLIENT, &tx)
+            .unwrap();
         let mut buf = [0u8; 256];
         server.recv_from(&mut buf).await.unwrap();
         drop((tx, rx));
@@ -187,11 +260,15 @@ mod tests {
         let (server, config) = fake_server().await;
         let resolver = start(config).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        resolver.lookup(Bytes::from_static(b"C"), &tx).unwrap();
+        resolver
+            .lookup(Bytes::from_static(b"C"), CLIENT, &tx)
+            .unwrap();
         answer_all(&server, 40002).await;
         let first = rx.recv().await.unwrap().server.unwrap();
         resolver.forget(first);
-        resolver.lookup(Bytes::from_static(b"C"), &tx).unwrap();
+        resolver
+            .lookup(Bytes::from_static(b"C"), CLIENT, &tx)
+            .unwrap();
         assert_eq!(answer_all(&server, 40003).await, [&b"C"[..]]);
         assert_eq!(
             rx.recv().await.unwrap().server.map(|s| s.port()),

@@ -29,6 +29,21 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+/// Longest user or host name kept and passed on: rsrv drops a circuit whose
+/// CLIENT_NAME or HOST_NAME, with its NUL, exceeds 512 bytes
+/// (`camessage.c` client_name_action, host_name_action).
+const MAX_CLIENT_NAME_LEN: usize = 511;
+
+/// The user or host name of a CLIENT_NAME or HOST_NAME message, copied
+/// out of the receive buffer so that keeping it does not keep the buffer.
+fn owned_client_name(message: &Message, command: Command) -> Result<Bytes, SessionError> {
+    let name = wire::payload_name(&message.payload);
+    if name.len() > MAX_CLIENT_NAME_LEN {
+        return Err(SessionError::NameTooLong(command, name.len()));
+    }
+    Ok(Bytes::copy_from_slice(name))
+}
+
 /// What every CA session shares.
 pub struct CaContext {
     pub resolver: Resolver,
@@ -49,6 +64,8 @@ enum SessionError {
     Unexpected(Command),
     UnknownCommand(u16),
     TooManyChannels(usize),
+    /// A CLIENT_NAME or HOST_NAME longer than rsrv accepts.
+    NameTooLong(Command, usize),
     ClientGone,
 }
 
@@ -59,6 +76,10 @@ impl fmt::Display for SessionError {
             SessionError::Unexpected(c) => write!(f, "unexpected command {c:?} from a client"),
             SessionError::UnknownCommand(c) => write!(f, "unknown command code {c}"),
             SessionError::TooManyChannels(n) => write!(f, "client exceeds {n} channels"),
+            SessionError::NameTooLong(c, n) => write!(
+                f,
+                "{c:?} of {n} bytes (servers accept at most {MAX_CLIENT_NAME_LEN})"
+            ),
             SessionError::ClientGone => write!(f, "client connection closed"),
         }
     }
@@ -84,7 +105,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<CaContext>) {
     );
     let (backend_tx, backend_rx) = mpsc::unbounded_channel();
     let (answer_tx, answer_rx) = mpsc::unbounded_channel();
-    let awaiting = Awaiting::new(ctx.max_searches);
+    let awaiting = Awaiting::new(ctx.max_searches, peer.ip());
     let mut session = Session {
         peer,
         local_port,
@@ -138,7 +159,7 @@ enum Channel {
     },
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Waiter {
     /// A search from the client, answered only if the name is found.
     Search { id: u32 },
@@ -147,8 +168,10 @@ enum Waiter {
 }
 
 impl crate::relay::discovery::Waiter for Waiter {
-    fn must_settle(&self) -> bool {
-        matches!(self, Waiter::Create { .. })
+    /// libca must never hear "not found" over TCP: a search is answered
+    /// only when found.
+    fn wants_prompt_answer(&self) -> bool {
+        false
     }
 }
 
@@ -258,11 +281,11 @@ impl Session {
             // Old clients use READ_SYNC as an echo.
             Command::ReadSync => self.to_client(&wire::read_sync()).await?,
             Command::ClientName => {
-                self.client_name = Some(message.payload.clone());
+                self.client_name = Some(owned_client_name(&message, command)?);
                 self.forward_to_every_server(&message).await;
             }
             Command::HostName => {
-                self.host_name = Some(message.payload.clone());
+                self.host_name = Some(owned_client_name(&message, command)?);
                 self.forward_to_every_server(&message).await;
             }
             Command::EventsOff | Command::EventsOn => {
@@ -393,13 +416,8 @@ impl Session {
                 (Command::ClientName, &self.client_name),
                 (Command::HostName, &self.host_name),
             ] {
-                if let Some(payload) = payload {
-                    let mut header = Header::new(command, 0, 0, 0, 0);
-                    header.payload_size = payload.len() as u32;
-                    intro.push(Message {
-                        header,
-                        payload: payload.clone(),
-                    });
+                if let Some(name) = payload {
+                    intro.push(Message::with_name(Header::new(command, 0, 0, 0, 0), name));
                 }
             }
             if self.events_off {
@@ -615,6 +633,33 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, UdpSocket};
 
+    #[test]
+    fn a_kept_user_name_does_not_pin_the_message_it_came_in() {
+        let mut header = Header::new(Command::ClientName, 0, 0, 0, 0);
+        header.payload_size = 1 << 20;
+        let mut payload = vec![0u8; 1 << 20];
+        payload[..5].copy_from_slice(b"alice");
+        let message = Message {
+            header,
+            payload: Bytes::from(payload),
+        };
+        let name = owned_client_name(&message, Command::ClientName).unwrap();
+        assert_eq!(&name[..], b"alice");
+        assert!(message.payload.is_unique());
+    }
+
+    #[test]
+    fn a_user_name_longer_than_rsrv_accepts_is_refused() {
+        let name = vec![b'u'; MAX_CLIENT_NAME_LEN + 1];
+        let message = Message::with_name(Header::new(Command::HostName, 0, 0, 0, 0), &name);
+        assert!(matches!(
+            owned_client_name(&message, Command::HostName),
+            Err(SessionError::NameTooLong(Command::HostName, 512))
+        ));
+        let fits = Message::with_name(Header::new(Command::HostName, 0, 0, 0, 0), &name[1..]);
+        assert!(owned_client_name(&fits, Command::HostName).is_ok());
+    }
+
     fn bytes_of(m: &Message) -> Vec<u8> {
         let mut b = BytesMut::new();
         m.encode(&mut b);
@@ -629,6 +674,7 @@ mod tests {
                 timeout: Duration::from_secs(5),
                 cache_ttl: Duration::from_secs(5),
                 max_pending: 100,
+                max_pending_per_address: 100,
                 max_cached: 100,
             })
             .unwrap(),

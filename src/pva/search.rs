@@ -27,6 +27,8 @@ pub struct PvaSearch;
 impl SearchProtocol for PvaSearch {
     const NAME: &'static str = "pva";
     const MAX_NAME_LEN: usize = wire::MAX_NAME_LEN;
+    /// pvAccessCPP answers from a random UDP source port.
+    const ANSWERS_FROM_SERVER_PORT: bool = false;
 
     fn encode(
         &mut self,

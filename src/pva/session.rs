@@ -106,7 +106,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) {
         Ok((validation, translator, plain_credentials)) => {
             let (backend_tx, backend_rx) = mpsc::unbounded_channel();
             let (answer_tx, answer_rx) = mpsc::unbounded_channel();
-            let awaiting = Awaiting::new(ctx.max_searches);
+            let awaiting = Awaiting::new(ctx.max_searches, peer.ip());
             let mut session = Session {
                 peer,
                 ctx,
@@ -210,7 +210,7 @@ struct Route {
     server_sid: u32,
 }
 
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 enum Waiter {
     Search {
         id: u32,
@@ -223,8 +223,14 @@ enum Waiter {
 }
 
 impl crate::relay::discovery::Waiter for Waiter {
-    fn must_settle(&self) -> bool {
-        matches!(self, Waiter::Create { .. })
+    fn wants_prompt_answer(&self) -> bool {
+        matches!(
+            self,
+            Waiter::Search {
+                must_reply: true,
+                ..
+            }
+        )
     }
 }
 
@@ -269,6 +275,7 @@ impl Session {
                 },
                 Some(event) = self.backend_rx.recv() => self.on_backend(event).await?,
                 Some(answer) = answer_rx.recv() => self.on_answer(answer).await?,
+                _ = self.awaiting.prompt_due() => self.on_prompt_due().await?,
             }
             if let Some(e) = self.failed.take() {
                 return Err(e);
@@ -429,6 +436,15 @@ impl Session {
     async fn on_answer(&mut self, answer: Answer) -> Result<(), SessionError> {
         for waiter in self.awaiting.take(&answer.name) {
             self.settle(waiter, &answer.name, answer.server).await?;
+        }
+        Ok(())
+    }
+
+    /// Must-reply searches not answered in time are told "not found",
+    /// while the names are still searched for the others.
+    async fn on_prompt_due(&mut self) -> Result<(), SessionError> {
+        for (name, waiter) in self.awaiting.take_prompted(tokio::time::Instant::now()) {
+            self.settle(waiter, &name, None).await?;
         }
         Ok(())
     }
@@ -942,6 +958,7 @@ mod tests {
                 timeout: Duration::from_secs(1),
                 cache_ttl: Duration::from_secs(5),
                 max_pending: 100,
+                max_pending_per_address: 100,
                 max_cached: 100,
             })
             .unwrap(),
@@ -1085,5 +1102,92 @@ mod tests {
         let destroyed = client.next().await.expect("a destroy notice");
         assert_eq!(destroyed.header.command(), Ok(Command::DestroyChannel));
         assert_eq!(u32s(&destroyed), (sid, 7));
+    }
+
+    /// A shim session whose search relay asks a server that never answers.
+    async fn session_with_silent_servers() -> (TcpStream, UdpSocket) {
+        let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let SocketAddr::V4(target) = silent.local_addr().unwrap() else {
+            unreachable!()
+        };
+        let ctx = Arc::new(PvaContext {
+            resolver: search::start(SearchConfig {
+                targets: vec![target],
+                timeout: Duration::from_secs(30),
+                cache_ttl: Duration::from_secs(10),
+                max_pending: 100,
+                max_pending_per_address: 100,
+                max_cached: 100,
+            })
+            .unwrap(),
+            backend: BackendConfig {
+                max_message: 1 << 20,
+                queue_bytes: 1 << 16,
+                connect_timeout: Duration::from_secs(2),
+                big_endian: BIG_ENDIAN,
+            },
+            max_message: 1 << 20,
+            queue_bytes: 1 << 20,
+            max_channels: 100,
+            max_searches: 100,
+            advertise_port: None,
+        });
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, p) = front.accept().await.unwrap();
+            serve(s, p, ctx).await;
+        });
+        (TcpStream::connect(addr).await.unwrap(), silent)
+    }
+
+    /// The next message from the shim that is not a control message.
+    async fn next_message(client: &mut TcpStream, buf: &mut BytesMut) -> Message {
+        let mut decoder = wire::Decoder::new(1 << 20, true);
+        loop {
+            let mut needed = 0;
+            if let Some(m) = decoder.decode(buf, &mut needed).unwrap() {
+                if !m.header.is_control() {
+                    return m;
+                }
+                continue;
+            }
+            let mut chunk = vec![0u8; 4096];
+            let n = client.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the shim closed the connection");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    #[tokio::test]
+    async fn must_reply_search_for_an_unknown_name_is_answered_promptly() {
+        let (mut client, _silent) = session_with_silent_servers().await;
+        let mut buf = BytesMut::new();
+        let greeting = next_message(&mut client, &mut buf).await;
+        assert_eq!(greeting.header.command(), Ok(Command::ConnectionValidation));
+        let validation = wire::ClientValidation {
+            buffer_size: 0x4000,
+            registry_size: 0x7FFF,
+            qos: 0,
+            method: Bytes::from_static(b"anonymous"),
+            credentials: Bytes::from_static(&[0xFF]),
+        };
+        let mut out = BytesMut::new();
+        wire::client_validation(false, &validation).encode(&mut out);
+        // A SEARCH as a client sends it, with the must-reply flag.
+        let search_at = out.len();
+        wire::encode_search_datagram(&[(77, b"NO:SUCH:PV")], 9, 0, 1400, &mut out);
+        out[search_at + wire::HEADER_LEN + 4] |= wire::SEARCH_MUST_REPLY;
+        client.write_all(&out).await.unwrap();
+        let validated = next_message(&mut client, &mut buf).await;
+        assert_eq!(validated.header.command(), Ok(Command::ConnectionValidated));
+        let reply =
+            tokio::time::timeout(Duration::from_secs(3), next_message(&mut client, &mut buf))
+                .await
+                .expect("no answer within 3 s to a must-reply search");
+        assert_eq!(reply.header.command(), Ok(Command::SearchResponse));
+        let answer = wire::parse_search_response(&reply).unwrap();
+        assert!(!answer.found);
+        assert_eq!(answer.ids, [77]);
     }
 }

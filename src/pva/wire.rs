@@ -540,8 +540,10 @@ pub fn parse_client_validation(message: &Message) -> Result<ClientValidation, Wi
     let qos = r.u16("qos");
     let method = r.string("auth method");
     r.finish()?;
-    let method = message.payload.slice_ref(method);
-    let credentials = message.payload.slice_ref(r.remaining());
+    // Copies: the session keeps these for its whole life, and a slice
+    // would keep the whole receive buffer they came in.
+    let method = Bytes::copy_from_slice(method);
+    let credentials = Bytes::copy_from_slice(r.remaining());
     Ok(ClientValidation {
         buffer_size,
         registry_size,
@@ -788,6 +790,25 @@ mod tests {
         0, 0, 1, 0, 0xFF, 0x7F, 2, //
         9, b'a', b'n', b'o', b'n', b'y', b'm', b'o', b'u', b's', 2, b'c', b'a',
     ];
+
+    #[test]
+    fn client_validation_fields_do_not_pin_the_receive_buffer() {
+        let sent = ClientValidation {
+            buffer_size: 0x4000,
+            registry_size: 0x7FFF,
+            qos: 0,
+            method: Bytes::from_static(b"ca"),
+            credentials: Bytes::from_static(&[0xFF]),
+        };
+        let mut bytes = BytesMut::new();
+        client_validation(false, &sent).encode(&mut bytes);
+        let received = decode_all(&bytes, false).unwrap().remove(0);
+        let parsed = parse_client_validation(&received).unwrap();
+        assert_eq!(parsed, sent);
+        // The session keeps `parsed` for its whole life: nothing in it may
+        // share the message's buffer.
+        assert!(received.payload.is_unique());
+    }
 
     #[test]
     fn encodes_server_greeting_golden_bytes() {

@@ -7,12 +7,34 @@
 //! accepted only from this host's own addresses, and only when the server
 //! they name is local too, so a client is never routed to another machine.
 //! The protocol (datagram layout, answer parsing) is a [`SearchProtocol`].
+//!
+//! Hostile clients and local forgers:
+//! - Search ids are the keyed SipHash of a counter (see [`SearchIds`]), so
+//!   a local process that does not see the searches cannot predict them; a
+//!   protocol whose servers answer from their server port (CA) also has its
+//!   answers from any other port ignored.
+//! - Every name under search is charged to the client address that asked
+//!   first (later askers join it for free). One address may hold at most
+//!   `max_pending_per_address` names (default 2,500). When the relay is full
+//!   (`max_pending`, default 10,000), an address holding less than an equal
+//!   share (`max_pending` / addresses with names under search, counting
+//!   itself) still gets its search: it takes the place of one search of
+//!   the address that holds the most, which ends as not found. Otherwise the
+//!   search is refused and ends as not found at once. So no address keeps
+//!   more than an equal share while others are waiting.
+//! - The cache holds at most `max_cached` names and [`MAX_CACHED_NAME_BYTES`]
+//!   of name bytes, and is swept of expired answers every `cache_ttl`.
+//! - Resends are kept in a time-ordered queue, so the work per request or
+//!   per datagram does not grow with the number of names under search.
 
 use crate::relay::localaddr::LocalAddrs;
 use bytes::{Bytes, BytesMut};
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::hash_map::RandomState;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, Hash};
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -26,6 +48,14 @@ const MAX_RESEND_DELAY: Duration = Duration::from_secs(1);
 const REQUEST_QUEUE: usize = 4096;
 /// Largest search datagram either protocol sends.
 const MAX_DATAGRAM: usize = 1500;
+/// Name bytes the cache holds at most, besides its entry count: 100,000
+/// names of typical length (under 60 bytes) fit, long names count more.
+pub const MAX_CACHED_NAME_BYTES: usize = 16 << 20;
+/// The cache is swept at least this often when `cache_ttl` is shorter.
+const MIN_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Resend queue entries of finished searches kept before the queue is
+/// rebuilt from the live searches.
+const SCHEDULE_SLACK: usize = 1024;
 
 /// What differs between CA and PVA searches.
 pub trait SearchProtocol: Send + 'static {
@@ -33,6 +63,10 @@ pub trait SearchProtocol: Send + 'static {
     const NAME: &'static str;
     /// Longest name a datagram can carry.
     const MAX_NAME_LEN: usize;
+    /// Whether servers answer from the UDP port they were searched on (the
+    /// targets' port). rsrv and caproto answer from their server port;
+    /// pvAccessCPP answers from a random port, so PVA cannot require it.
+    const ANSWERS_FROM_SERVER_PORT: bool;
 
     /// Appends one search datagram for a prefix of `names` (search id, name)
     /// to `out` and returns how many names it holds (at least one).
@@ -65,6 +99,9 @@ pub struct SearchConfig {
     pub cache_ttl: Duration,
     /// Names searched at once, at most.
     pub max_pending: usize,
+    /// Names searched at once for one client address (all its
+    /// connections), at most.
+    pub max_pending_per_address: usize,
     /// Names remembered, at most.
     pub max_cached: usize,
 }
@@ -80,6 +117,8 @@ pub struct Answer {
 enum Request {
     Lookup {
         name: Bytes,
+        /// The client address the search is charged to.
+        client: IpAddr,
         reply: mpsc::UnboundedSender<Answer>,
     },
     /// The server at this address went away: forget what it owned.
@@ -115,11 +154,19 @@ impl Resolver {
         Ok(Resolver { requests: tx })
     }
 
-    /// Asks for the server of `name`; the answer arrives on `reply`.
-    pub fn lookup(&self, name: Bytes, reply: &mpsc::UnboundedSender<Answer>) -> Result<(), Busy> {
+    /// Asks for the server of `name` on behalf of the client at `client`;
+    /// the answer arrives on `reply`. `name` should own its bytes: the
+    /// relay keeps it while it searches and caches.
+    pub fn lookup(
+        &self,
+        name: Bytes,
+        client: IpAddr,
+        reply: &mpsc::UnboundedSender<Answer>,
+    ) -> Result<(), Busy> {
         self.requests
             .try_send(Request::Lookup {
                 name,
+                client,
                 reply: reply.clone(),
             })
             .map_err(|_| Busy)
@@ -145,12 +192,118 @@ pub fn bind_search_socket(local: Ipv4Addr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
+/// Search ids that a local process cannot predict: SipHash-1-3 (std's
+/// `RandomState`, keyed with 128 bits from the operating system's random
+/// source) of a counter. SipHash is a pseudo-random function, so without the
+/// key the ids seen so far say nothing about the next ones; a forger that
+/// cannot read the search datagrams must guess, with a chance of about
+/// (names under search) / 2^32 per guessed id. (A process that can read
+/// them, by binding the servers' search port, is as trusted as a server.)
+struct SearchIds {
+    key: RandomState,
+    counter: u64,
+}
+
+impl SearchIds {
+    fn new() -> Self {
+        SearchIds {
+            key: RandomState::new(),
+            counter: 0,
+        }
+    }
+
+    fn next(&mut self) -> u32 {
+        self.counter = self.counter.wrapping_add(1);
+        let hash = self.key.hash_one(self.counter);
+        (hash ^ (hash >> 32)) as u32
+    }
+}
+
 struct Pending {
     id: u32,
+    /// The client address this search is charged to.
+    owner: IpAddr,
     waiters: Vec<mpsc::UnboundedSender<Answer>>,
     sends: u32,
     next_send: Instant,
     deadline: Instant,
+}
+
+/// Found servers by name, bounded in entries and in name bytes.
+struct Cache {
+    entries: HashMap<Bytes, (SocketAddrV4, Instant)>,
+    name_bytes: usize,
+    max_entries: usize,
+    max_name_bytes: usize,
+    ttl: Duration,
+}
+
+impl Cache {
+    fn new(max_entries: usize, max_name_bytes: usize, ttl: Duration) -> Self {
+        Cache {
+            entries: HashMap::new(),
+            name_bytes: 0,
+            max_entries,
+            max_name_bytes,
+            ttl,
+        }
+    }
+
+    fn get(&mut self, name: &Bytes, now: Instant) -> Option<SocketAddrV4> {
+        let &(server, expires) = self.entries.get(name)?;
+        if expires > now {
+            return Some(server);
+        }
+        self.remove(name);
+        None
+    }
+
+    fn insert(&mut self, name: Bytes, server: SocketAddrV4, now: Instant) {
+        self.remove(&name);
+        let full = |c: &Cache| {
+            c.entries.len() >= c.max_entries || c.name_bytes + name.len() > c.max_name_bytes
+        };
+        if full(self) {
+            self.sweep(now);
+            if full(self) {
+                // Everything in it is fresh: start again rather than pick.
+                self.entries.clear();
+                self.name_bytes = 0;
+            }
+        }
+        if full(self) {
+            return; // one name larger than the whole budget
+        }
+        self.name_bytes += name.len();
+        self.entries.insert(name, (server, now + self.ttl));
+    }
+
+    fn remove(&mut self, name: &Bytes) {
+        if let Some((name, _)) = self.entries.remove_entry(name) {
+            self.name_bytes -= name.len();
+        }
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&SocketAddrV4, Instant) -> bool) {
+        let mut removed = 0;
+        self.entries.retain(|name, (server, expires)| {
+            let kept = keep(server, *expires);
+            if !kept {
+                removed += name.len();
+            }
+            kept
+        });
+        self.name_bytes -= removed;
+    }
+
+    /// Drops every expired answer.
+    fn sweep(&mut self, now: Instant) {
+        self.retain(|_, expires| expires > now);
+    }
+
+    fn forget(&mut self, server: SocketAddrV4) {
+        self.retain(|cached, _| *cached != server);
+    }
 }
 
 struct SearchRelay<P> {
@@ -159,31 +312,51 @@ struct SearchRelay<P> {
     config: SearchConfig,
     pending: HashMap<Bytes, Pending>,
     names_by_id: HashMap<u32, Bytes>,
-    cache: HashMap<Bytes, (SocketAddrV4, Instant)>,
+    /// When each search is next due to be sent, by search id. Entries of
+    /// finished searches stay until they come up (or the queue is rebuilt).
+    schedule: BinaryHeap<Reverse<(Instant, u32)>>,
+    /// The names under search charged to each client address.
+    owned: HashMap<IpAddr, HashSet<Bytes>>,
+    cache: Cache,
     local: LocalAddrs,
-    next_id: u32,
+    ids: SearchIds,
     sequence: u32,
+}
+
+/// Whether a new search may start, and at whose expense.
+#[derive(Debug, PartialEq, Eq)]
+enum Admission {
+    Admit,
+    /// Admit after ending one search of this (the heaviest) address.
+    AdmitInsteadOf(IpAddr),
+    Refuse,
 }
 
 impl<P: SearchProtocol> SearchRelay<P> {
     fn new(protocol: P, socket: UdpSocket, config: SearchConfig) -> Self {
+        let mut ids = SearchIds::new();
+        let sequence = ids.next();
         SearchRelay {
             protocol,
             socket,
+            cache: Cache::new(config.max_cached, MAX_CACHED_NAME_BYTES, config.cache_ttl),
             config,
             pending: HashMap::new(),
             names_by_id: HashMap::new(),
-            cache: HashMap::new(),
+            schedule: BinaryHeap::new(),
+            owned: HashMap::new(),
             local: LocalAddrs::new(),
-            next_id: 1,
-            sequence: 0,
+            ids,
+            sequence,
         }
     }
 
     async fn run(mut self, mut requests: mpsc::Receiver<Request>) {
         let mut datagram = vec![0u8; 64 * 1024];
+        let mut sweep = tokio::time::interval(self.config.cache_ttl.max(MIN_SWEEP_INTERVAL));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let next_due = self.pending.values().map(|p| p.next_send).min();
+            let next_due = self.schedule.peek().map(|Reverse((at, _))| *at);
             tokio::select! {
                 request = requests.recv() => {
                     let Some(request) = request else { return };
@@ -199,46 +372,67 @@ impl<P: SearchProtocol> SearchRelay<P> {
                     Err(e) => debug!(target: "nameshim::relay::discovery", cause = %e, "search socket receive error"),
                 },
                 _ = sleep_until_opt(next_due) => self.send_due().await,
+                _ = sweep.tick() => self.cache.sweep(Instant::now()),
             }
         }
     }
 
     fn handle(&mut self, request: Request) {
         match request {
-            Request::Lookup { name, reply } => self.lookup(name, reply),
-            Request::Forget(server) => {
-                self.cache.retain(|_, (cached, _)| *cached != server);
-            }
+            Request::Lookup {
+                name,
+                client,
+                reply,
+            } => self.lookup(name, client, reply),
+            Request::Forget(server) => self.cache.forget(server),
         }
     }
 
-    fn lookup(&mut self, name: Bytes, reply: mpsc::UnboundedSender<Answer>) {
+    fn lookup(&mut self, name: Bytes, client: IpAddr, reply: mpsc::UnboundedSender<Answer>) {
         let now = Instant::now();
-        if let Some(&(server, expires)) = self.cache.get(&name) {
-            if expires > now {
-                let _ = reply.send(Answer {
-                    name,
-                    server: Some(server),
-                });
-                return;
-            }
-            self.cache.remove(&name);
+        if let Some(server) = self.cache.get(&name, now) {
+            let _ = reply.send(Answer {
+                name,
+                server: Some(server),
+            });
+            return;
         }
         if let Some(pending) = self.pending.get_mut(&name) {
             pending.waiters.push(reply);
             return;
         }
-        if self.pending.len() >= self.config.max_pending || name.len() > P::MAX_NAME_LEN {
-            debug!(target: "nameshim::relay::discovery", name = %String::from_utf8_lossy(&name), "search refused (limit)");
-            let _ = reply.send(Answer { name, server: None });
-            return;
+        let admission = if name.len() > P::MAX_NAME_LEN {
+            Admission::Refuse
+        } else {
+            self.admission(client)
+        };
+        match admission {
+            Admission::Admit => {}
+            Admission::AdmitInsteadOf(heaviest) => {
+                let evicted = self
+                    .owned
+                    .get(&heaviest)
+                    .and_then(|names| names.iter().next().cloned());
+                if let Some(evicted) = evicted {
+                    debug!(target: "nameshim::relay::discovery", %client, %heaviest, name = %String::from_utf8_lossy(&evicted), "search ended to make room (fair share)");
+                    self.finish(&evicted, None);
+                }
+            }
+            Admission::Refuse => {
+                debug!(target: "nameshim::relay::discovery", %client, name = %String::from_utf8_lossy(&name), "search refused (limit)");
+                let _ = reply.send(Answer { name, server: None });
+                return;
+            }
         }
         let id = self.allocate_id();
         self.names_by_id.insert(id, name.clone());
+        self.owned.entry(client).or_default().insert(name.clone());
+        self.schedule.push(Reverse((now, id)));
         self.pending.insert(
             name,
             Pending {
                 id,
+                owner: client,
                 waiters: vec![reply],
                 sends: 0,
                 next_send: now,
@@ -247,39 +441,77 @@ impl<P: SearchProtocol> SearchRelay<P> {
         );
     }
 
+    /// The fair-share rule of the module doc.
+    fn admission(&self, client: IpAddr) -> Admission {
+        let held = self.owned.get(&client).map_or(0, HashSet::len);
+        if held >= self.config.max_pending_per_address {
+            return Admission::Refuse;
+        }
+        if self.pending.len() < self.config.max_pending {
+            return Admission::Admit;
+        }
+        let addresses = self.owned.len() + usize::from(held == 0);
+        let share = self.config.max_pending / addresses.max(1);
+        if held >= share {
+            return Admission::Refuse;
+        }
+        // Only strictly heavier holders give way, so two addresses at
+        // nearly equal shares never take searches from each other in turn.
+        match self.owned.iter().max_by_key(|(_, names)| names.len()) {
+            Some((&heaviest, names)) if names.len() > held + 1 => {
+                Admission::AdmitInsteadOf(heaviest)
+            }
+            _ => Admission::Refuse,
+        }
+    }
+
     fn allocate_id(&mut self) -> u32 {
         loop {
-            let id = self.next_id;
-            self.next_id = self.next_id.wrapping_add(1);
-            if !self.names_by_id.contains_key(&id) {
+            let id = self.ids.next();
+            if id != 0 && !self.names_by_id.contains_key(&id) {
                 return id;
             }
         }
     }
 
     /// Sends every name whose resend time has come, and gives up on names
-    /// past their deadline.
+    /// past their deadline or with nobody left waiting.
     async fn send_due(&mut self) {
         let now = Instant::now();
         let mut expired = Vec::new();
         let mut due: Vec<(u32, Bytes)> = Vec::new();
-        for (name, pending) in &mut self.pending {
+        while let Some(&Reverse((at, id))) = self.schedule.peek() {
+            if at > now {
+                break;
+            }
+            self.schedule.pop();
+            let Some(name) = self.names_by_id.get(&id) else {
+                continue; // finished already
+            };
+            let Some(pending) = self.pending.get_mut(name) else {
+                continue;
+            };
+            if pending.next_send != at {
+                continue;
+            }
             // Nobody left to tell: the clients that asked have gone.
             pending.waiters.retain(|waiter| !waiter.is_closed());
             if pending.deadline <= now || pending.waiters.is_empty() {
                 expired.push(name.clone());
-            } else if pending.next_send <= now {
-                due.push((pending.id, name.clone()));
-                let delay = FIRST_RESEND_DELAY
-                    .saturating_mul(1 << pending.sends.min(16))
-                    .min(MAX_RESEND_DELAY);
-                pending.sends += 1;
-                pending.next_send = (now + delay).min(pending.deadline);
+                continue;
             }
+            due.push((pending.id, name.clone()));
+            let delay = FIRST_RESEND_DELAY
+                .saturating_mul(1 << pending.sends.min(16))
+                .min(MAX_RESEND_DELAY);
+            pending.sends += 1;
+            pending.next_send = (now + delay).min(pending.deadline);
+            self.schedule.push(Reverse((pending.next_send, id)));
         }
         for name in expired {
             self.finish(&name, None);
         }
+        self.compact_schedule();
         let names: Vec<(u32, &[u8])> = due.iter().map(|(id, n)| (*id, &n[..])).collect();
         let mut rest = &names[..];
         let mut datagram = BytesMut::with_capacity(MAX_DATAGRAM);
@@ -301,10 +533,28 @@ impl<P: SearchProtocol> SearchRelay<P> {
         }
     }
 
+    /// Rebuilds the resend queue when finished searches dominate it.
+    fn compact_schedule(&mut self) {
+        if self.schedule.len() <= 2 * self.pending.len() + SCHEDULE_SLACK {
+            return;
+        }
+        self.schedule = self
+            .pending
+            .values()
+            .map(|p| Reverse((p.next_send, p.id)))
+            .collect();
+    }
+
     fn on_datagram(&mut self, datagram: &[u8], from: SocketAddr) {
         let SocketAddr::V4(from) = from else { return };
         if !self.local.contains(*from.ip()) {
             debug!(target: "nameshim::relay::discovery", peer = %from, "ignored search answer from a remote host");
+            return;
+        }
+        if P::ANSWERS_FROM_SERVER_PORT
+            && !self.config.targets.iter().any(|t| t.port() == from.port())
+        {
+            debug!(target: "nameshim::relay::discovery", peer = %from, "ignored search answer from a port no server searches on");
             return;
         }
         let mut found = Vec::new();
@@ -324,21 +574,9 @@ impl<P: SearchProtocol> SearchRelay<P> {
                 continue; // answered already, by another server
             };
             debug!(target: "nameshim::relay::discovery", protocol = P::NAME, name = %String::from_utf8_lossy(&name), %server, "found");
-            self.remember(name.clone(), server);
+            self.cache.insert(name.clone(), server, Instant::now());
             self.finish(&name, Some(server));
         }
-    }
-
-    fn remember(&mut self, name: Bytes, server: SocketAddrV4) {
-        let now = Instant::now();
-        if self.cache.len() >= self.config.max_cached {
-            self.cache.retain(|_, (_, expires)| *expires > now);
-            if self.cache.len() >= self.config.max_cached {
-                self.cache.clear();
-            }
-        }
-        self.cache
-            .insert(name, (server, now + self.config.cache_ttl));
     }
 
     fn finish(&mut self, name: &Bytes, server: Option<SocketAddrV4>) {
@@ -346,6 +584,12 @@ impl<P: SearchProtocol> SearchRelay<P> {
             return;
         };
         self.names_by_id.remove(&pending.id);
+        if let Some(names) = self.owned.get_mut(&pending.owner) {
+            names.remove(name);
+            if names.is_empty() {
+                self.owned.remove(&pending.owner);
+            }
+        }
         if server.is_none() {
             debug!(target: "nameshim::relay::discovery", name = %String::from_utf8_lossy(name), "not found");
         }
@@ -365,37 +609,59 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-/// Distinct waiters kept for one name under search, besides those that
-/// must always be settled.
+/// Waiters kept for one name under search, of every kind. A client repeats
+/// a search until it is answered; distinct requests beyond this many for
+/// one name are settled at once as not found.
 const MAX_WAITERS_PER_NAME: usize = 64;
 
+/// How long a waiter that wants a prompt answer (a PVA must-reply search)
+/// waits before it is told "not found", while the name is still searched
+/// for the others. A pvxs server answers a must-reply search at once even
+/// when it has none of the names (pvxs `server.cpp`: `if(nreply==0 &&
+/// !msg.mustReply) return;`), and clients wait for that answer. By then the
+/// relay has sent the name six times (at 0, 20, 60, 140, 300 and 620 ms), so
+/// a local server that has it has had every chance to answer.
+pub const PROMPT_NOT_FOUND: Duration = Duration::from_secs(1);
+
 /// A waiter for a name: something a session must do once the name's server
-/// is known (or known to be absent).
-pub trait Waiter: PartialEq {
-    /// Whether dropping this waiter would leave a request unanswered
-    /// (a channel creation), so it must be kept whatever the limits.
-    fn must_settle(&self) -> bool;
+/// is known (or known to be absent). Equal waiters are one request repeated.
+pub trait Waiter: Eq + Hash + Clone {
+    /// Whether the client wants an answer even when the name is not found,
+    /// without waiting for the whole search (see [`PROMPT_NOT_FOUND`]).
+    fn wants_prompt_answer(&self) -> bool;
 }
 
 /// The names one client connection waits for, each asked of the relay once.
+/// Adding, taking and expiring waiters cost constant time each.
 pub struct Awaiting<W> {
-    names: HashMap<Bytes, Vec<W>>,
+    /// Each waiter with the time it is due a prompt "not found", if any.
+    names: HashMap<Bytes, HashMap<W, Option<Instant>>>,
+    /// Prompt answers due, in time order (the delay is constant). Entries
+    /// whose waiter was answered meanwhile are skipped when they come up.
+    prompts: VecDeque<(Instant, Bytes, W)>,
+    /// Waiters in `names` that are due a prompt answer.
+    live_prompts: usize,
     max_names: usize,
+    /// The client address the relay charges these searches to.
+    client: IpAddr,
 }
 
 impl<W: Waiter> Awaiting<W> {
-    pub fn new(max_names: usize) -> Self {
+    pub fn new(max_names: usize, client: IpAddr) -> Self {
         Awaiting {
             names: HashMap::new(),
+            prompts: VecDeque::new(),
+            live_prompts: 0,
             max_names,
+            client,
         }
     }
 
-    /// Registers `waiter` for `name`, asking the relay when the name is new.
-    /// Clients repeat a search until it is answered: one waiter is kept per
-    /// distinct request, and a bounded number per name. Returns the waiter
-    /// back when it cannot wait (limits, or the relay is overloaded): the
-    /// caller settles it as "not found".
+    /// Registers `waiter` for `name`, asking the relay when the name is new;
+    /// a repeated request is kept once. Returns the waiter back when it
+    /// cannot wait (the limits, or the relay is overloaded): the caller
+    /// settles it as "not found" at once. The name is copied when kept, so
+    /// it never holds on to the message it was cut from.
     pub fn add(
         &mut self,
         name: Bytes,
@@ -403,23 +669,439 @@ impl<W: Waiter> Awaiting<W> {
         resolver: &Resolver,
         answers: &mpsc::UnboundedSender<Answer>,
     ) -> Option<W> {
-        if let Some(waiters) = self.names.get_mut(&name) {
-            if !waiters.contains(&waiter)
-                && (waiter.must_settle() || waiters.len() < MAX_WAITERS_PER_NAME)
-            {
-                waiters.push(waiter);
+        let now = Instant::now();
+        if let Some((key, waiters)) = self.names.get_key_value(&name) {
+            if waiters.contains_key(&waiter) {
+                return None;
             }
+            if waiters.len() >= MAX_WAITERS_PER_NAME {
+                return Some(waiter);
+            }
+            let key = key.clone();
+            self.insert(key, waiter, now);
             return None;
         }
-        if self.names.len() >= self.max_names || resolver.lookup(name.clone(), answers).is_err() {
+        if self.names.len() >= self.max_names {
             return Some(waiter);
         }
-        self.names.insert(name, vec![waiter]);
+        let name = Bytes::copy_from_slice(&name);
+        if resolver.lookup(name.clone(), self.client, answers).is_err() {
+            return Some(waiter);
+        }
+        self.names.insert(name.clone(), HashMap::new());
+        self.insert(name, waiter, now);
         None
+    }
+
+    fn insert(&mut self, name: Bytes, waiter: W, now: Instant) {
+        let prompt = waiter.wants_prompt_answer().then(|| now + PROMPT_NOT_FOUND);
+        if let Some(at) = prompt {
+            self.compact_prompts();
+            self.prompts.push_back((at, name.clone(), waiter.clone()));
+            self.live_prompts += 1;
+        }
+        if let Some(waiters) = self.names.get_mut(&name) {
+            waiters.insert(waiter, prompt);
+        }
+    }
+
+    /// Drops queue entries of waiters answered meanwhile, once they are
+    /// the majority, so the queue stays within twice the live waiters.
+    fn compact_prompts(&mut self) {
+        if self.prompts.len() <= 2 * self.live_prompts + MAX_WAITERS_PER_NAME {
+            return;
+        }
+        let names = &self.names;
+        self.prompts.retain(|(at, name, waiter)| {
+            names
+                .get(name)
+                .and_then(|waiters| waiters.get(waiter))
+                .is_some_and(|due| *due == Some(*at))
+        });
     }
 
     /// Everything that waited for the answered name.
     pub fn take(&mut self, name: &Bytes) -> Vec<W> {
-        self.names.remove(name).unwrap_or_default()
+        let Some(waiters) = self.names.remove(name) else {
+            return Vec::new();
+        };
+        self.live_prompts -= waiters.values().filter(|due| due.is_some()).count();
+        waiters.into_keys().collect()
+    }
+
+    /// Completes when a waiter is due a prompt answer; never, if none is.
+    /// Holds no borrow, so it can sit in a `select!` beside other branches.
+    pub fn prompt_due(&self) -> impl std::future::Future<Output = ()> + 'static {
+        sleep_until_opt(self.prompts.front().map(|(at, _, _)| *at))
+    }
+
+    /// The waiters whose prompt answer is due by `now`, with their names:
+    /// the caller settles them as "not found". The names stay under search
+    /// for the other waiters.
+    pub fn take_prompted(&mut self, now: Instant) -> Vec<(Bytes, W)> {
+        let mut due = Vec::new();
+        while let Some((at, _, _)) = self.prompts.front() {
+            if *at > now {
+                break;
+            }
+            let Some((at, name, waiter)) = self.prompts.pop_front() else {
+                break;
+            };
+            let Some(waiters) = self.names.get_mut(&name) else {
+                continue;
+            };
+            if waiters.get(&waiter) == Some(&Some(at)) {
+                waiters.remove(&waiter);
+                self.live_prompts -= 1;
+                due.push((name, waiter));
+            }
+        }
+        due
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BufMut;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Waiter comparisons made on this thread.
+        static COMPARISONS: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// A waiter that counts how often it is compared.
+    #[derive(Clone, Debug)]
+    struct TestWaiter {
+        id: u32,
+        prompt: bool,
+    }
+
+    impl PartialEq for TestWaiter {
+        fn eq(&self, other: &Self) -> bool {
+            COMPARISONS.with(|c| c.set(c.get() + 1));
+            self.id == other.id && self.prompt == other.prompt
+        }
+    }
+    impl Eq for TestWaiter {}
+
+    impl Hash for TestWaiter {
+        fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+            self.id.hash(state);
+            self.prompt.hash(state);
+        }
+    }
+
+    impl Waiter for TestWaiter {
+        fn wants_prompt_answer(&self) -> bool {
+            self.prompt
+        }
+    }
+
+    fn create(id: u32) -> TestWaiter {
+        TestWaiter { id, prompt: false }
+    }
+
+    const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    /// A resolver whose requests the test reads itself.
+    fn test_resolver() -> (Resolver, mpsc::Receiver<Request>) {
+        let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
+        (Resolver { requests: tx }, rx)
+    }
+
+    #[test]
+    fn waiters_beyond_the_per_name_cap_are_refused_whatever_their_kind() {
+        let (resolver, _requests) = test_resolver();
+        let (answers, _) = mpsc::unbounded_channel();
+        let mut awaiting = Awaiting::new(10, CLIENT);
+        let name = Bytes::from_static(b"UNKNOWN");
+        let refused = (0..60_000)
+            .filter_map(|cid| awaiting.add(name.clone(), create(cid), &resolver, &answers))
+            .count();
+        assert_eq!(refused, 60_000 - MAX_WAITERS_PER_NAME);
+        assert_eq!(awaiting.take(&name).len(), MAX_WAITERS_PER_NAME);
+    }
+
+    #[test]
+    fn adding_a_waiter_compares_a_bounded_number_of_waiters() {
+        let (resolver, _requests) = test_resolver();
+        let (answers, _) = mpsc::unbounded_channel();
+        let mut awaiting = Awaiting::new(10, CLIENT);
+        let name = Bytes::from_static(b"UNKNOWN");
+        COMPARISONS.with(|c| c.set(0));
+        let adds = 60_000;
+        for i in 0..adds {
+            // Distinct creates up to the cap, then the same ones repeated.
+            let cid = i % MAX_WAITERS_PER_NAME as u32;
+            awaiting.add(name.clone(), create(cid), &resolver, &answers);
+        }
+        // A set compares a new waiter with the few that share its hash;
+        // a list compares it with every waiter kept (64 per add here).
+        let comparisons = COMPARISONS.with(Cell::get);
+        assert!(
+            comparisons <= 2 * adds as usize,
+            "{comparisons} comparisons for {adds} adds"
+        );
+        assert_eq!(awaiting.take(&name).len(), MAX_WAITERS_PER_NAME);
+    }
+
+    #[test]
+    fn a_stored_name_does_not_pin_the_message_it_came_in() {
+        let (resolver, mut requests) = test_resolver();
+        let (answers, _) = mpsc::unbounded_channel();
+        let mut awaiting = Awaiting::new(10, CLIENT);
+        // A large message, as a client may send, with a short name in it.
+        let mut message = vec![0u8; 1 << 20];
+        message[100..104].copy_from_slice(b"NAME");
+        let message = Bytes::from(message);
+        let name = message.slice_ref(&message[100..104]);
+        assert!(awaiting.add(name, create(1), &resolver, &answers).is_none());
+        // Both the session's copy and the relay's request hold the name;
+        // neither may hold the message.
+        assert!(message.is_unique());
+        let Ok(Request::Lookup { name, .. }) = requests.try_recv() else {
+            panic!("the relay was not asked");
+        };
+        assert_eq!(&name[..], b"NAME");
+        assert_eq!(awaiting.take(&name).len(), 1);
+    }
+
+    #[test]
+    fn a_prompt_waiter_is_told_not_found_while_others_keep_waiting() {
+        let (resolver, mut requests) = test_resolver();
+        let (answers, _) = mpsc::unbounded_channel();
+        let mut awaiting = Awaiting::new(10, CLIENT);
+        let name = Bytes::from_static(b"LATE");
+        let must_reply = TestWaiter {
+            id: 7,
+            prompt: true,
+        };
+        awaiting.add(name.clone(), must_reply.clone(), &resolver, &answers);
+        awaiting.add(name.clone(), create(8), &resolver, &answers);
+        let now = Instant::now();
+        assert!(awaiting.take_prompted(now).is_empty());
+        let later = now + PROMPT_NOT_FOUND;
+        assert_eq!(awaiting.take_prompted(later), [(name.clone(), must_reply)]);
+        // The name is still under search for the create: the relay was
+        // asked once, and a later answer reaches the create only.
+        assert!(requests.try_recv().is_ok());
+        assert!(requests.try_recv().is_err());
+        assert_eq!(awaiting.take(&name), [create(8)]);
+    }
+
+    #[test]
+    fn answered_prompt_waiters_do_not_pile_up_in_the_queue() {
+        let (resolver, _requests) = test_resolver();
+        let (answers, _) = mpsc::unbounded_channel();
+        let mut awaiting = Awaiting::new(10, CLIENT);
+        let name = Bytes::from_static(b"FOUND:AT:ONCE");
+        for id in 0..100_000 {
+            let waiter = TestWaiter { id, prompt: true };
+            awaiting.add(name.clone(), waiter, &resolver, &answers);
+            awaiting.take(&name);
+        }
+        assert!(awaiting.prompts.len() <= 2 * MAX_WAITERS_PER_NAME + 1);
+    }
+
+    #[test]
+    fn cache_is_bounded_in_name_bytes() {
+        let now = Instant::now();
+        let server = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 5064);
+        let mut cache = Cache::new(1_000_000, 10_000, Duration::from_secs(60));
+        for i in 0..1_000u32 {
+            let mut name = BytesMut::new();
+            name.put_u32(i);
+            name.resize(500, b'x');
+            cache.insert(name.freeze(), server, now);
+            assert!(cache.name_bytes <= 10_000);
+            let sum: usize = cache.entries.keys().map(Bytes::len).sum();
+            assert_eq!(sum, cache.name_bytes);
+        }
+        assert!(!cache.entries.is_empty());
+    }
+
+    /// A minimal protocol: a search datagram is (u32 id, u8 length, name)
+    /// repeated; an answer is (u32 id, u16 port) repeated.
+    struct TestProtocol;
+
+    impl SearchProtocol for TestProtocol {
+        const NAME: &'static str = "test";
+        const MAX_NAME_LEN: usize = 255;
+        const ANSWERS_FROM_SERVER_PORT: bool = false;
+
+        fn encode(
+            &mut self,
+            names: &[(u32, &[u8])],
+            _sequence: u32,
+            _reply_port: u16,
+            out: &mut BytesMut,
+        ) -> usize {
+            let mut fitted = 0;
+            for (id, name) in names {
+                if fitted > 0 && out.len() + 5 + name.len() > 1400 {
+                    break;
+                }
+                out.put_u32(*id);
+                out.put_u8(name.len() as u8);
+                out.put_slice(name);
+                fitted += 1;
+            }
+            fitted
+        }
+
+        fn answers(
+            &mut self,
+            datagram: &[u8],
+            _from: SocketAddrV4,
+            found: &mut Vec<(u32, SocketAddrV4)>,
+        ) {
+            for answer in datagram.chunks_exact(6) {
+                let id = u32::from_be_bytes([answer[0], answer[1], answer[2], answer[3]]);
+                let port = u16::from_be_bytes([answer[4], answer[5]]);
+                found.push((id, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)));
+            }
+        }
+    }
+
+    /// A relay searching a silent fake server; returns both.
+    async fn test_relay(config: impl FnOnce(&mut SearchConfig)) -> (Resolver, UdpSocket) {
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let SocketAddr::V4(target) = server.local_addr().unwrap() else {
+            unreachable!()
+        };
+        let mut search = SearchConfig {
+            targets: vec![target],
+            timeout: Duration::from_secs(10),
+            cache_ttl: Duration::from_secs(10),
+            max_pending: 100,
+            max_pending_per_address: 100,
+            max_cached: 100,
+        };
+        config(&mut search);
+        let socket = bind_search_socket(Ipv4Addr::LOCALHOST).unwrap();
+        (
+            Resolver::start(TestProtocol, socket, search).unwrap(),
+            server,
+        )
+    }
+
+    /// Answers the names of every search datagram `server` receives.
+    fn answer_everything(server: UdpSocket, port: u16) {
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            while let Ok((len, from)) = server.recv_from(&mut buf).await {
+                let mut reply = BytesMut::new();
+                let mut rest = &buf[..len];
+                while rest.len() >= 5 {
+                    let name_len = usize::from(rest[4]);
+                    reply.put_slice(&rest[..4]);
+                    reply.put_u16(port);
+                    rest = rest.get(5 + name_len..).unwrap_or_default();
+                }
+                let _ = server.send_to(&reply, from).await;
+            }
+        });
+    }
+
+    /// The answers already delivered on `rx`.
+    async fn answers_now(rx: &mut mpsc::UnboundedReceiver<Answer>) -> Vec<Answer> {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut answers = Vec::new();
+        while let Ok(answer) = rx.try_recv() {
+            answers.push(answer);
+        }
+        answers
+    }
+
+    fn address(last: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 0, 0, last))
+    }
+
+    fn numbered(prefix: &str, i: usize) -> Bytes {
+        Bytes::from(format!("{prefix}:{i}"))
+    }
+
+    #[tokio::test]
+    async fn expired_answers_leave_the_cache_without_a_lookup() {
+        let (resolver, server) = test_relay(|c| c.cache_ttl = Duration::from_millis(50)).await;
+        answer_everything(server, 40000);
+        let name = Bytes::from(b"SWEPT".to_vec());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        resolver.lookup(name.clone(), CLIENT, &tx).unwrap();
+        let answer = rx.recv().await.unwrap();
+        assert!(answer.server.is_some());
+        drop(answer);
+        assert!(!name.is_unique(), "the cache holds the name");
+        tokio::time::sleep(MIN_SWEEP_INTERVAL + Duration::from_millis(300)).await;
+        assert!(name.is_unique(), "the expired answer is still cached");
+    }
+
+    #[tokio::test]
+    async fn one_address_holds_at_most_its_limit_across_connections() {
+        let (resolver, _server) = test_relay(|c| c.max_pending_per_address = 4).await;
+        let (first, mut first_rx) = mpsc::unbounded_channel();
+        let (second, mut second_rx) = mpsc::unbounded_channel();
+        for i in 0..3 {
+            resolver
+                .lookup(numbered("A", i), address(1), &first)
+                .unwrap();
+            resolver
+                .lookup(numbered("B", i), address(1), &second)
+                .unwrap();
+        }
+        let refused =
+            answers_now(&mut first_rx).await.len() + answers_now(&mut second_rx).await.len();
+        assert_eq!(refused, 2, "6 asked, 4 allowed");
+        // Another address is not affected.
+        let (other, mut other_rx) = mpsc::unbounded_channel();
+        resolver
+            .lookup(numbered("C", 0), address(2), &other)
+            .unwrap();
+        assert!(answers_now(&mut other_rx).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_newcomer_gets_a_search_in_a_full_relay() {
+        let (resolver, _server) = test_relay(|c| c.max_pending = 10).await;
+        let (greedy, mut greedy_rx) = mpsc::unbounded_channel();
+        for i in 0..10 {
+            resolver
+                .lookup(numbered("G", i), address(1), &greedy)
+                .unwrap();
+        }
+        assert!(answers_now(&mut greedy_rx).await.is_empty());
+        let (newcomer, mut newcomer_rx) = mpsc::unbounded_channel();
+        for i in 0..5 {
+            resolver
+                .lookup(numbered("N", i), address(2), &newcomer)
+                .unwrap();
+        }
+        // Two addresses: an equal share is 5 each.
+        assert!(answers_now(&mut newcomer_rx).await.is_empty());
+        let ended = answers_now(&mut greedy_rx).await;
+        assert_eq!(ended.len(), 5);
+        assert!(ended.iter().all(|a| a.server.is_none()));
+        // Beyond its share the newcomer is refused, and the greedy address
+        // cannot take its searches back.
+        resolver
+            .lookup(numbered("N", 5), address(2), &newcomer)
+            .unwrap();
+        resolver
+            .lookup(numbered("G", 10), address(1), &greedy)
+            .unwrap();
+        assert_eq!(answers_now(&mut newcomer_rx).await.len(), 1);
+        assert_eq!(answers_now(&mut greedy_rx).await.len(), 1);
+    }
+
+    #[test]
+    fn search_ids_differ_between_relays_and_do_not_count() {
+        let mut one = SearchIds::new();
+        let mut two = SearchIds::new();
+        let a: Vec<u32> = (0..4).map(|_| one.next()).collect();
+        let b: Vec<u32> = (0..4).map(|_| two.next()).collect();
+        assert_ne!(a, b);
+        assert!(a.windows(2).all(|w| w[1].wrapping_sub(w[0]) != 1));
     }
 }

@@ -59,6 +59,8 @@ pub struct FrameReader<R, D> {
     io: R,
     buf: BytesMut,
     decoder: D,
+    /// The buffer was grown beyond its usual size for a large message.
+    grown: bool,
 }
 
 impl<R: AsyncRead + Unpin, D: Decoder> FrameReader<R, D> {
@@ -67,6 +69,7 @@ impl<R: AsyncRead + Unpin, D: Decoder> FrameReader<R, D> {
             io,
             buf: BytesMut::with_capacity(MIN_READ),
             decoder,
+            grown: false,
         }
     }
 
@@ -80,10 +83,19 @@ impl<R: AsyncRead + Unpin, D: Decoder> FrameReader<R, D> {
                 Ok(None) => {}
                 Err(e) => return Err(ReadError::Protocol(Box::new(e))),
             }
+            if self.grown && self.buf.is_empty() {
+                // Messages cut from a grown buffer share its allocation,
+                // and so does the empty rest of it: start a small one, so
+                // an idle connection does not keep a large message's
+                // memory once that message is gone.
+                self.buf = BytesMut::with_capacity(MIN_READ);
+                self.grown = false;
+            }
             let spare = self.buf.capacity() - self.buf.len();
             if spare < MIN_READ {
                 let missing = needed.saturating_sub(self.buf.len());
                 self.buf.reserve(missing.clamp(MIN_READ, MAX_GROW));
+                self.grown |= self.buf.capacity() > 4 * MIN_READ;
             }
             let read = self
                 .io
@@ -100,5 +112,65 @@ impl<R: AsyncRead + Unpin, D: Decoder> FrameReader<R, D> {
                 };
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::{Buf, Bytes};
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+
+    /// Frames of a u32 length and that many bytes.
+    struct LengthPrefixed;
+
+    impl Decoder for LengthPrefixed {
+        type Item = Bytes;
+        type Error = io::Error;
+
+        fn decode(
+            &mut self,
+            buf: &mut BytesMut,
+            needed: &mut usize,
+        ) -> Result<Option<Bytes>, io::Error> {
+            let Some(len) = buf.get(..4) else {
+                *needed = 4;
+                return Ok(None);
+            };
+            let total = 4 + u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            if buf.len() < total {
+                *needed = total;
+                return Ok(None);
+            }
+            let mut frame = buf.split_to(total);
+            frame.advance(4);
+            Ok(Some(frame.freeze()))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idle_reader_does_not_keep_a_large_message_buffer() {
+        let (mut writer, reader) = tokio::io::duplex(1 << 16);
+        let mut frames = FrameReader::new(reader, LengthPrefixed);
+        let size = 4 << 20;
+        tokio::spawn(async move {
+            writer
+                .write_all(&(size as u32).to_be_bytes())
+                .await
+                .unwrap();
+            writer.write_all(&vec![7u8; size]).await.unwrap();
+            // Stay open and silent.
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        });
+        let big = frames.next().await.unwrap().unwrap();
+        assert_eq!(big.len(), size);
+        // The reader waits for the next message.
+        let idle = tokio::time::timeout(Duration::from_millis(50), frames.next()).await;
+        assert!(idle.is_err());
+        assert!(
+            big.is_unique(),
+            "the reader still holds the large message's allocation"
+        );
     }
 }
