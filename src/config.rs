@@ -112,13 +112,13 @@ pub struct Cli {
     #[arg(long, env = "NAMESHIM_ADVERTISE_PORT", value_name = "PORT")]
     pub advertise_port: Option<u16>,
 
-    /// The address every connection to a CA or PVA server leaves from. To
-    /// a server, each client through the shim is a peer on this address,
-    /// never 127.0.0.1: access security that trusts the IOC's own host
-    /// (localhost) gives a remote client no more through the shim than
-    /// directly. Host rules for clients through the shim name this address.
-    /// Any 127.x.y.z works with servers on 127.0.0.1 or on the wildcard;
-    /// 0.0.0.0 lets the kernel choose (127.0.0.1: not recommended).
+    /// The address every connection to a CA or PVA server leaves from: to
+    /// the IOC, each client through the shim is a peer on this address, so
+    /// host rules in its access security (ACF) for clients through the shim
+    /// name it. Not 127.0.0.1: an IOC that trusts its own host (localhost)
+    /// must not trust every client through the shim. Any 127.x.y.z reaches
+    /// servers on 127.0.0.1, on the wildcard or on the container's own
+    /// addresses. 0.0.0.0 lets the kernel choose (127.0.0.1; warned).
     #[arg(long, env = "NAMESHIM_SERVER_SOURCE_ADDR", value_name = "ADDR",
           default_value_t = crate::relay::upstream::DEFAULT_SOURCE)]
     pub server_source_addr: Ipv4Addr,
