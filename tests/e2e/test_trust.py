@@ -15,12 +15,17 @@ while a process in the container writing directly still can.
 | LO1:   | epicscorelibs softIoc        | rsrv + QSRV1     | 1               | CA: 127.0.0.1 |
 | LO2:   | pvxslibs softIoc             | rsrv + QSRV2     | 1               | PVA: 127.0.0.1 |
 | NAMED: | epicscorelibs softIoc        | rsrv + QSRV1     | 0               | wildcard   |
+| SHIM:  | pvxslibs softIoc             | rsrv + QSRV2     | 1               | wildcard   |
 
 The ACF: `HAG(own) { localhost }` with WRITE for HAG(own), READ for all.
 With asCheckClientIP=1, asLib resolves `localhost` to 127.0.0.1 and rsrv
 takes a client's host from its address. QSRV1 and QSRV2 always take the
 host from the peer address, whatever asCheckClientIP says. NAMED: trusts
-the host name a CA client claims, so its ACF names a claimed host.
+the host name a CA client claims, so its ACF names a claimed host. SHIM:
+follows docs/security.md: its ACF grants WRITE to clients through the shim
+by naming the shim's source address; a second shim, published on another
+port with its own --server-source-addr, stands for the port given to
+another network.
 """
 
 import json
@@ -36,6 +41,10 @@ SHIM_PORT = 5066
 PUBLISHED_PORT = 18066
 # What the shim's connections to servers leave from by default.
 SHIM_SOURCE = "127.0.50.66"
+# A second shim, for "another network", with its own source address.
+OTHER_SHIM_PORT = 5067
+OTHER_PUBLISHED_PORT = 18067
+OTHER_SOURCE = "127.0.50.67"
 ACF_IOC = h.HERE / "acf_ioc.py"
 TRUST_CLIENT = h.HERE / "trust_client.py"
 
@@ -54,6 +63,13 @@ ASG(DEFAULT) {
     RULE(1, WRITE) { HAG(console) }
 }
 """
+THROUGH_SHIM_ACF = f"""\
+HAG(through_shim) {{ {SHIM_SOURCE} }}
+ASG(DEFAULT) {{
+    RULE(1, READ)
+    RULE(1, WRITE) {{ HAG(through_shim) }}
+}}
+"""
 # Only one server per protocol is bound to 127.0.0.1 alone: a unicast
 # search to 127.0.0.1 reaches one of the sockets bound there, as for any
 # client. So LO1: has its CA server (rsrv) there, LO2: its PVA server (QSRV2).
@@ -67,7 +83,9 @@ IOCS = {
     "LO1:": ("epicscorelibs", 1, CA_LOOPBACK_ONLY, 3.0),
     "LO2:": ("pvxslibs", 1, PVA_LOOPBACK_ONLY, 4.0),
     "NAMED:": ("epicscorelibs", 0, {}, 5.0),
+    "SHIM:": ("pvxslibs", 1, {}, 6.0),
 }
+ACFS = {"NAMED:": CLAIMED_NAME_ACF, "SHIM:": THROUGH_SHIM_ACF}
 OWN_HOST_IOCS = ["ANY1:", "ANY2:", "LO1:", "LO2:"]
 QSRV = {"ANY1:": "QSRV1", "ANY2:": "QSRV2", "LO1:": "QSRV1", "LO2:": "QSRV2"}
 REMOTE_PUT = 666.0
@@ -103,10 +121,11 @@ def site(netns_ok, shim_bin, shim_help, tmp_path_factory):
     host = h.Host()
     ctr = h.Container(host)
     remote = h.Container(host, role="remote")  # another machine on the host's network
+    shim = None
     try:
         iocs = {}
         for prefix, (flavour, check_ip, env, init) in IOCS.items():
-            acf = CLAIMED_NAME_ACF if prefix == "NAMED:" else OWN_HOST_ACF
+            acf = ACFS.get(prefix, OWN_HOST_ACF)
             iocs[prefix] = AcfIoc(ctr, prefix, work, flavour, check_ip, acf, init, env).start()
         # A server bound to 127.0.0.1 alone does not hear the loopback
         # broadcast (the loopback has no broadcast flag): search there too.
@@ -116,12 +135,33 @@ def site(netns_ok, shim_bin, shim_help, tmp_path_factory):
         shim.start()
         ctr.publish(PUBLISHED_PORT, SHIM_PORT)
         yield SimpleNamespace(
-            ctr=ctr, remote=remote, iocs=iocs, shim=shim, through_shim=f"{remote.host_addr}:{PUBLISHED_PORT}"
+            ctr=ctr,
+            remote=remote,
+            iocs=iocs,
+            work=work,
+            search=search,
+            shim=shim,
+            through_shim=f"{remote.host_addr}:{PUBLISHED_PORT}",
         )
     finally:
-        shim.stop()
+        if shim:
+            shim.stop()
         for ns in (remote, ctr, host):
             ns.close()
+
+
+@pytest.fixture(scope="module")
+def other_shim(site):
+    """A second shim with its own source address, published on another port:
+    the port one would give to another network."""
+    work = site.work / "other"
+    work.mkdir()
+    args = ["--listen", f"0.0.0.0:{OTHER_SHIM_PORT}", "--server-source-addr", OTHER_SOURCE, *site.search]
+    shim = h.Shim(site.ctr, args, work)
+    shim.start()
+    site.ctr.publish(OTHER_PUBLISHED_PORT, OTHER_SHIM_PORT)
+    yield f"{site.remote.host_addr}:{OTHER_PUBLISHED_PORT}"
+    shim.stop()
 
 
 def try_write(ns, proto, pv, value, env, claimed_host=None) -> dict:
@@ -263,3 +303,29 @@ def test_qsrv2_sees_the_shim_source_address_as_the_client_host(site):
         watch.close()
     peers = re.findall(r"Peer\[(?:::ffff:)?([\d.]+)\]", report)
     assert peers and all(peer == SHIM_SOURCE for peer in peers), report
+
+
+def test_acf_naming_the_shim_source_address_grants_clients_through_the_shim(site):
+    # The recipe of docs/security.md: HAG(through_shim) { 127.0.50.66 }.
+    ca = try_write(site.remote, "ca", "SHIM:VAL", 31.0, ca_through_shim(site))
+    assert ca["write_access"] and ca["put_ok"] and ca["after"] == 31.0, ca
+    pva = try_write(site.remote, "pva", "SHIM:VAL", 32.0, pva_through_shim(site))
+    assert pva["put_ok"] and pva["after"] == 32.0, pva
+
+
+def test_a_shim_with_another_source_address_is_not_granted_the_first_ones_rules(site, other_shim):
+    # One shim per network, each with its own --server-source-addr: the IOC
+    # tells them apart. This one (127.0.50.67) is not in the ACF.
+    local = try_write(site.ctr, "ca", "SHIM:VAL", 33.0, CA_DIRECT)
+    assert not local["write_access"], "a process in the container is not in HAG(through_shim)"
+    ca = try_write(site.remote, "ca", "SHIM:VAL", REMOTE_PUT, h.client_env(other_shim))
+    assert ca["connected"] and not ca["write_access"] and refused(ca, ca["before"]), ca
+    pva = try_write(site.remote, "pva", "SHIM:VAL", REMOTE_PUT, h.pva_client_env(other_shim))
+    assert refused(pva, pva["before"]), pva
+    watch = h.CaWatch(site.remote, other_shim, "SHIM:COUNT", duration=30)
+    try:
+        watch.values(1, timeout=10)
+        report = site.iocs["SHIM:"].shell("casr 2", re.compile(r"TCP client at .*\n"))
+    finally:
+        watch.close()
+    assert re.search(rf"TCP client at {re.escape(OTHER_SOURCE)}:\d+ '{re.escape(OTHER_SOURCE)}'", report), report
