@@ -31,7 +31,6 @@ another network.
 import json
 import re
 import subprocess
-import time
 from types import SimpleNamespace
 
 import harness as h
