@@ -118,6 +118,17 @@ pub struct Cli {
     #[arg(long, env = "NAMESHIM_ADVERTISE_PORT", value_name = "PORT")]
     pub advertise_port: Option<u16>,
 
+    /// The address every connection to a CA or PVA server leaves from: to
+    /// the IOC, each client through the shim is a peer on this address, so
+    /// host rules in its access security (ACF) for clients through the shim
+    /// name it. Not 127.0.0.1: an IOC that trusts its own host (localhost)
+    /// must not trust every client through the shim. Any 127.x.y.z reaches
+    /// servers on 127.0.0.1, on the wildcard or on the container's own
+    /// addresses. 0.0.0.0 lets the kernel choose (127.0.0.1; warned).
+    #[arg(long, env = "NAMESHIM_SERVER_SOURCE_ADDR", value_name = "ADDR",
+          default_value_t = crate::relay::upstream::DEFAULT_SOURCE)]
+    pub server_source_addr: Ipv4Addr,
+
     /// How long a new connection may stay silent before it counts as PVA.
     /// libca speaks as soon as the program calls into it (any pend, poll or
     /// get); PVA clients wait for the server. Longer is safer for slow CA
@@ -285,6 +296,7 @@ pub struct Config {
     pub ca_search: SearchConfig,
     pub pva_search: SearchConfig,
     pub advertise_port: Option<u16>,
+    pub server_source_addr: Ipv4Addr,
 }
 
 /// An option, else an EPICS environment variable, else a default.
@@ -336,6 +348,7 @@ impl Config {
             ca_search: search(targets(&cli.ca_search_addr, ca_port)),
             pva_search: search(targets(&cli.pva_search_addr, pva_port)),
             advertise_port: cli.advertise_port,
+            server_source_addr: cli.server_source_addr,
         }
     }
 }
@@ -390,6 +403,18 @@ mod tests {
             config.ca_search.targets,
             [SocketAddrV4::new(Ipv4Addr::new(127, 255, 255, 255), 5064)]
         );
+    }
+
+    #[test]
+    fn server_connections_leave_from_127_0_50_66_unless_told() {
+        let cli = Cli::parse_from(["nameshim"]);
+        assert_eq!(cli.server_source_addr, Ipv4Addr::new(127, 0, 50, 66));
+        let cli = Cli::parse_from(["nameshim", "--server-source-addr", "127.1.2.3"]);
+        assert_eq!(
+            Config::from_cli(&cli).server_source_addr,
+            Ipv4Addr::new(127, 1, 2, 3)
+        );
+        assert!(Cli::try_parse_from(["nameshim", "--server-source-addr", "ioc"]).is_err());
     }
 
     #[test]

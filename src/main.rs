@@ -140,12 +140,22 @@ const MAX_SEARCHES_PER_CLIENT: usize = 2_000;
 /// Starts both search relays and gathers what the sessions share.
 fn start_services(config: &Config) -> std::io::Result<Arc<relay::listener::Services>> {
     let connect_timeout = std::time::Duration::from_secs(5);
+    let source = config.server_source_addr;
+    relay::upstream::check_source(source).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("--server-source-addr {source}: {e}"))
+    })?;
+    if source.is_unspecified() || source == std::net::Ipv4Addr::LOCALHOST {
+        tracing::warn!(%source, "server connections may leave from 127.0.0.1: servers will trust every client through the shim as one on their own host");
+    } else {
+        info!(%source, "server connections leave from this address");
+    }
     let ca = Arc::new(ca::session::CaContext {
         resolver: ca::search::start(config.ca_search.clone())?,
         backend: ca::backend::BackendConfig {
             max_payload: config.max_payload,
             queue_bytes: config.queue_bytes,
             connect_timeout,
+            source,
         },
         max_payload: config.max_payload,
         queue_bytes: config.queue_bytes,
@@ -159,6 +169,7 @@ fn start_services(config: &Config) -> std::io::Result<Arc<relay::listener::Servi
             queue_bytes: config.queue_bytes,
             connect_timeout,
             big_endian: pva::session::BIG_ENDIAN,
+            source,
         },
         max_message: config.max_payload,
         queue_bytes: config.queue_bytes,

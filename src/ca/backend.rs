@@ -12,7 +12,7 @@ use super::CaDecoder;
 use crate::relay::framing::FrameReader;
 use crate::relay::outbox::{Outbox, OutboxReceiver};
 use crate::relay::upstream::{self, BackendLink};
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -25,6 +25,8 @@ pub struct BackendConfig {
     pub max_payload: u32,
     pub queue_bytes: usize,
     pub connect_timeout: Duration,
+    /// The address circuits leave from (see `relay::upstream::connect`).
+    pub source: Ipv4Addr,
 }
 
 /// Starts connecting to `server`. `client` is the outbox towards the
@@ -42,6 +44,7 @@ pub fn open(
         id,
         config.max_payload,
         config.connect_timeout,
+        config.source,
         queue,
         client,
         events,
@@ -49,16 +52,19 @@ pub fn open(
     BackendLink::new(id, outbox, task.abort_handle())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     server: SocketAddrV4,
     link: u64,
     max_payload: u32,
     connect_timeout: Duration,
+    source: Ipv4Addr,
     queue: OutboxReceiver,
     client: Outbox,
     events: mpsc::UnboundedSender<BackendEvent>,
 ) {
-    let reason = match tokio::time::timeout(connect_timeout, TcpStream::connect(server)).await {
+    let connecting = upstream::connect(server, source);
+    let reason = match tokio::time::timeout(connect_timeout, connecting).await {
         Err(_) => "connect timed out".to_string(),
         Ok(Err(e)) => format!("connect failed: {e}"),
         Ok(Ok(stream)) => relay(stream, link, server, max_payload, queue, client, &events).await,

@@ -682,6 +682,7 @@ mod tests {
                 max_payload: 1 << 24,
                 queue_bytes: 1 << 16,
                 connect_timeout: Duration::from_secs(2),
+                source: crate::relay::upstream::DEFAULT_SOURCE,
             },
             max_payload: 1 << 24,
             queue_bytes: 4 << 20,

@@ -15,10 +15,9 @@ use crate::relay::framing::FrameReader;
 use crate::relay::outbox::{Outbox, OutboxReceiver};
 use crate::relay::upstream::{self, BackendLink};
 use bytes::BytesMut;
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 const ECHO_INTERVAL: Duration = Duration::from_secs(15);
@@ -34,6 +33,8 @@ pub struct BackendConfig {
     /// The byte order the client connection uses; a server must match it,
     /// because payloads pass through unchanged.
     pub big_endian: bool,
+    /// The address connections leave from (see `relay::upstream::connect`).
+    pub source: Ipv4Addr,
 }
 
 pub fn open(
@@ -52,6 +53,7 @@ pub fn open(
             max_message: config.max_message,
             connect_timeout: config.connect_timeout,
             big_endian: config.big_endian,
+            source: config.source,
         },
         validation,
         queue,
@@ -66,6 +68,7 @@ struct Settings {
     max_message: u32,
     connect_timeout: Duration,
     big_endian: bool,
+    source: Ipv4Addr,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -79,9 +82,8 @@ async fn run(
     client: Outbox,
     events: mpsc::UnboundedSender<BackendEvent>,
 ) {
-    let reason = match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(server))
-        .await
-    {
+    let connecting = upstream::connect(server, settings.source);
+    let reason = match tokio::time::timeout(settings.connect_timeout, connecting).await {
         Err(_) => "connect timed out".to_string(),
         Ok(Err(e)) => format!("connect failed: {e}"),
         Ok(Ok(stream)) => {

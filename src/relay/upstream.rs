@@ -1,12 +1,66 @@
-//! What a connection from the shim to a server reports to its session, and
-//! the loop that reads the server under the client's flow control.
+//! Connections from the shim to a server: how they are opened, what they
+//! report to their session, and the loop that reads the server under the
+//! client's flow control.
+//!
+//! Every connection to a server leaves from one fixed source address, never
+//! from 127.0.0.1. A server sees a client through the shim as a peer on that
+//! address, so a rule that trusts the server's own host (an access security
+//! host group holding `localhost` or `127.0.0.1`) does not reach a remote
+//! client through the shim. See docs/security.md.
 
 use super::framing::{Decoder, FrameReader};
 use super::outbox::{Outbox, Permit};
-use std::net::SocketAddrV4;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use tokio::io::AsyncRead;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
+
+/// The default source address of server connections: on the loopback, so it
+/// works with servers bound to 127.0.0.1 as well as to the wildcard, but
+/// none of the loopback addresses a host already calls its own: not
+/// 127.0.0.1 (`localhost`), not 127.0.1.1 (Debian and Ubuntu give the host
+/// name that address in /etc/hosts), not 127.0.0.2 (openSUSE's equivalent).
+/// Its last two bytes spell the shim's default port, 5066.
+pub const DEFAULT_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 50, 66);
+
+/// Opens a TCP connection to `server` from `source` (any port). An
+/// unspecified `source` (0.0.0.0) leaves the choice to the kernel, which
+/// picks 127.0.0.1 for a loopback server.
+pub async fn connect(server: SocketAddrV4, source: Ipv4Addr) -> io::Result<TcpStream> {
+    let socket = bound_socket(source)?;
+    socket.connect(server.into()).await
+}
+
+/// Checks at start-up that server connections can leave from `source`, so a
+/// wrong address is reported once, by name, rather than by every connection.
+pub fn check_source(source: Ipv4Addr) -> io::Result<()> {
+    bound_socket(source).map(drop)
+}
+
+fn bound_socket(source: Ipv4Addr) -> io::Result<TcpSocket> {
+    let socket = TcpSocket::new_v4()?;
+    if source.is_unspecified() {
+        return Ok(socket);
+    }
+    // Take the port at connect time rather than at bind time: a port is then
+    // shared by connections to different servers, as for an unbound socket,
+    // instead of every connection from `source` needing its own port.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let _ = nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::IpBindAddressNoPort,
+        &true,
+    );
+    socket.bind(SocketAddr::from((source, 0))).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot bind source address {source}: {e}"),
+        )
+    })?;
+    Ok(socket)
+}
 
 /// Bytes a message takes on the wire, to reserve them towards the client.
 pub trait WireLen {
@@ -84,5 +138,45 @@ where
         if events.send(event).is_err() {
             return "session ended".to_string();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    async fn peer_seen_by_server(source: Ipv4Addr, server_ip: Ipv4Addr) -> SocketAddr {
+        let listener = TcpListener::bind((server_ip, 0)).await.unwrap();
+        let SocketAddr::V4(server) = listener.local_addr().unwrap() else {
+            unreachable!()
+        };
+        let (_client, accepted) = tokio::join!(connect(server, source), listener.accept());
+        accepted.unwrap().1
+    }
+
+    #[tokio::test]
+    async fn server_sees_the_source_address_not_localhost() {
+        let peer = peer_seen_by_server(DEFAULT_SOURCE, Ipv4Addr::LOCALHOST).await;
+        assert_eq!(peer.ip(), DEFAULT_SOURCE);
+    }
+
+    #[tokio::test]
+    async fn server_on_the_wildcard_sees_the_source_address() {
+        let peer = peer_seen_by_server(Ipv4Addr::new(127, 9, 8, 7), Ipv4Addr::UNSPECIFIED).await;
+        assert_eq!(peer.ip(), Ipv4Addr::new(127, 9, 8, 7));
+    }
+
+    #[tokio::test]
+    async fn unspecified_source_leaves_the_choice_to_the_kernel() {
+        let peer = peer_seen_by_server(Ipv4Addr::UNSPECIFIED, Ipv4Addr::LOCALHOST).await;
+        assert_eq!(peer.ip(), Ipv4Addr::LOCALHOST);
+    }
+
+    #[test]
+    fn a_source_address_not_on_this_host_is_refused_at_start() {
+        // 192.0.2.0/24 is reserved for documentation: never local.
+        let err = check_source(Ipv4Addr::new(192, 0, 2, 1)).unwrap_err();
+        assert!(err.to_string().contains("192.0.2.1"), "{err}");
     }
 }
