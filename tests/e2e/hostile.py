@@ -354,17 +354,18 @@ def with_bystander(kind, addr, window, attack) -> dict:
 
 def deep_chain_requests(sid: int, n: int) -> list[bytes]:
     """n GET INITs redefining keys 1 and 2 alternately, each 18 levels deeper
-    than the other: union{s: int32, d: 17 nested structures ending in a
-    reference to the other key}. The value selects s, so nothing walks d."""
+    than the other: struct{u: union{s: int32, d: 16 nested structures ending
+    in a reference to the other key}}. The value selects s, so nothing walks
+    d; each definition stays within the per-message depth limit (20)."""
     out = []
     for i in range(n):
         key, other = (1, 2) if i % 2 == 0 else (2, 1)
         inner = bytes([REFER]) + u16(other) if i > 0 else bytes([INT32])
         chain = inner
-        for _ in range(17):
+        for _ in range(16):
             chain = bytes([STRUCT]) + pstr(b"") + psize(1) + pstr(b"n") + chain
-        desc = bytes([DEFINE]) + u16(key) + bytes([UNION]) + pstr(b"") + psize(2)
-        desc += pstr(b"s") + bytes([INT32]) + pstr(b"d") + chain
+        union = bytes([UNION]) + pstr(b"") + psize(2) + pstr(b"s") + bytes([INT32]) + pstr(b"d") + chain
+        desc = bytes([DEFINE]) + u16(key) + bytes([STRUCT]) + pstr(b"") + psize(1) + pstr(b"u") + union
         value = psize(0) + u32(7)
         out.append(get_init(sid, i + 1, desc + value))
     return out
@@ -446,19 +447,24 @@ def attack_cpu(addr, sid="unknown", pv="", n=4000, window=3.0):
     return with_bystander("pva", addr, window, attack)
 
 
-def attack_waiters(addr, proto="ca", window=3.0):
+def attack_waiters(addr, proto="ca", conns=1, window=3.0):
     """One name, many channels: 60,000 CA CREATE_CHAN in one burst, or one
-    PVA CREATE_CHANNEL carrying 65,535 channels."""
+    PVA CREATE_CHANNEL carrying 65,535 channels, on each of conns
+    connections at once."""
     if proto == "ca":
-        c = ca_client(addr)
+        flooders = [ca_client(addr) for _ in range(conns)]
         burst = b"".join(ca_create_chan(cid, b"NX:WAIT") for cid in range(1, 60001))
     else:
-        c = pva_client(addr)
+        flooders = [pva_client(addr) for _ in range(conns)]
         burst = pva_create([(cid, b"NX:WAIT") for cid in range(1, 65536)])
 
     def attack():
-        sent = c.send(burst)
-        return {"burst_bytes": len(burst), "sent_all": sent, "closed_after": c.wait_closed(window)}
+        senders = [threading.Thread(target=c.send, args=(burst,)) for c in flooders]
+        for s in senders:
+            s.start()
+        for s in senders:
+            s.join()
+        return {"burst_bytes": len(burst), "conns": conns, "closed_after": flooders[0].wait_closed(window)}
 
     return with_bystander(proto, addr, window, attack)
 
@@ -736,6 +742,15 @@ def read_status(pid: int) -> dict:
     return {k: int(v) for k, v in re.findall(r"(VmRSS|VmHWM):\s+(\d+) kB", text)}
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of pid so far."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class RssWatch(threading.Thread):
     """Samples a process's RSS every 20 ms: (monotonic time, KiB)."""
 
@@ -743,6 +758,7 @@ class RssWatch(threading.Thread):
         super().__init__(daemon=True)
         self.pid = pid
         self.baseline = read_status(pid).get("VmRSS", 0)
+        self.cpu0 = cpu_seconds(pid)
         self.samples: list[tuple[float, int]] = []
         self.halt = threading.Event()
         self.start()
@@ -759,6 +775,8 @@ class RssWatch(threading.Thread):
         self.halt.set()
         self.join(1)
         self.hwm = read_status(self.pid).get("VmHWM")
+        cpu = cpu_seconds(self.pid)
+        self.cpu_s = round(cpu - self.cpu0, 2) if cpu is not None and self.cpu0 is not None else None
         return self
 
     def peak(self, since=0.0) -> int:
@@ -791,6 +809,8 @@ class HostileRun:
             raise RuntimeError(f"{self.attack}: not ready: {line!r} {self.proc.stderr.read()[-2000:]}")
 
     def result(self) -> dict:
+        if self.proc.stdin and self.proc.stdin.closed:
+            self.proc.stdin = None
         try:
             out, err = self.proc.communicate(timeout=self.timeout)
         except Exception:
@@ -817,6 +837,7 @@ def run_attack(target, attack: str, params: dict | None = None, timeout=120.0) -
         "hwm_kib": watch.hwm,
         "figures": watch.figures(),
     }
+    report["shim_cpu_s"] = watch.cpu_s
     report["_watch"] = watch
     report["shim_alive"] = target.alive()
     return report
