@@ -29,6 +29,7 @@ import re
 import select
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -274,7 +275,7 @@ class PvaConn(Conn):
         """CREATE_CHANNEL through the shim; the sid it gives (status OK)."""
         self.send(pva_create([(cid, name)]))
         _, flags, payload = self.expect(PVA_CREATE_CHANNEL, timeout, lambda m: m[2][:4] == u32(cid))
-        got_cid, sid = struct.unpack("<II" if not flags & 0x80 else ">II", payload[:8])
+        _cid, sid = struct.unpack("<II" if not flags & 0x80 else ">II", payload[:8])
         if payload[8:9] != b"\xff":
             raise RuntimeError(f"channel {name!r} not created: {payload.hex()}")
         return sid
@@ -796,8 +797,14 @@ class HostileRun:
         import harness as h
 
         argv = ns.exec_argv([h.PYTHON, os.path.abspath(__file__), "run", attack, addr, json.dumps(params or {})])
-        self.proc = __import__("subprocess").Popen(
-            argv, stdin=-1, stdout=-1, stderr=-1, text=True, env=h.clean_env(), start_new_session=True
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,  # the forger runs until it closes
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=h.clean_env(),
+            start_new_session=True,
         )
         ns.procs.append(self.proc)
         self.timeout = timeout
@@ -813,7 +820,7 @@ class HostileRun:
             self.proc.stdin = None
         try:
             out, err = self.proc.communicate(timeout=self.timeout)
-        except Exception:
+        except subprocess.TimeoutExpired:
             self.proc.kill()
             out, err = self.proc.communicate()
         lines = [line for line in out.splitlines() if line.startswith("{")]

@@ -534,3 +534,23 @@ def test_must_reply_search_for_unknown_name_is_answered_soon(make_target):
     print(f"must-reply [sidecar]: {report}")
     assert report.get("answered_after") is not None and report["answered_after"] <= 2.5, f"{report}\n{t.log_text(20)}"
     assert report["found"] == 0 and report["ids"] == [99], report
+
+
+# --------------------------------------------------------------------------
+# The attack bytes themselves (no namespace needed)
+
+
+def test_attack_bytes_follow_the_wire_formats():
+    """Golden bytes for the encoders every attack is built from: CA headers
+    (plain and extended), the PVA header, a client's validation, and the
+    20-byte GET INIT of the CPU attack."""
+    assert x.ca_msg(x.CA_ECHO) == bytes.fromhex("0017000000000000" "0000000000000000")
+    assert x.ca_search(b"AB", 7) == bytes.fromhex("0006000800050" "00d" "0000000700000007") + b"AB\0" + b"\0" * 5
+    big = x.ca_search(b"AB", 7, pad_to=70000)
+    assert big[:24] == bytes.fromhex("0006ffff00050000" "0000000700000007" "00011170" "0000000d")
+    assert len(big) == 24 + 70000
+    assert x.pva_msg(x.PVA_ECHO, b"x") == bytes.fromhex("ca02000201000000") + b"x"
+    assert x.client_validation() == bytes.fromhex("ca02000113000000" "00000100ff7f0000") + b"\x09anonymous\xff"
+    tiny = x.get_init(1, 5, bytes([x.REFER]) + x.u16(9))
+    assert tiny == bytes.fromhex("ca02000a0c000000" "0100000005000000" "08fe0900")
+    assert len(tiny) == 20
