@@ -403,6 +403,7 @@ def test_client_receiving_monitor_updates_is_not_idle(make_target):
         watch.wait_for(lambda e: e["event"] == "conn" and e["connected"], 10)
         time.sleep(7.0)
         values = watch.values(3, timeout=3)
+        watch.drain()
     finally:
         watch.close()
     drops = [e for e in watch.events if e["event"] == "conn" and not e["connected"]]
