@@ -17,8 +17,8 @@ run inside the network namespace of the shim (as a subprocess, see
         or wrapping it), run one attack and print the figures: what the
         end-to-end tests check, for any binary, e.g. today's. Needs root.
 
-Wire formats: /work/shared/protocol-facts.md; what the shim parses:
-src/pva/wire.rs, src/pva/types.rs, src/ca/wire.rs.
+What the shim parses, and so what these bytes aim at: src/pva/wire.rs,
+src/pva/types.rs, src/ca/wire.rs.
 """
 
 from __future__ import annotations
@@ -722,7 +722,7 @@ ATTACKS = {
     "must-reply": attack_must_reply,
 }
 
-# The attacks of the review, by number, for `demo --attack N`.
+# The attacks by the numbers of test_hostile.py's sections, for `demo --attack N`.
 NUMBERED = {
     "1": "type-chain", "2": "credentials", "3": "cpu", "4": "waiters", "5": "holders",
     "6": "pinned", "7": "relay-fill", "8": "big-echo", "9": "forge", "10": "ca-framing",
