@@ -721,6 +721,20 @@ class CaWatch:
             if pred(ev):
                 return ev
 
+    def drain(self) -> list[dict]:
+        """Every event received so far (kept in .events too), without waiting."""
+        got = []
+        while True:
+            try:
+                ev = self._q.get_nowait()
+            except queue.Empty:
+                return got
+            if ev is None:
+                self._q.put(None)  # keep reporting the end
+                return got
+            self.events.append(ev)
+            got.append(ev)
+
     def values(self, n: int, timeout: float) -> list:
         return [self.wait_for(lambda e: e["event"] == "value", timeout)["value"] for _ in range(n)]
 
