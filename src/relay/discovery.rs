@@ -192,13 +192,15 @@ pub fn bind_search_socket(local: Ipv4Addr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
-/// Search ids that a local process cannot predict: SipHash-1-3 (std's
-/// `RandomState`, keyed with 128 bits from the operating system's random
-/// source) of a counter. SipHash is a pseudo-random function, so without the
-/// key the ids seen so far say nothing about the next ones; a forger that
-/// cannot read the search datagrams must guess, with a chance of about
-/// (names under search) / 2^32 per guessed id. (A process that can read
-/// them, by binding the servers' search port, is as trusted as a server.)
+/// Search ids that a local process cannot predict: SipHash-1-3 of a counter,
+/// keyed by std's `RandomState` (128-bit keys drawn from the operating
+/// system's random source once per thread; each later `RandomState` of the
+/// thread adds one to the first key). SipHash is a pseudo-random function:
+/// without the key, the ids seen so far say nothing about the next ones. A
+/// forger that cannot read the search datagrams must guess, with a chance of
+/// (names under search) / 2^32 per guessed id. A process that can read them
+/// (one bound to the servers' search port) can answer like a server, and no
+/// id scheme prevents that.
 struct SearchIds {
     key: RandomState,
     counter: u64,
