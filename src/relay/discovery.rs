@@ -14,7 +14,8 @@
 //!   protocol whose servers answer from their server port (CA) also has its
 //!   answers from any other port ignored.
 //! - Every name under search is charged to the client address that asked
-//!   first (later askers join it for free). One address may hold at most
+//!   first (later askers join it for free); an IPv6 client is charged as
+//!   its /64 network. One address may hold at most
 //!   `max_pending_per_address` names (default 2,500). When the relay is full
 //!   (`max_pending`, default 10,000), an address holding less than an equal
 //!   share (`max_pending` / addresses with names under search, counting
@@ -192,13 +193,15 @@ pub fn bind_search_socket(local: Ipv4Addr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
-/// Search ids that a local process cannot predict: SipHash-1-3 (std's
-/// `RandomState`, keyed with 128 bits from the operating system's random
-/// source) of a counter. SipHash is a pseudo-random function, so without the
-/// key the ids seen so far say nothing about the next ones; a forger that
-/// cannot read the search datagrams must guess, with a chance of about
-/// (names under search) / 2^32 per guessed id. (A process that can read
-/// them, by binding the servers' search port, is as trusted as a server.)
+/// Search ids that a local process cannot predict: SipHash-1-3 of a counter,
+/// keyed by std's `RandomState` (128-bit keys drawn from the operating
+/// system's random source once per thread; each later `RandomState` of the
+/// thread adds one to the first key). SipHash is a pseudo-random function:
+/// without the key, the ids seen so far say nothing about the next ones. A
+/// forger that cannot read the search datagrams must guess, with a chance of
+/// (names under search) / 2^32 per guessed id. A process that can read them
+/// (one bound to the servers' search port) can answer like a server, and no
+/// id scheme prevents that.
 struct SearchIds {
     key: RandomState,
     counter: u64,
@@ -623,6 +626,19 @@ const MAX_WAITERS_PER_NAME: usize = 64;
 /// a local server that has it has had every chance to answer.
 pub const PROMPT_NOT_FOUND: Duration = Duration::from_secs(1);
 
+/// The address a client's searches are charged to: its IPv4 address, or
+/// the /64 network of an IPv6 address (one host usually holds a whole /64,
+/// so charging single IPv6 addresses would give it countless shares).
+fn charged_address(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
+    }
+}
+
 /// A waiter for a name: something a session must do once the name's server
 /// is known (or known to be absent). Equal waiters are one request repeated.
 pub trait Waiter: Eq + Hash + Clone {
@@ -653,7 +669,7 @@ impl<W: Waiter> Awaiting<W> {
             prompts: VecDeque::new(),
             live_prompts: 0,
             max_names,
-            client,
+            client: charged_address(client),
         }
     }
 
@@ -1034,7 +1050,7 @@ mod tests {
         assert!(answer.server.is_some());
         drop(answer);
         assert!(!name.is_unique(), "the cache holds the name");
-        tokio::time::sleep(MIN_SWEEP_INTERVAL + Duration::from_millis(300)).await;
+        tokio::time::sleep(MIN_SWEEP_INTERVAL + Duration::from_millis(700)).await;
         assert!(name.is_unique(), "the expired answer is still cached");
     }
 
@@ -1093,6 +1109,17 @@ mod tests {
             .unwrap();
         assert_eq!(answers_now(&mut newcomer_rx).await.len(), 1);
         assert_eq!(answers_now(&mut greedy_rx).await.len(), 1);
+    }
+
+    #[test]
+    fn an_ipv6_host_is_charged_as_its_whole_64_network() {
+        let one: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let next_network: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(charged_address(one), charged_address(other));
+        assert_ne!(charged_address(one), charged_address(next_network));
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(charged_address(mapped), address(1));
     }
 
     #[test]
