@@ -107,6 +107,7 @@ async fn serve(config: &Config) -> std::io::Result<()> {
         let extra_config = ListenerConfig {
             mode,
             max_clients: config.max_clients,
+            max_per_host: config.max_clients_per_host,
         };
         tokio::spawn(relay::listener::serve(
             extra,
@@ -117,6 +118,7 @@ async fn serve(config: &Config) -> std::io::Result<()> {
     let shared = ListenerConfig {
         mode: shared_mode,
         max_clients: config.max_clients,
+        max_per_host: config.max_clients_per_host,
     };
     relay::listener::serve(listener, shared, services).await;
     Ok(())
@@ -140,6 +142,8 @@ const MAX_SEARCHES_PER_CLIENT: usize = 2_000;
 /// Starts both search relays and gathers what the sessions share.
 fn start_services(config: &Config) -> std::io::Result<Arc<relay::listener::Services>> {
     let connect_timeout = std::time::Duration::from_secs(5);
+    // One budget for both protocols: a channel is a channel.
+    let channels_in_all = relay::limits::ChannelBudget::new(config.max_total_channels);
     let ca = Arc::new(ca::session::CaContext {
         resolver: ca::search::start(config.ca_search.clone())?,
         backend: ca::backend::BackendConfig {
@@ -147,7 +151,9 @@ fn start_services(config: &Config) -> std::io::Result<Arc<relay::listener::Servi
             queue_bytes: config.queue_bytes,
             connect_timeout,
         },
-        max_payload: config.max_payload,
+        max_payload: config.max_client_payload,
+        deadlines: config.deadlines,
+        channels_in_all: channels_in_all.clone(),
         queue_bytes: config.queue_bytes,
         max_channels: config.max_channels,
         max_searches: MAX_SEARCHES_PER_CLIENT,
@@ -160,9 +166,11 @@ fn start_services(config: &Config) -> std::io::Result<Arc<relay::listener::Servi
             connect_timeout,
             big_endian: pva::session::BIG_ENDIAN,
         },
-        max_message: config.max_payload,
+        max_message: config.max_client_payload,
         queue_bytes: config.queue_bytes,
+        deadlines: config.deadlines,
         max_channels: config.max_channels,
+        channels_in_all,
         max_searches: MAX_SEARCHES_PER_CLIENT,
         advertise_port: config.advertise_port,
     });

@@ -19,7 +19,8 @@ use super::wire::{self, Command, Header, Message};
 use super::{frame, CaDecoder};
 use crate::relay::discovery::{Answer, Awaiting, Resolver};
 use crate::relay::framing::{FrameReader, ReadError};
-use crate::relay::outbox::{Closed, Frame, Outbox, Permit};
+use crate::relay::limits::{self, ChannelBudget, ChannelShare, ClientDeadlines};
+use crate::relay::outbox::{Closed, ControlError, Frame, Outbox, Permit};
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -33,8 +34,11 @@ use tracing::{debug, info, warn};
 pub struct CaContext {
     pub resolver: Resolver,
     pub backend: BackendConfig,
-    /// Largest payload accepted from a client.
+    /// Largest payload accepted from a client (--max-client-message).
     pub max_payload: u32,
+    pub deadlines: ClientDeadlines,
+    /// Channels held by all client connections together.
+    pub channels_in_all: Arc<ChannelBudget>,
     /// Bytes queued towards one client, at most.
     pub queue_bytes: usize,
     /// Channels one client connection may hold, at most.
@@ -49,6 +53,8 @@ enum SessionError {
     Unexpected(Command),
     UnknownCommand(u16),
     TooManyChannels(usize),
+    TooManyChannelsInAll(usize),
+    Refused(ControlError),
     ClientGone,
 }
 
@@ -59,6 +65,10 @@ impl fmt::Display for SessionError {
             SessionError::Unexpected(c) => write!(f, "unexpected command {c:?} from a client"),
             SessionError::UnknownCommand(c) => write!(f, "unknown command code {c}"),
             SessionError::TooManyChannels(n) => write!(f, "client exceeds {n} channels"),
+            SessionError::TooManyChannelsInAll(n) => {
+                write!(f, "all clients together would exceed {n} channels")
+            }
+            SessionError::Refused(e) => write!(f, "{e}"),
             SessionError::ClientGone => write!(f, "client connection closed"),
         }
     }
@@ -70,21 +80,27 @@ impl From<Closed> for SessionError {
     }
 }
 
+impl From<ControlError> for SessionError {
+    fn from(e: ControlError) -> Self {
+        match e {
+            ControlError::Closed => SessionError::ClientGone,
+            e => SessionError::Refused(e),
+        }
+    }
+}
+
 /// Serves one client circuit until it closes or misbehaves.
 pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<CaContext>) {
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
-    let (read, write) = stream.into_split();
-    let (client, queue) = Outbox::new(ctx.queue_bytes);
-    let writer = tokio::spawn(queue.drain_into(write));
-    let mut reader = FrameReader::new(
-        read,
-        CaDecoder {
-            max_payload: ctx.max_payload,
-        },
-    );
+    let decoder = CaDecoder {
+        max_payload: ctx.max_payload,
+    };
+    let (mut reader, client, writer) =
+        limits::client_io(stream, decoder, ctx.queue_bytes, ctx.deadlines);
     let (backend_tx, backend_rx) = mpsc::unbounded_channel();
     let (answer_tx, answer_rx) = mpsc::unbounded_channel();
     let awaiting = Awaiting::new(ctx.max_searches);
+    let share = ChannelShare::new(ctx.channels_in_all.clone());
     let mut session = Session {
         peer,
         local_port,
@@ -104,6 +120,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<CaContext>) {
         awaiting,
         next_sid: 1,
         next_link: 1,
+        share,
     };
     let outcome = session.run(&mut reader, answer_rx).await;
     let channels = session.channels.len();
@@ -179,6 +196,8 @@ struct Session {
     awaiting: Awaiting<Waiter>,
     next_sid: u32,
     next_link: u64,
+    /// This connection's part of the channels of all clients.
+    share: ChannelShare,
 }
 
 impl Session {
@@ -198,6 +217,7 @@ impl Session {
                 Some(event) = self.backend_rx.recv() => self.on_backend(event).await?,
                 Some(answer) = answer_rx.recv() => self.on_answer(answer).await?,
             }
+            self.share.fit(self.channels.len());
             if let Some(e) = self.failed.take() {
                 return Err(e);
             }
@@ -234,7 +254,7 @@ impl Session {
     }
 
     /// Sends a message the shim made itself (see `Outbox::send_control`).
-    async fn to_client(&self, message: &Message) -> Result<(), Closed> {
+    async fn to_client(&self, message: &Message) -> Result<(), ControlError> {
         self.client.send_control(frame(message)).await
     }
 
@@ -307,6 +327,9 @@ impl Session {
         }
         if self.channels.len() >= self.ctx.max_channels {
             return Err(SessionError::TooManyChannels(self.ctx.max_channels));
+        }
+        if !self.share.fit(self.channels.len() + 1) {
+            return Err(SessionError::TooManyChannelsInAll(self.share.cap()));
         }
         let name = message.payload.slice_ref(name);
         self.channels.insert(cid, Channel::Resolving);
@@ -671,6 +694,8 @@ mod tests {
                 connect_timeout: Duration::from_secs(2),
             },
             max_payload: 1 << 24,
+            deadlines: ClientDeadlines::default(),
+            channels_in_all: ChannelBudget::new(1000),
             queue_bytes: 4 << 20,
             max_channels: 100,
             max_searches: 100,

@@ -221,6 +221,13 @@ impl Decoder {
         }
     }
 
+    /// Bytes of a segmented message joined so far, waiting for the rest.
+    pub fn partial_len(&self) -> usize {
+        self.partial
+            .as_ref()
+            .map_or(0, |(_, joined)| joined.len().max(1))
+    }
+
     /// One whole message off the front of `buf`, `Ok(None)` if more bytes
     /// are needed (`needed` then says how many the buffer should hold).
     pub fn decode(

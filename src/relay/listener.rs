@@ -7,15 +7,23 @@
 //! classification window is CA, and one that stays silent is PVA. Nothing is
 //! sent before the protocol is known: a CA greeting breaks a PVA client and
 //! the reverse.
+//!
+//! Each connection holds one of `max_clients` slots and one of its source
+//! address's `max_per_host` places until its task ends, by any path: a
+//! panic in a session ends only that task (tokio catches it and drops the
+//! task's future, and with it the slot).
 
+use super::limits::HostCounts;
 use crate::ca;
 use crate::pva;
+use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 /// First byte of every PVA message (`PVA_MAGIC`).
@@ -26,6 +34,9 @@ const CA_VERSION_FIRST_BYTE: u8 = 0x00;
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// Idle time before TCP keepalive probes a silent peer that may be gone.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// Connections refused for their source address are logged at warning
+/// level at most this often; the others in between at debug level.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -51,6 +62,8 @@ pub enum PortMode {
 pub struct ListenerConfig {
     pub mode: PortMode,
     pub max_clients: usize,
+    /// Connections from one source address at once.
+    pub max_per_host: usize,
 }
 
 /// What the protocol sessions share.
@@ -62,8 +75,35 @@ pub struct Services {
 /// Accepts connections until the task is dropped. Accept errors are logged
 /// and retried after a pause; they never end the listener.
 pub async fn serve(listener: TcpListener, config: ListenerConfig, services: Arc<Services>) {
-    let slots = Arc::new(Semaphore::new(config.max_clients));
     let mode = config.mode;
+    accept_loop(
+        listener,
+        config.max_clients,
+        config.max_per_host,
+        move |stream, peer| {
+            let services = services.clone();
+            async move { handle(stream, peer, mode, &services).await }
+        },
+    )
+    .await
+}
+
+/// Runs `handler` on its own task for each connection, within the limits.
+/// A connection beyond its address's limit is closed at once rather than
+/// left to wait for a place: waiting would hold a slot, which is what the
+/// limit prevents.
+async fn accept_loop<H, F>(
+    listener: TcpListener,
+    max_clients: usize,
+    max_per_host: usize,
+    handler: H,
+) where
+    H: Fn(TcpStream, SocketAddr) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(max_clients));
+    let hosts = HostCounts::new(max_per_host);
+    let mut refusals = RefusalLog::default();
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
@@ -76,11 +116,46 @@ pub async fn serve(listener: TcpListener, config: ListenerConfig, services: Arc<
                 continue;
             }
         };
-        let services = services.clone();
+        let Some(host) = hosts.enter(peer.ip()) else {
+            refusals.note(peer.ip(), hosts.max());
+            drop(stream);
+            continue;
+        };
+        let connection = handler(stream, peer);
         tokio::spawn(async move {
-            handle(stream, peer, mode, &services).await;
-            drop(slot);
+            // Dropped with this future however it ends, a panic included.
+            let _held = (slot, host);
+            connection.await;
         });
+    }
+}
+
+/// Logs refused connections without flooding the log.
+#[derive(Default)]
+struct RefusalLog {
+    last_warning: Option<Instant>,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    fn note(&mut self, ip: IpAddr, max: usize) {
+        let now = Instant::now();
+        if self
+            .last_warning
+            .is_some_and(|at| now.duration_since(at) < REFUSAL_LOG_EVERY)
+        {
+            self.unlogged += 1;
+            debug!(target: "nameshim::relay", %ip, "closing connection: too many connections from {ip} ({max})");
+            return;
+        }
+        warn!(
+            target: "nameshim::relay",
+            %ip,
+            refused_since_last_warning = self.unlogged,
+            "closing connection: too many connections from {ip} ({max})"
+        );
+        self.last_warning = Some(now);
+        self.unlogged = 0;
     }
 }
 
