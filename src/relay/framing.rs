@@ -226,3 +226,183 @@ impl<R: AsyncRead + Unpin, D: Decoder> FrameReader<R, D> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncWriteExt, DuplexStream};
+
+    /// Messages of one length byte and that many bytes.
+    struct LengthPrefixed;
+
+    #[derive(Debug)]
+    struct Never;
+    impl fmt::Display for Never {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "never")
+        }
+    }
+    impl std::error::Error for Never {}
+
+    impl Decoder for LengthPrefixed {
+        type Item = Vec<u8>;
+        type Error = Never;
+
+        fn decode(
+            &mut self,
+            buf: &mut BytesMut,
+            needed: &mut usize,
+        ) -> Result<Option<Vec<u8>>, Never> {
+            let Some(&len) = buf.first() else {
+                *needed = 1;
+                return Ok(None);
+            };
+            let total = 1 + usize::from(len);
+            if buf.len() < total {
+                *needed = total;
+                return Ok(None);
+            }
+            Ok(Some(buf.split_to(total)[1..].to_vec()))
+        }
+    }
+
+    const DEADLINES: ClientDeadlines = ClientDeadlines {
+        hello: Duration::from_secs(5),
+        idle: Duration::from_secs(180),
+        stall: Duration::from_secs(30),
+    };
+    /// Longer than any deadline: a reader still waiting then has none.
+    const FOREVER: Duration = Duration::from_secs(3600);
+
+    fn watched() -> (
+        DuplexStream,
+        FrameReader<DuplexStream, LengthPrefixed>,
+        Activity,
+    ) {
+        let (client, shim) = tokio::io::duplex(1 << 16);
+        let sent = Activity::new();
+        let reader = FrameReader::new(shim, LengthPrefixed).with_deadlines(DEADLINES, sent.clone());
+        (client, reader, sent)
+    }
+
+    /// What `next` ends with, and after how long.
+    async fn outcome(
+        reader: &mut FrameReader<DuplexStream, LengthPrefixed>,
+    ) -> (Result<Option<Vec<u8>>, String>, Duration) {
+        let start = Instant::now();
+        let result = match tokio::time::timeout(FOREVER, reader.next()).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err("still waiting after an hour".to_string()),
+        };
+        (result, start.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_client_is_closed_after_the_hello_timeout() {
+        let (_client, mut reader, _) = watched();
+        let (result, after) = outcome(&mut reader).await;
+        assert_eq!(
+            result,
+            Err("no complete message within 5s of connecting".into())
+        );
+        assert_eq!(after, Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_byte_then_silence_is_closed_after_the_hello_timeout() {
+        let (mut client, mut reader, _) = watched();
+        client.write_all(&[9]).await.unwrap();
+        let (result, after) = outcome(&mut reader).await;
+        assert_eq!(
+            result,
+            Err("no complete message within 5s of connecting".into())
+        );
+        assert_eq!(after, Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn message_stalled_mid_payload_is_closed_after_the_stall_timeout() {
+        let (mut client, mut reader, _) = watched();
+        client.write_all(&[1, 7, 4, 1, 2]).await.unwrap();
+        assert_eq!(outcome(&mut reader).await.0, Ok(Some(vec![7])));
+        let (result, after) = outcome(&mut reader).await;
+        assert_eq!(
+            result,
+            Err("message stalled for 30s mid-payload (3 bytes received)".into())
+        );
+        assert_eq!(after, Duration::from_secs(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_byte_restarts_the_stall_clock() {
+        let (mut client, mut reader, _) = watched();
+        client.write_all(&[0, 3]).await.unwrap();
+        assert_eq!(outcome(&mut reader).await.0, Ok(Some(vec![])));
+        let feeder = tokio::spawn(async move {
+            for byte in [1, 2, 3] {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                client.write_all(&[byte]).await.unwrap();
+            }
+            client
+        });
+        let (result, after) = outcome(&mut reader).await;
+        assert_eq!(result, Ok(Some(vec![1, 2, 3])));
+        assert_eq!(after, Duration::from_secs(60));
+        drop(feeder);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_client_is_closed_after_the_idle_timeout() {
+        let (mut client, mut reader, _) = watched();
+        client.write_all(&[0]).await.unwrap();
+        assert_eq!(outcome(&mut reader).await.0, Ok(Some(vec![])));
+        let (result, after) = outcome(&mut reader).await;
+        assert_eq!(
+            result,
+            Err("idle for 180s (nothing received or sent)".into())
+        );
+        assert_eq!(after, Duration::from_secs(180));
+    }
+
+    // A CA client that only receives monitor updates sends nothing at all.
+    #[tokio::test(start_paused = true)]
+    async fn bytes_sent_to_the_client_keep_it_open() {
+        let (mut client, mut reader, sent) = watched();
+        client.write_all(&[0]).await.unwrap();
+        assert_eq!(outcome(&mut reader).await.0, Ok(Some(vec![])));
+        tokio::spawn(async move {
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_secs(100)).await;
+                sent.touch();
+            }
+        });
+        let (result, after) = outcome(&mut reader).await;
+        assert_eq!(
+            result,
+            Err("idle for 180s (nothing received or sent)".into())
+        );
+        assert_eq!(after, Duration::from_secs(1000 + 180));
+    }
+
+    // The session may be busy elsewhere (waiting for a server) while the
+    // client finishes its message; that is no stall of the client's.
+    #[tokio::test(start_paused = true)]
+    async fn bytes_that_arrived_meanwhile_are_read_before_a_deadline() {
+        let (mut client, mut reader, _) = watched();
+        client.write_all(&[0, 2, 1]).await.unwrap();
+        assert_eq!(outcome(&mut reader).await.0, Ok(Some(vec![])));
+        let partial = tokio::time::timeout(Duration::from_secs(1), reader.next()).await;
+        assert!(partial.is_err(), "half a message is not a message");
+        client.write_all(&[2]).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3 * 180)).await;
+        assert_eq!(outcome(&mut reader).await.0, Ok(Some(vec![1, 2])));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_without_deadlines_waits() {
+        let (_client, shim) = tokio::io::duplex(64);
+        let mut reader = FrameReader::new(shim, LengthPrefixed);
+        let (result, _) = outcome(&mut reader).await;
+        assert_eq!(result, Err("still waiting after an hour".into()));
+    }
+}

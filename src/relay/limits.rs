@@ -221,12 +221,6 @@ impl HostCounts {
             ip,
         })
     }
-
-    #[cfg(test)]
-    pub fn open_from(&self, ip: IpAddr) -> usize {
-        let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        open.get(&ip).copied().unwrap_or(0)
-    }
 }
 
 impl Drop for HostSlot {

@@ -223,7 +223,7 @@ pub fn bind(addr: SocketAddr, mode: PortMode) -> io::Result<TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -232,6 +232,93 @@ mod tests {
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
         (client, server)
+    }
+
+    /// A connection from `source` (any port) to `to`.
+    async fn connect_from(source: [u8; 4], to: SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((source, 0))).unwrap();
+        socket.connect(to).await.unwrap()
+    }
+
+    /// The first byte the peer sends, or None if it closes without one.
+    async fn first_byte(stream: &mut TcpStream) -> Option<u8> {
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte)).await {
+            Ok(Ok(1)) => Some(byte[0]),
+            Ok(_) => None,
+            Err(_) => panic!("neither served nor closed within 5 s"),
+        }
+    }
+
+    /// Serves with a handler that sends b"+" and then holds the connection
+    /// until the peer closes it.
+    async fn holding_listener(max_clients: usize, max_per_host: usize) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(accept_loop(
+            listener,
+            max_clients,
+            max_per_host,
+            |mut stream, _| async move {
+                let _ = stream.write_all(b"+").await;
+                let mut sink = [0u8; 16];
+                while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+            },
+        ));
+        addr
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_per_host_limit_are_closed_at_once() {
+        let addr = holding_listener(100, 2).await;
+        let mut a1 = connect_from([127, 0, 0, 2], addr).await;
+        let mut a2 = connect_from([127, 0, 0, 2], addr).await;
+        assert_eq!(first_byte(&mut a1).await, Some(b'+'));
+        assert_eq!(first_byte(&mut a2).await, Some(b'+'));
+        let mut a3 = connect_from([127, 0, 0, 2], addr).await;
+        assert_eq!(
+            first_byte(&mut a3).await,
+            None,
+            "a third from 127.0.0.2 is closed"
+        );
+        let mut b = connect_from([127, 0, 0, 1], addr).await;
+        assert_eq!(
+            first_byte(&mut b).await,
+            Some(b'+'),
+            "127.0.0.1 is still served"
+        );
+        drop(a1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut a4 = connect_from([127, 0, 0, 2], addr).await;
+        assert_eq!(
+            first_byte(&mut a4).await,
+            Some(b'+'),
+            "a closed connection frees its place"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panicking_session_frees_its_slot_and_leaves_the_listener_serving() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = served.clone();
+        tokio::spawn(accept_loop(listener, 1, 1, move |mut stream, _| {
+            let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    panic!("a bug in a session");
+                }
+                let _ = stream.write_all(b"+").await;
+            }
+        }));
+        // One slot and one place per host: the second connection is served
+        // only if the panic gave both back.
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(first_byte(&mut first).await, None);
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(first_byte(&mut second).await, Some(b'+'));
     }
 
     #[tokio::test]

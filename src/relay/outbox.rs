@@ -365,6 +365,80 @@ mod tests {
         );
     }
 
+    // A PVA ECHO's payload comes back in the reply: without this, a client
+    // could have the shim queue a 64 MiB echo outside every budget.
+    #[tokio::test]
+    async fn control_frame_larger_than_the_allowance_is_refused() {
+        let (outbox, _rx) = Outbox::new(1 << 20);
+        let refused = outbox.send_control(frame(100_000)).await;
+        assert_eq!(refused, Err(ControlError::TooLarge { len: 100_004 }));
+        assert_eq!(
+            refused.unwrap_err().to_string(),
+            "reply (echo payload) of 100004 bytes exceeds the 64 KiB control allowance"
+        );
+        let whole = frame(CONTROL_BYTES - 4);
+        assert_eq!(outbox.send_control(whole).await, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn control_frames_are_charged_at_their_real_size() {
+        let (outbox, _rx) = Outbox::new(1 << 20);
+        outbox.send_control(frame(40_000)).await.unwrap();
+        let second = tokio::time::timeout(
+            Duration::from_millis(50),
+            outbox.send_control(frame(40_000)),
+        )
+        .await;
+        assert!(
+            second.is_err(),
+            "80 KB of replies exceed the 64 KiB allowance"
+        );
+        let small =
+            tokio::time::timeout(Duration::from_millis(50), outbox.send_control(frame(16))).await;
+        assert_eq!(small.ok(), Some(Ok(())), "a small reply still fits");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writer_gives_up_on_a_peer_that_reads_nothing() {
+        let (outbox, rx) = Outbox::new(1 << 20);
+        let (_client, server) = tokio::io::duplex(64);
+        let start = tokio::time::Instant::now();
+        let writer = tokio::spawn(
+            rx.give_up_after(Duration::from_secs(180))
+                .drain_into(server),
+        );
+        outbox.send(frame(1000)).await.unwrap();
+        let error = writer.await.unwrap().unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(error.to_string(), "peer accepted no bytes for 180s");
+        assert_eq!(start.elapsed(), Duration::from_secs(180));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writer_keeps_a_slow_reader_and_notes_each_write() {
+        let (outbox, rx) = Outbox::new(1 << 20);
+        let sent = rx.activity();
+        let before = sent.last();
+        let (mut client, server) = tokio::io::duplex(64);
+        let writer = tokio::spawn(
+            rx.give_up_after(Duration::from_secs(180))
+                .drain_into(server),
+        );
+        outbox.send(frame(1000)).await.unwrap();
+        drop(outbox);
+        // 64 bytes every 100 s: slow, but never 180 s without progress.
+        let mut got = 0;
+        let mut buf = [0u8; 64];
+        while got < 1004 {
+            tokio::time::sleep(Duration::from_secs(100)).await;
+            got += tokio::io::AsyncReadExt::read(&mut client, &mut buf)
+                .await
+                .unwrap();
+        }
+        writer.await.unwrap().unwrap();
+        assert!(sent.last() - before >= Duration::from_secs(1500));
+    }
+
     #[tokio::test]
     async fn waiting_sender_sees_closed_when_writer_goes() {
         let (outbox, rx) = Outbox::new(10);
