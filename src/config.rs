@@ -158,7 +158,7 @@ pub struct Cli {
     /// of being accepted (after the classification window on the shared
     /// port), or it is closed. For PVA: the connection validation.
     #[arg(long, env = "NAMESHIM_HELLO_TIMEOUT", value_name = "DURATION",
-          default_value = "5s", value_parser = parse_duration)]
+          default_value = "5s", value_parser = parse_timeout)]
     pub hello_timeout: Duration,
 
     /// A client connection that received nothing and was sent nothing for
@@ -167,13 +167,13 @@ pub struct Cli {
     /// receives monitor updates stays open while updates flow. A client
     /// that accepts no byte of pending data for this long is closed too.
     #[arg(long, env = "NAMESHIM_IDLE_TIMEOUT", value_name = "DURATION",
-          default_value = "180s", value_parser = parse_duration)]
+          default_value = "180s", value_parser = parse_timeout)]
     pub idle_timeout: Duration,
 
     /// A client that has begun a message and sends no further byte of it
     /// for this long is closed.
     #[arg(long, env = "NAMESHIM_STALL_TIMEOUT", value_name = "DURATION",
-          default_value = "30s", value_parser = parse_duration)]
+          default_value = "30s", value_parser = parse_timeout)]
     pub stall_timeout: Duration,
 
     /// Largest message accepted from a server, in bytes (suffixes K, M, G).
@@ -303,6 +303,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("'{text}': {e}"))
 }
 
+/// A duration that is not zero: a zero deadline would close every client.
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        Duration::ZERO => Err(format!("'{text}': a timeout must be longer than zero")),
+        d => Ok(d),
+    }
+}
+
 /// "4096", "64K", "4M", "1G" (powers of 1024).
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
     let text = text.trim();
@@ -414,6 +422,13 @@ mod tests {
         assert!(parse_duration("5h").is_err());
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn timeouts_are_not_zero() {
+        assert_eq!(parse_timeout("5s"), Ok(Duration::from_secs(5)));
+        assert!(parse_timeout("0").is_err());
+        assert!(parse_timeout("0ms").is_err());
     }
 
     #[test]
