@@ -867,6 +867,22 @@ mod tests {
         assert_eq!(messages[1].header.size, 6);
     }
 
+    // The client's reader counts these bytes as a message begun, so a
+    // client that stops between segments is closed for a stalled message.
+    #[test]
+    fn joined_segments_count_as_a_message_begun() {
+        let mut decoder = Decoder::new(1 << 20, false);
+        let mut buf = BytesMut::from(&[0xCA, 2, 0x10, 13, 3, 0, 0, 0, 1, 2, 3][..]);
+        let mut needed = 0;
+        assert_eq!(decoder.decode(&mut buf, &mut needed), Ok(None));
+        assert!(buf.is_empty());
+        assert_eq!(decoder.partial_len(), 3);
+        buf.extend_from_slice(&[0xCA, 2, 0x20, 13, 1, 0, 0, 0, 4]);
+        let whole = decoder.decode(&mut buf, &mut needed).unwrap().unwrap();
+        assert_eq!(&whole.payload[..], &[1, 2, 3, 4]);
+        assert_eq!(decoder.partial_len(), 0);
+    }
+
     #[test]
     fn other_command_inside_segments_is_an_error() {
         let mut bytes = Vec::new();

@@ -398,6 +398,58 @@ mod tests {
         assert_eq!(outcome(&mut reader).await.0, Ok(Some(vec![1, 2])));
     }
 
+    /// Messages end at b'.'; the decoder keeps what it has taken so far
+    /// (as a PVA decoder keeps joined segments).
+    #[derive(Default)]
+    struct Keeping {
+        kept: Vec<u8>,
+    }
+
+    impl Decoder for Keeping {
+        type Item = Vec<u8>;
+        type Error = Never;
+
+        fn decode(
+            &mut self,
+            buf: &mut BytesMut,
+            needed: &mut usize,
+        ) -> Result<Option<Vec<u8>>, Never> {
+            if let Some(end) = buf.iter().position(|&b| b == b'.') {
+                self.kept.extend_from_slice(&buf.split_to(end + 1)[..end]);
+                return Ok(Some(std::mem::take(&mut self.kept)));
+            }
+            self.kept.extend_from_slice(&buf.split());
+            *needed = 1;
+            Ok(None)
+        }
+
+        fn partial_len(&self) -> usize {
+            self.kept.len()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_kept_by_the_decoder_are_a_message_begun() {
+        let (mut client, shim) = tokio::io::duplex(64);
+        let mut reader =
+            FrameReader::new(shim, Keeping::default()).with_deadlines(DEADLINES, Activity::new());
+        client.write_all(b"a.bc").await.unwrap();
+        assert_eq!(
+            tokio::time::timeout(FOREVER, reader.next())
+                .await
+                .unwrap()
+                .unwrap(),
+            Some(b"a".to_vec())
+        );
+        let start = Instant::now();
+        let stalled = tokio::time::timeout(FOREVER, reader.next()).await.unwrap();
+        assert_eq!(
+            stalled.map_err(|e| e.to_string()),
+            Err("message stalled for 30s mid-payload (2 bytes received)".into())
+        );
+        assert_eq!(start.elapsed(), Duration::from_secs(30));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_reader_without_deadlines_waits() {
         let (_client, shim) = tokio::io::duplex(64);
