@@ -3,6 +3,7 @@
 //! falls back to `EPICS_CA_SERVER_PORT`, as for any EPICS tool.
 
 use crate::relay::discovery::SearchConfig;
+use crate::relay::limits::ClientDeadlines;
 use crate::wrapper;
 use clap::Parser;
 use std::ffi::OsString;
@@ -149,7 +150,8 @@ pub struct Cli {
           default_value = "10s", value_parser = parse_duration)]
     pub cache_ttl: Duration,
 
-    /// Client connections served at once; more wait in the accept queue.
+    /// Client connections served at once, per listening port; more wait
+    /// in the accept queue.
     #[arg(
         long,
         env = "NAMESHIM_MAX_CLIENTS",
@@ -158,11 +160,52 @@ pub struct Cli {
     )]
     pub max_clients: usize,
 
-    /// Largest message accepted, in bytes (suffixes K, M, G). Fits large
-    /// detector images by default; a bigger message closes its connection.
+    /// Client connections from one source IP address at once, per
+    /// listening port. One more is accepted and closed at once (logged),
+    /// so one host cannot take every --max-clients slot.
+    #[arg(
+        long,
+        env = "NAMESHIM_MAX_CLIENTS_PER_HOST",
+        value_name = "N",
+        default_value_t = 256
+    )]
+    pub max_clients_per_host: usize,
+
+    /// A client must deliver its first complete message within this time
+    /// of being accepted (after the classification window on the shared
+    /// port), or it is closed. For PVA: the connection validation.
+    #[arg(long, env = "NAMESHIM_HELLO_TIMEOUT", value_name = "DURATION",
+          default_value = "5s", value_parser = parse_timeout)]
+    pub hello_timeout: Duration,
+
+    /// A client connection that received nothing and was sent nothing for
+    /// this long is closed. Longer than the clients' own probes (libca
+    /// echoes after 30 s of silence, pvxs every 15 s); a client that only
+    /// receives monitor updates stays open while updates flow. A client
+    /// that accepts no byte of pending data for this long is closed too.
+    #[arg(long, env = "NAMESHIM_IDLE_TIMEOUT", value_name = "DURATION",
+          default_value = "180s", value_parser = parse_timeout)]
+    pub idle_timeout: Duration,
+
+    /// A client that has begun a message and sends no further byte of it
+    /// for this long is closed.
+    #[arg(long, env = "NAMESHIM_STALL_TIMEOUT", value_name = "DURATION",
+          default_value = "30s", value_parser = parse_timeout)]
+    pub stall_timeout: Duration,
+
+    /// Largest message accepted from a server, in bytes (suffixes K, M, G).
+    /// Fits large detector images by default; a bigger message closes that
+    /// server connection.
     #[arg(long, env = "NAMESHIM_MAX_MESSAGE", value_name = "BYTES",
           default_value = "64M", value_parser = parse_bytes)]
     pub max_message: u64,
+
+    /// Largest message accepted from a client, in bytes (suffixes K, M,
+    /// G). Clients send requests and puts, not images; a bigger message
+    /// closes the client connection.
+    #[arg(long, env = "NAMESHIM_MAX_CLIENT_MESSAGE", value_name = "BYTES",
+          default_value = "16M", value_parser = parse_bytes)]
+    pub max_client_message: u64,
 
     /// Bytes queued towards one peer before the shim stops reading from the
     /// other side (suffixes K, M, G).
@@ -170,7 +213,8 @@ pub struct Cli {
           default_value = "4M", value_parser = parse_bytes)]
     pub queue_bytes: u64,
 
-    /// Channels one client connection may hold.
+    /// Channels one client connection may hold; a client that asks for
+    /// more is closed.
     #[arg(
         long,
         env = "NAMESHIM_MAX_CHANNELS",
@@ -178,6 +222,16 @@ pub struct Cli {
         default_value_t = 100_000
     )]
     pub max_channels: usize,
+
+    /// Channels all client connections together may hold; a client whose
+    /// new channel would exceed it is closed, as for --max-channels.
+    #[arg(
+        long,
+        env = "NAMESHIM_MAX_TOTAL_CHANNELS",
+        value_name = "N",
+        default_value_t = 200_000
+    )]
+    pub max_total_channels: usize,
 
     /// Log filter, e.g. info, debug, or nameshim::ca=debug.
     #[arg(
@@ -266,6 +320,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("'{text}': {e}"))
 }
 
+/// A duration that is not zero: a zero deadline would close every client.
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        Duration::ZERO => Err(format!("'{text}': a timeout must be longer than zero")),
+        d => Ok(d),
+    }
+}
+
 /// "4096", "64K", "4M", "1G" (powers of 1024).
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
     let text = text.trim();
@@ -290,9 +352,15 @@ pub struct Config {
     pub pva_listen: Option<SocketAddr>,
     pub classify_window: Duration,
     pub max_clients: usize,
+    pub max_clients_per_host: usize,
+    pub deadlines: ClientDeadlines,
+    /// Largest message from a server.
     pub max_payload: u32,
+    /// Largest message from a client.
+    pub max_client_payload: u32,
     pub queue_bytes: usize,
     pub max_channels: usize,
+    pub max_total_channels: usize,
     pub ca_search: SearchConfig,
     pub pva_search: SearchConfig,
     pub advertise_port: Option<u16>,
@@ -342,9 +410,17 @@ impl Config {
             pva_listen: cli.pva_listen,
             classify_window: cli.classify_window,
             max_clients: cli.max_clients.max(1),
+            max_clients_per_host: cli.max_clients_per_host.max(1),
+            deadlines: ClientDeadlines {
+                hello: cli.hello_timeout,
+                idle: cli.idle_timeout,
+                stall: cli.stall_timeout,
+            },
             max_payload: cli.max_message.min(u64::from(u32::MAX)) as u32,
+            max_client_payload: cli.max_client_message.min(u64::from(u32::MAX)) as u32,
             queue_bytes: cli.queue_bytes.min(usize::MAX as u64) as usize,
             max_channels: cli.max_channels,
+            max_total_channels: cli.max_total_channels,
             ca_search: search(targets(&cli.ca_search_addr, ca_port)),
             pva_search: search(targets(&cli.pva_search_addr, pva_port)),
             advertise_port: cli.advertise_port,
@@ -366,6 +442,13 @@ mod tests {
         assert!(parse_duration("5h").is_err());
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn timeouts_are_not_zero() {
+        assert_eq!(parse_timeout("5s"), Ok(Duration::from_secs(5)));
+        assert!(parse_timeout("0").is_err());
+        assert!(parse_timeout("0ms").is_err());
     }
 
     #[test]
@@ -415,6 +498,50 @@ mod tests {
             Ipv4Addr::new(127, 1, 2, 3)
         );
         assert!(Cli::try_parse_from(["nameshim", "--server-source-addr", "ioc"]).is_err());
+    }
+
+    #[test]
+    fn client_limits_have_their_documented_defaults() {
+        let config = Config::from_cli(&Cli::parse_from(["nameshim"]));
+        assert_eq!(config.deadlines, ClientDeadlines::default());
+        assert_eq!(config.deadlines.hello, Duration::from_secs(5));
+        assert_eq!(config.deadlines.idle, Duration::from_secs(180));
+        assert_eq!(config.deadlines.stall, Duration::from_secs(30));
+        assert_eq!(config.max_clients_per_host, 256);
+        assert_eq!(config.max_client_payload, 16 << 20);
+        assert_eq!(config.max_payload, 64 << 20);
+        assert_eq!(config.max_total_channels, 200_000);
+    }
+
+    #[test]
+    fn client_limits_are_options() {
+        let cli = Cli::parse_from([
+            "nameshim",
+            "--hello-timeout",
+            "2s",
+            "--idle-timeout",
+            "1m",
+            "--stall-timeout",
+            "500ms",
+            "--max-clients-per-host",
+            "3",
+            "--max-client-message",
+            "1M",
+            "--max-total-channels",
+            "10",
+        ]);
+        let config = Config::from_cli(&cli);
+        assert_eq!(
+            config.deadlines,
+            ClientDeadlines {
+                hello: Duration::from_secs(2),
+                idle: Duration::from_secs(60),
+                stall: Duration::from_millis(500),
+            }
+        );
+        assert_eq!(config.max_clients_per_host, 3);
+        assert_eq!(config.max_client_payload, 1 << 20);
+        assert_eq!(config.max_total_channels, 10);
     }
 
     #[test]

@@ -107,6 +107,7 @@ async fn serve(config: &Config) -> std::io::Result<()> {
         let extra_config = ListenerConfig {
             mode,
             max_clients: config.max_clients,
+            max_per_host: config.max_clients_per_host,
         };
         tokio::spawn(relay::listener::serve(
             extra,
@@ -117,6 +118,7 @@ async fn serve(config: &Config) -> std::io::Result<()> {
     let shared = ListenerConfig {
         mode: shared_mode,
         max_clients: config.max_clients,
+        max_per_host: config.max_clients_per_host,
     };
     relay::listener::serve(listener, shared, services).await;
     Ok(())
@@ -149,6 +151,8 @@ fn start_services(config: &Config) -> std::io::Result<Arc<relay::listener::Servi
     } else {
         info!(%source, "server connections leave from this address");
     }
+    // One budget for both protocols: a channel is a channel.
+    let channels_in_all = relay::limits::ChannelBudget::new(config.max_total_channels);
     let ca = Arc::new(ca::session::CaContext {
         resolver: ca::search::start(config.ca_search.clone())?,
         backend: ca::backend::BackendConfig {
@@ -157,7 +161,9 @@ fn start_services(config: &Config) -> std::io::Result<Arc<relay::listener::Servi
             connect_timeout,
             source,
         },
-        max_payload: config.max_payload,
+        max_payload: config.max_client_payload,
+        deadlines: config.deadlines,
+        channels_in_all: channels_in_all.clone(),
         queue_bytes: config.queue_bytes,
         max_channels: config.max_channels,
         max_searches: MAX_SEARCHES_PER_CLIENT,
@@ -171,9 +177,11 @@ fn start_services(config: &Config) -> std::io::Result<Arc<relay::listener::Servi
             big_endian: pva::session::BIG_ENDIAN,
             source,
         },
-        max_message: config.max_payload,
+        max_message: config.max_client_payload,
         queue_bytes: config.queue_bytes,
+        deadlines: config.deadlines,
         max_channels: config.max_channels,
+        channels_in_all,
         max_searches: MAX_SEARCHES_PER_CLIENT,
         advertise_port: config.advertise_port,
     });

@@ -6,6 +6,9 @@ pub mod search;
 pub mod session;
 pub mod wire;
 
+#[cfg(test)]
+mod limit_tests;
+
 use crate::relay::framing::Decoder;
 use crate::relay::outbox::Frame;
 use bytes::BytesMut;

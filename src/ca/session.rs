@@ -19,7 +19,8 @@ use super::wire::{self, Command, Header, Message};
 use super::{frame, CaDecoder};
 use crate::relay::discovery::{Answer, Awaiting, Resolver};
 use crate::relay::framing::{FrameReader, ReadError};
-use crate::relay::outbox::{Closed, Frame, Outbox, Permit};
+use crate::relay::limits::{self, ChannelBudget, ChannelShare, ClientDeadlines};
+use crate::relay::outbox::{Closed, ControlError, Frame, Outbox, Permit};
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -48,8 +49,12 @@ fn owned_client_name(message: &Message, command: Command) -> Result<Bytes, Sessi
 pub struct CaContext {
     pub resolver: Resolver,
     pub backend: BackendConfig,
-    /// Largest payload accepted from a client.
+    /// Largest payload accepted from a client (--max-client-message).
     pub max_payload: u32,
+    /// Hello, idle and stall deadlines of a client connection.
+    pub deadlines: ClientDeadlines,
+    /// Channels held by all client connections together.
+    pub channels_in_all: Arc<ChannelBudget>,
     /// Bytes queued towards one client, at most.
     pub queue_bytes: usize,
     /// Channels one client connection may hold, at most.
@@ -66,6 +71,8 @@ enum SessionError {
     TooManyChannels(usize),
     /// A CLIENT_NAME or HOST_NAME longer than rsrv accepts.
     NameTooLong(Command, usize),
+    TooManyChannelsInAll(usize),
+    Refused(ControlError),
     ClientGone,
 }
 
@@ -80,6 +87,10 @@ impl fmt::Display for SessionError {
                 f,
                 "{c:?} of {n} bytes (servers accept at most {MAX_CLIENT_NAME_LEN})"
             ),
+            SessionError::TooManyChannelsInAll(n) => {
+                write!(f, "all clients together would exceed {n} channels")
+            }
+            SessionError::Refused(e) => write!(f, "{e}"),
             SessionError::ClientGone => write!(f, "client connection closed"),
         }
     }
@@ -91,21 +102,27 @@ impl From<Closed> for SessionError {
     }
 }
 
+impl From<ControlError> for SessionError {
+    fn from(e: ControlError) -> Self {
+        match e {
+            ControlError::Closed => SessionError::ClientGone,
+            e => SessionError::Refused(e),
+        }
+    }
+}
+
 /// Serves one client circuit until it closes or misbehaves.
 pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<CaContext>) {
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
-    let (read, write) = stream.into_split();
-    let (client, queue) = Outbox::new(ctx.queue_bytes);
-    let writer = tokio::spawn(queue.drain_into(write));
-    let mut reader = FrameReader::new(
-        read,
-        CaDecoder {
-            max_payload: ctx.max_payload,
-        },
-    );
+    let decoder = CaDecoder {
+        max_payload: ctx.max_payload,
+    };
+    let (mut reader, client, writer) =
+        limits::client_io(stream, decoder, ctx.queue_bytes, ctx.deadlines);
     let (backend_tx, backend_rx) = mpsc::unbounded_channel();
     let (answer_tx, answer_rx) = mpsc::unbounded_channel();
     let awaiting = Awaiting::new(ctx.max_searches, peer.ip());
+    let share = ChannelShare::new(ctx.channels_in_all.clone());
     let mut session = Session {
         peer,
         local_port,
@@ -125,6 +142,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<CaContext>) {
         awaiting,
         next_sid: 1,
         next_link: 1,
+        share,
     };
     let outcome = session.run(&mut reader, answer_rx).await;
     let channels = session.channels.len();
@@ -202,6 +220,8 @@ struct Session {
     awaiting: Awaiting<Waiter>,
     next_sid: u32,
     next_link: u64,
+    /// This connection's part of the channels of all clients.
+    share: ChannelShare,
 }
 
 impl Session {
@@ -221,6 +241,7 @@ impl Session {
                 Some(event) = self.backend_rx.recv() => self.on_backend(event).await?,
                 Some(answer) = answer_rx.recv() => self.on_answer(answer).await?,
             }
+            self.share.fit(self.channels.len());
             if let Some(e) = self.failed.take() {
                 return Err(e);
             }
@@ -257,7 +278,7 @@ impl Session {
     }
 
     /// Sends a message the shim made itself (see `Outbox::send_control`).
-    async fn to_client(&self, message: &Message) -> Result<(), Closed> {
+    async fn to_client(&self, message: &Message) -> Result<(), ControlError> {
         self.client.send_control(frame(message)).await
     }
 
@@ -330,6 +351,9 @@ impl Session {
         }
         if self.channels.len() >= self.ctx.max_channels {
             return Err(SessionError::TooManyChannels(self.ctx.max_channels));
+        }
+        if !self.share.fit(self.channels.len() + 1) {
+            return Err(SessionError::TooManyChannelsInAll(self.share.cap()));
         }
         let name = message.payload.slice_ref(name);
         self.channels.insert(cid, Channel::Resolving);
@@ -685,6 +709,8 @@ mod tests {
                 source: crate::relay::upstream::DEFAULT_SOURCE,
             },
             max_payload: 1 << 24,
+            deadlines: crate::relay::limits::ClientDeadlines::default(),
+            channels_in_all: crate::relay::limits::ChannelBudget::new(1000),
             queue_bytes: 4 << 20,
             max_channels: 100,
             max_searches: 100,

@@ -6,6 +6,12 @@
 //! minor version 9 a message whose payload or count does not fit 16 bits uses
 //! the extended form: payload size 0xFFFF and count 0 in the header, followed
 //! by `payload size u32, count u32`.
+//!
+//! Receivers take the payload size 0xFFFF alone as the mark of the extended
+//! form, whatever the 16-bit count says: libca `tcpiiu::processIncoming`
+//! (`if ( this->curMsg.m_postsize == 0xffff )`) and rsrv `camessage_tcp`
+//! (`CA_V49(...) && msg.m_postsize == 0xffff`). So does this decoder, so it
+//! frames a stream exactly as the servers behind it do.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::fmt;
@@ -272,7 +278,7 @@ fn peek_header(buf: &[u8]) -> Option<(Header, usize)> {
         p1,
         p2,
     };
-    if payload16 != EXTENDED_MARKER || count16 != 0 {
+    if payload16 != EXTENDED_MARKER {
         return Some((header, HEADER_LEN));
     }
     let (ext, _) = rest.split_first_chunk::<8>()?;
@@ -490,6 +496,42 @@ mod tests {
         let mut out = BytesMut::new();
         msgs[0].encode(&mut out);
         assert_eq!(&out[..], &bytes[..], "re-encodes to the same bytes");
+    }
+
+    // libca and rsrv read the annex whenever the payload size is 0xFFFF,
+    // even with a non-zero 16-bit count: a WRITE (cmd 4) with marker and
+    // count 1, annex size 16 and count 2, then 16 payload bytes, then ECHO.
+    const EXTENDED_WITH_COUNT: [u8; 56] = [
+        0x00, 0x04, 0xff, 0xff, 0x00, 0x06, 0x00, 0x01, // WRITE, marker, DOUBLE, count 1
+        0x00, 0x00, 0x00, 0x05, 0x00, 0x00, 0x00, 0x09, // sid 5, ioid 9
+        0x00, 0x00, 0x00, 0x10, 0x00, 0x00, 0x00, 0x02, // size 16, count 2
+        0x3f, 0xf0, 0, 0, 0, 0, 0, 0, // 1.0
+        0x40, 0x00, 0, 0, 0, 0, 0, 0, // 2.0
+        0x00, 0x17, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // ECHO
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    ];
+
+    #[test]
+    fn payload_marker_alone_means_extended_header_as_in_libca_and_rsrv() {
+        let msgs = decode_all(&EXTENDED_WITH_COUNT, 1 << 20).unwrap();
+        assert_eq!(msgs.len(), 2, "the WRITE, then the ECHO after it");
+        let h = msgs[0].header;
+        assert_eq!(h.command(), Ok(Command::Write));
+        assert_eq!((h.payload_size, h.count, h.p1, h.p2), (16, 2, 5, 9));
+        assert_eq!(&msgs[0].payload[..2], &[0x3f, 0xf0]);
+        assert_eq!(msgs[1].header.command(), Ok(Command::Echo));
+        // Sizes that fit 16 bits go out in the short form libca sends.
+        let mut out = BytesMut::new();
+        msgs[0].header.encode(&mut out);
+        assert_eq!(&out[..], &[0, 4, 0, 16, 0, 6, 0, 2, 0, 0, 0, 5, 0, 0, 0, 9]);
+    }
+
+    #[test]
+    fn payload_marker_with_count_waits_for_the_annex() {
+        let mut buf = BytesMut::from(&EXTENDED_WITH_COUNT[..20]);
+        let mut needed = 0;
+        assert_eq!(decode(&mut buf, 1 << 20, &mut needed), Ok(None));
+        assert_eq!(needed, 24);
     }
 
     #[test]

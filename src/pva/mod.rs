@@ -26,6 +26,10 @@ impl Decoder for wire::Decoder {
     ) -> Result<Option<wire::Message>, wire::WireError> {
         wire::Decoder::decode(self, buf, needed)
     }
+
+    fn partial_len(&self) -> usize {
+        wire::Decoder::partial_len(self)
+    }
 }
 
 /// A message as an outbox frame; the payload is shared, not copied.

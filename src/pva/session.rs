@@ -26,13 +26,13 @@ use super::translate::Translator;
 use super::wire::{self, Command, Message};
 use crate::relay::discovery::{Answer, Awaiting, Resolver};
 use crate::relay::framing::{FrameReader, ReadError};
-use crate::relay::outbox::{Closed, Frame, Outbox, Permit};
+use crate::relay::limits::{self, ChannelBudget, ChannelShare, ClientDeadlines};
+use crate::relay::outbox::{Closed, ControlError, Frame, Outbox, Permit};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -41,17 +41,21 @@ use tracing::{debug, info, warn};
 /// The byte order the shim announces and uses: the host's, like both
 /// reference implementations.
 pub const BIG_ENDIAN: bool = cfg!(target_endian = "big");
-/// A client must validate within this time (pvAccessCPP's own limit).
-const VALIDATION_TIMEOUT: Duration = Duration::from_secs(5);
 /// The sid a server puts in a failed CREATE_CHANNEL response.
 const NO_SID: u32 = 0xFFFF_FFFF;
 
 pub struct PvaContext {
     pub resolver: Resolver,
     pub backend: BackendConfig,
+    /// Largest message accepted from a client (--max-client-message).
     pub max_message: u32,
     pub queue_bytes: usize,
+    /// The client must validate within the hello deadline (5 s by
+    /// default, pvAccessCPP's own limit).
+    pub deadlines: ClientDeadlines,
     pub max_channels: usize,
+    /// Channels held by all client connections together.
+    pub channels_in_all: Arc<ChannelBudget>,
     pub max_searches: usize,
     /// Port put in search responses; None means 0 ("this connection").
     pub advertise_port: Option<u16>,
@@ -64,8 +68,10 @@ enum SessionError {
     /// A message the shim could not follow (malformed, or using a
     /// type-cache key the client never defined).
     Untranslatable(wire::WireError),
-    NotValidated,
+    NotValidated(std::time::Duration),
     TooManyChannels(usize),
+    TooManyChannelsInAll(usize),
+    Refused(ControlError),
     ClientGone,
 }
 
@@ -75,10 +81,14 @@ impl fmt::Display for SessionError {
             SessionError::Read(e) => write!(f, "{e}"),
             SessionError::Wire(e) => write!(f, "{e}"),
             SessionError::Untranslatable(e) => write!(f, "cannot follow a client message: {e}"),
-            SessionError::NotValidated => {
-                write!(f, "client did not validate the connection in time")
+            SessionError::NotValidated(d) => {
+                write!(f, "client did not validate the connection within {d:?}")
             }
             SessionError::TooManyChannels(n) => write!(f, "client exceeds {n} channels"),
+            SessionError::TooManyChannelsInAll(n) => {
+                write!(f, "all clients together would exceed {n} channels")
+            }
+            SessionError::Refused(e) => write!(f, "{e}"),
             SessionError::ClientGone => write!(f, "client connection closed"),
         }
     }
@@ -90,6 +100,15 @@ impl From<Closed> for SessionError {
     }
 }
 
+impl From<ControlError> for SessionError {
+    fn from(e: ControlError) -> Self {
+        match e {
+            ControlError::Closed => SessionError::ClientGone,
+            e => SessionError::Refused(e),
+        }
+    }
+}
+
 impl From<wire::WireError> for SessionError {
     fn from(e: wire::WireError) -> Self {
         SessionError::Wire(e)
@@ -98,15 +117,15 @@ impl From<wire::WireError> for SessionError {
 
 /// Serves one PVA client connection until it closes or misbehaves.
 pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) {
-    let (read, write) = stream.into_split();
-    let (client, queue) = Outbox::new(ctx.queue_bytes);
-    let writer = tokio::spawn(queue.drain_into(write));
-    let mut reader = FrameReader::new(read, wire::Decoder::new(ctx.max_message, false));
-    let outcome = match validate(&client, &mut reader).await {
+    let decoder = wire::Decoder::new(ctx.max_message, false);
+    let (mut reader, client, writer) =
+        limits::client_io(stream, decoder, ctx.queue_bytes, ctx.deadlines);
+    let outcome = match validate(&client, &mut reader, ctx.deadlines.hello).await {
         Ok((validation, translator, plain_credentials)) => {
             let (backend_tx, backend_rx) = mpsc::unbounded_channel();
             let (answer_tx, answer_rx) = mpsc::unbounded_channel();
             let awaiting = Awaiting::new(ctx.max_searches, peer.ip());
+            let share = ChannelShare::new(ctx.channels_in_all.clone());
             let mut session = Session {
                 peer,
                 ctx,
@@ -124,6 +143,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) {
                 awaiting,
                 next_sid: 1,
                 next_link: 1,
+                share,
             };
             session.run(&mut reader, answer_rx).await
         }
@@ -147,6 +167,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) {
 async fn validate(
     client: &Outbox,
     reader: &mut FrameReader<OwnedReadHalf, wire::Decoder>,
+    within: std::time::Duration,
 ) -> Result<(wire::ClientValidation, Translator, Bytes), SessionError> {
     client
         .send_control(frame(&wire::set_byte_order(true, BIG_ENDIAN)))
@@ -154,7 +175,7 @@ async fn validate(
     client
         .send_control(frame(&wire::server_validation(BIG_ENDIAN)))
         .await?;
-    let answer = tokio::time::timeout(VALIDATION_TIMEOUT, async {
+    let answer = tokio::time::timeout(within, async {
         loop {
             match reader.next().await.map_err(SessionError::Read)? {
                 None => return Err(SessionError::ClientGone),
@@ -169,7 +190,7 @@ async fn validate(
         }
     })
     .await
-    .map_err(|_| SessionError::NotValidated)??;
+    .map_err(|_| SessionError::NotValidated(within))??;
     let validation = wire::parse_client_validation(&answer)?;
     let mut translator = Translator::default();
     let plain_credentials = translator
@@ -259,6 +280,8 @@ struct Session {
     awaiting: Awaiting<Waiter>,
     next_sid: u32,
     next_link: u64,
+    /// This connection's part of the channels of all clients.
+    share: ChannelShare,
 }
 
 impl Session {
@@ -277,6 +300,7 @@ impl Session {
                 Some(answer) = answer_rx.recv() => self.on_answer(answer).await?,
                 _ = self.awaiting.prompt_due() => self.on_prompt_due().await?,
             }
+            self.share.fit(self.channels.len());
             if let Some(e) = self.failed.take() {
                 return Err(e);
             }
@@ -313,7 +337,7 @@ impl Session {
     }
 
     /// Sends a message the shim made itself (see `Outbox::send_control`).
-    async fn to_client(&self, message: &Message) -> Result<(), Closed> {
+    async fn to_client(&self, message: &Message) -> Result<(), ControlError> {
         self.client.send_control(frame(message)).await
     }
 
@@ -413,6 +437,9 @@ impl Session {
             }
             if self.channels.len() >= self.ctx.max_channels {
                 return Err(SessionError::TooManyChannels(self.ctx.max_channels));
+            }
+            if !self.share.fit(self.channels.len() + 1) {
+                return Err(SessionError::TooManyChannelsInAll(self.share.cap()));
             }
             self.channels.insert(cid, Channel::Resolving);
             self.await_name(name, Waiter::Create { cid }).await?;
@@ -815,6 +842,7 @@ mod tests {
     use super::*;
     use crate::pva::search;
     use crate::relay::discovery::SearchConfig;
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, UdpSocket};
 
@@ -971,6 +999,8 @@ mod tests {
             },
             max_message: 1 << 20,
             queue_bytes: 1 << 20,
+            deadlines: crate::relay::limits::ClientDeadlines::default(),
+            channels_in_all: crate::relay::limits::ChannelBudget::new(1000),
             max_channels: 100,
             max_searches: 100,
             advertise_port: None,
@@ -1130,6 +1160,8 @@ mod tests {
             },
             max_message: 1 << 20,
             queue_bytes: 1 << 20,
+            deadlines: crate::relay::limits::ClientDeadlines::default(),
+            channels_in_all: crate::relay::limits::ChannelBudget::new(1000),
             max_channels: 100,
             max_searches: 100,
             advertise_port: None,

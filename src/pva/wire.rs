@@ -224,6 +224,13 @@ impl Decoder {
         }
     }
 
+    /// Bytes of a segmented message joined so far, waiting for the rest.
+    pub fn partial_len(&self) -> usize {
+        self.partial
+            .as_ref()
+            .map_or(0, |(_, joined)| joined.len().max(1))
+    }
+
     /// One whole message off the front of `buf`, `Ok(None)` if more bytes
     /// are needed (`needed` then says how many the buffer should hold).
     pub fn decode(
@@ -882,6 +889,22 @@ mod tests {
         assert_eq!(&messages[1].payload[..], &[1, 2, 3, 4, 5, 6]);
         assert_eq!(messages[1].header.flags, 0x40);
         assert_eq!(messages[1].header.size, 6);
+    }
+
+    // The client's reader counts these bytes as a message begun, so a
+    // client that stops between segments is closed for a stalled message.
+    #[test]
+    fn joined_segments_count_as_a_message_begun() {
+        let mut decoder = Decoder::new(1 << 20, false);
+        let mut buf = BytesMut::from(&[0xCA, 2, 0x10, 13, 3, 0, 0, 0, 1, 2, 3][..]);
+        let mut needed = 0;
+        assert_eq!(decoder.decode(&mut buf, &mut needed), Ok(None));
+        assert!(buf.is_empty());
+        assert_eq!(decoder.partial_len(), 3);
+        buf.extend_from_slice(&[0xCA, 2, 0x20, 13, 1, 0, 0, 0, 4]);
+        let whole = decoder.decode(&mut buf, &mut needed).unwrap().unwrap();
+        assert_eq!(&whole.payload[..], &[1, 2, 3, 4]);
+        assert_eq!(decoder.partial_len(), 0);
     }
 
     #[test]

@@ -2,11 +2,19 @@
 //!
 //! The reader owns one growing buffer. "Need more bytes" is not an error;
 //! an invalid message is, and so is EOF in the middle of a message.
+//!
+//! A reader of client connections also enforces the client deadlines (see
+//! `limits`), so both protocols get them from one place. They are judged
+//! only while the reader waits for bytes: when the session was busy
+//! elsewhere, bytes that arrived meanwhile are read before any deadline is.
 
+use super::limits::{Activity, ClientDeadlines};
 use bytes::BytesMut;
 use std::fmt;
 use std::io;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::time::Instant;
 
 /// Reads at least this much per call, so small messages batch well.
 const MIN_READ: usize = 16 * 1024;
@@ -26,6 +34,12 @@ pub trait Decoder {
         buf: &mut BytesMut,
         needed: &mut usize,
     ) -> Result<Option<Self::Item>, Self::Error>;
+
+    /// Bytes of a message begun but kept by the decoder itself (segments
+    /// already joined), so a stalled message is seen even between segments.
+    fn partial_len(&self) -> usize {
+        0
+    }
 }
 
 #[derive(Debug)]
@@ -36,6 +50,32 @@ pub enum ReadError {
     TruncatedAtEof {
         buffered: usize,
     },
+    /// The client broke one of its deadlines.
+    TimedOut(Timeout),
+}
+
+/// Which client deadline ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timeout {
+    /// No complete message within this time of connecting.
+    Hello(Duration),
+    /// Nothing received and nothing sent for this long.
+    Idle(Duration),
+    /// A message begun, then no byte for this long.
+    Stalled { after: Duration, buffered: usize },
+}
+
+impl fmt::Display for Timeout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Timeout::Hello(d) => write!(f, "no complete message within {d:?} of connecting"),
+            Timeout::Idle(d) => write!(f, "idle for {d:?} (nothing received or sent)"),
+            Timeout::Stalled { after, buffered } => write!(
+                f,
+                "message stalled for {after:?} mid-payload ({buffered} bytes received)"
+            ),
+        }
+    }
 }
 
 impl fmt::Display for ReadError {
@@ -49,6 +89,7 @@ impl fmt::Display for ReadError {
                     "connection closed inside a message ({buffered} bytes pending)"
                 )
             }
+            ReadError::TimedOut(timeout) => write!(f, "{timeout}"),
         }
     }
 }
@@ -61,6 +102,51 @@ pub struct FrameReader<R, D> {
     decoder: D,
     /// The buffer was grown beyond its usual size for a large message.
     grown: bool,
+    watch: Option<Watch>,
+}
+
+/// A client connection's deadlines and the clocks they are judged by.
+struct Watch {
+    deadlines: ClientDeadlines,
+    opened: Instant,
+    /// A whole message has been read.
+    greeted: bool,
+    /// The last read that brought bytes.
+    received: Instant,
+    /// What the writer sent, shared with it.
+    sent: Activity,
+}
+
+impl Watch {
+    /// The earliest moment a deadline could run out.
+    fn next_deadline(&self, buffered: usize) -> Instant {
+        let mut at = self.received.max(self.sent.last()) + self.deadlines.idle;
+        if !self.greeted {
+            at = at.min(self.opened + self.deadlines.hello);
+        }
+        if buffered > 0 {
+            at = at.min(self.received + self.deadlines.stall);
+        }
+        at
+    }
+
+    /// The deadline that has run out at `now`, if any. The writer may have
+    /// sent since the deadline was computed, so idle is judged afresh.
+    fn expired(&self, now: Instant, buffered: usize) -> Option<Timeout> {
+        let d = &self.deadlines;
+        if !self.greeted && now >= self.opened + d.hello {
+            Some(Timeout::Hello(d.hello))
+        } else if buffered > 0 && now >= self.received + d.stall {
+            Some(Timeout::Stalled {
+                after: d.stall,
+                buffered,
+            })
+        } else if now >= self.received.max(self.sent.last()) + d.idle {
+            Some(Timeout::Idle(d.idle))
+        } else {
+            None
+        }
+    }
 }
 
 impl<R: AsyncRead + Unpin, D: Decoder> FrameReader<R, D> {
@@ -70,7 +156,22 @@ impl<R: AsyncRead + Unpin, D: Decoder> FrameReader<R, D> {
             buf: BytesMut::with_capacity(MIN_READ),
             decoder,
             grown: false,
+            watch: None,
         }
+    }
+
+    /// Enforces a client's deadlines from now on; `sent` is the activity
+    /// of the writer towards the same client.
+    pub fn with_deadlines(mut self, deadlines: ClientDeadlines, sent: Activity) -> Self {
+        let now = Instant::now();
+        self.watch = Some(Watch {
+            deadlines,
+            opened: now,
+            greeted: false,
+            received: now,
+            sent,
+        });
+        self
     }
 
     /// The next message, or `None` at a clean EOF between messages.
@@ -79,7 +180,12 @@ impl<R: AsyncRead + Unpin, D: Decoder> FrameReader<R, D> {
         loop {
             let mut needed = 0;
             match self.decoder.decode(&mut self.buf, &mut needed) {
-                Ok(Some(item)) => return Ok(Some(item)),
+                Ok(Some(item)) => {
+                    if let Some(watch) = &mut self.watch {
+                        watch.greeted = true;
+                    }
+                    return Ok(Some(item));
+                }
                 Ok(None) => {}
                 Err(e) => return Err(ReadError::Protocol(Box::new(e))),
             }
@@ -97,11 +203,29 @@ impl<R: AsyncRead + Unpin, D: Decoder> FrameReader<R, D> {
                 self.buf.reserve(missing.clamp(MIN_READ, MAX_GROW));
                 self.grown |= self.buf.capacity() > 4 * MIN_READ;
             }
-            let read = self
-                .io
-                .read_buf(&mut self.buf)
-                .await
-                .map_err(ReadError::Io)?;
+            let read = match &mut self.watch {
+                None => self.io.read_buf(&mut self.buf).await,
+                Some(watch) => {
+                    let begun = self.buf.len() + self.decoder.partial_len();
+                    let deadline = watch.next_deadline(begun);
+                    let read = tokio::select! {
+                        // Bytes that are there win over a deadline.
+                        biased;
+                        read = self.io.read_buf(&mut self.buf) => read,
+                        () = tokio::time::sleep_until(deadline) => {
+                            match watch.expired(Instant::now(), begun) {
+                                Some(timeout) => return Err(ReadError::TimedOut(timeout)),
+                                None => continue,
+                            }
+                        }
+                    };
+                    if matches!(read, Ok(n) if n > 0) {
+                        watch.received = Instant::now();
+                    }
+                    read
+                }
+            }
+            .map_err(ReadError::Io)?;
             if read == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)
@@ -118,22 +242,246 @@ impl<R: AsyncRead + Unpin, D: Decoder> FrameReader<R, D> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::{Buf, Bytes};
-    use std::time::Duration;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncWriteExt, DuplexStream};
 
-    /// Frames of a u32 length and that many bytes.
+    /// Messages of one length byte and that many bytes.
     struct LengthPrefixed;
 
+    #[derive(Debug)]
+    struct Never;
+    impl fmt::Display for Never {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "never")
+        }
+    }
+    impl std::error::Error for Never {}
+
     impl Decoder for LengthPrefixed {
-        type Item = Bytes;
-        type Error = io::Error;
+        type Item = Vec<u8>;
+        type Error = Never;
 
         fn decode(
             &mut self,
             buf: &mut BytesMut,
             needed: &mut usize,
-        ) -> Result<Option<Bytes>, io::Error> {
+        ) -> Result<Option<Vec<u8>>, Never> {
+            let Some(&len) = buf.first() else {
+                *needed = 1;
+                return Ok(None);
+            };
+            let total = 1 + usize::from(len);
+            if buf.len() < total {
+                *needed = total;
+                return Ok(None);
+            }
+            Ok(Some(buf.split_to(total)[1..].to_vec()))
+        }
+    }
+
+    const DEADLINES: ClientDeadlines = ClientDeadlines {
+        hello: Duration::from_secs(5),
+        idle: Duration::from_secs(180),
+        stall: Duration::from_secs(30),
+    };
+    /// Longer than any deadline: a reader still waiting then has none.
+    const FOREVER: Duration = Duration::from_secs(3600);
+
+    fn watched() -> (
+        DuplexStream,
+        FrameReader<DuplexStream, LengthPrefixed>,
+        Activity,
+    ) {
+        let (client, shim) = tokio::io::duplex(1 << 16);
+        let sent = Activity::new();
+        let reader = FrameReader::new(shim, LengthPrefixed).with_deadlines(DEADLINES, sent.clone());
+        (client, reader, sent)
+    }
+
+    /// What `next` ends with, and after how long.
+    async fn outcome(
+        reader: &mut FrameReader<DuplexStream, LengthPrefixed>,
+    ) -> (Result<Option<Vec<u8>>, String>, Duration) {
+        let start = Instant::now();
+        let result = match tokio::time::timeout(FOREVER, reader.next()).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err("still waiting after an hour".to_string()),
+        };
+        (result, start.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_client_is_closed_after_the_hello_timeout() {
+        let (_client, mut reader, _) = watched();
+        let (result, after) = outcome(&mut reader).await;
+        assert_eq!(
+            result,
+            Err("no complete message within 5s of connecting".into())
+        );
+        assert_eq!(after, Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_byte_then_silence_is_closed_after_the_hello_timeout() {
+        let (mut client, mut reader, _) = watched();
+        client.write_all(&[9]).await.unwrap();
+        let (result, after) = outcome(&mut reader).await;
+        assert_eq!(
+            result,
+            Err("no complete message within 5s of connecting".into())
+        );
+        assert_eq!(after, Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn message_stalled_mid_payload_is_closed_after_the_stall_timeout() {
+        let (mut client, mut reader, _) = watched();
+        client.write_all(&[1, 7, 4, 1, 2]).await.unwrap();
+        assert_eq!(outcome(&mut reader).await.0, Ok(Some(vec![7])));
+        let (result, after) = outcome(&mut reader).await;
+        assert_eq!(
+            result,
+            Err("message stalled for 30s mid-payload (3 bytes received)".into())
+        );
+        assert_eq!(after, Duration::from_secs(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_byte_restarts_the_stall_clock() {
+        let (mut client, mut reader, _) = watched();
+        client.write_all(&[0, 3]).await.unwrap();
+        assert_eq!(outcome(&mut reader).await.0, Ok(Some(vec![])));
+        let feeder = tokio::spawn(async move {
+            for byte in [1, 2, 3] {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                client.write_all(&[byte]).await.unwrap();
+            }
+            client
+        });
+        let (result, after) = outcome(&mut reader).await;
+        assert_eq!(result, Ok(Some(vec![1, 2, 3])));
+        assert_eq!(after, Duration::from_secs(60));
+        drop(feeder);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_client_is_closed_after_the_idle_timeout() {
+        let (mut client, mut reader, _) = watched();
+        client.write_all(&[0]).await.unwrap();
+        assert_eq!(outcome(&mut reader).await.0, Ok(Some(vec![])));
+        let (result, after) = outcome(&mut reader).await;
+        assert_eq!(
+            result,
+            Err("idle for 180s (nothing received or sent)".into())
+        );
+        assert_eq!(after, Duration::from_secs(180));
+    }
+
+    // A CA client that only receives monitor updates sends nothing at all.
+    #[tokio::test(start_paused = true)]
+    async fn bytes_sent_to_the_client_keep_it_open() {
+        let (mut client, mut reader, sent) = watched();
+        client.write_all(&[0]).await.unwrap();
+        assert_eq!(outcome(&mut reader).await.0, Ok(Some(vec![])));
+        tokio::spawn(async move {
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_secs(100)).await;
+                sent.touch();
+            }
+        });
+        let (result, after) = outcome(&mut reader).await;
+        assert_eq!(
+            result,
+            Err("idle for 180s (nothing received or sent)".into())
+        );
+        assert_eq!(after, Duration::from_secs(1000 + 180));
+    }
+
+    // The session may be busy elsewhere (waiting for a server) while the
+    // client finishes its message; that is no stall of the client's.
+    #[tokio::test(start_paused = true)]
+    async fn bytes_that_arrived_meanwhile_are_read_before_a_deadline() {
+        let (mut client, mut reader, _) = watched();
+        client.write_all(&[0, 2, 1]).await.unwrap();
+        assert_eq!(outcome(&mut reader).await.0, Ok(Some(vec![])));
+        let partial = tokio::time::timeout(Duration::from_secs(1), reader.next()).await;
+        assert!(partial.is_err(), "half a message is not a message");
+        client.write_all(&[2]).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3 * 180)).await;
+        assert_eq!(outcome(&mut reader).await.0, Ok(Some(vec![1, 2])));
+    }
+
+    /// Messages end at b'.'; the decoder keeps what it has taken so far
+    /// (as a PVA decoder keeps joined segments).
+    #[derive(Default)]
+    struct Keeping {
+        kept: Vec<u8>,
+    }
+
+    impl Decoder for Keeping {
+        type Item = Vec<u8>;
+        type Error = Never;
+
+        fn decode(
+            &mut self,
+            buf: &mut BytesMut,
+            needed: &mut usize,
+        ) -> Result<Option<Vec<u8>>, Never> {
+            if let Some(end) = buf.iter().position(|&b| b == b'.') {
+                self.kept.extend_from_slice(&buf.split_to(end + 1)[..end]);
+                return Ok(Some(std::mem::take(&mut self.kept)));
+            }
+            self.kept.extend_from_slice(&buf.split());
+            *needed = 1;
+            Ok(None)
+        }
+
+        fn partial_len(&self) -> usize {
+            self.kept.len()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_kept_by_the_decoder_are_a_message_begun() {
+        let (mut client, shim) = tokio::io::duplex(64);
+        let mut reader =
+            FrameReader::new(shim, Keeping::default()).with_deadlines(DEADLINES, Activity::new());
+        client.write_all(b"a.bc").await.unwrap();
+        assert_eq!(
+            tokio::time::timeout(FOREVER, reader.next())
+                .await
+                .unwrap()
+                .unwrap(),
+            Some(b"a".to_vec())
+        );
+        let start = Instant::now();
+        let stalled = tokio::time::timeout(FOREVER, reader.next()).await.unwrap();
+        assert_eq!(
+            stalled.map_err(|e| e.to_string()),
+            Err("message stalled for 30s mid-payload (2 bytes received)".into())
+        );
+        assert_eq!(start.elapsed(), Duration::from_secs(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_without_deadlines_waits() {
+        let (_client, shim) = tokio::io::duplex(64);
+        let mut reader = FrameReader::new(shim, LengthPrefixed);
+        let (result, _) = outcome(&mut reader).await;
+        assert_eq!(result, Err("still waiting after an hour".into()));
+    }
+
+    /// Frames of a u32 length and that many bytes, cut from the buffer.
+    struct U32Prefixed;
+
+    impl Decoder for U32Prefixed {
+        type Item = bytes::Bytes;
+        type Error = Never;
+
+        fn decode(
+            &mut self,
+            buf: &mut BytesMut,
+            needed: &mut usize,
+        ) -> Result<Option<bytes::Bytes>, Never> {
             let Some(len) = buf.get(..4) else {
                 *needed = 4;
                 return Ok(None);
@@ -144,7 +492,7 @@ mod tests {
                 return Ok(None);
             }
             let mut frame = buf.split_to(total);
-            frame.advance(4);
+            bytes::Buf::advance(&mut frame, 4);
             Ok(Some(frame.freeze()))
         }
     }
@@ -152,7 +500,7 @@ mod tests {
     #[tokio::test]
     async fn an_idle_reader_does_not_keep_a_large_message_buffer() {
         let (mut writer, reader) = tokio::io::duplex(1 << 16);
-        let mut frames = FrameReader::new(reader, LengthPrefixed);
+        let mut frames = FrameReader::new(reader, U32Prefixed);
         let size = 4 << 20;
         tokio::spawn(async move {
             writer

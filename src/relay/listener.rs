@@ -7,15 +7,23 @@
 //! classification window is CA, and one that stays silent is PVA. Nothing is
 //! sent before the protocol is known: a CA greeting breaks a PVA client and
 //! the reverse.
+//!
+//! Each connection holds one of `max_clients` slots and one of its source
+//! address's `max_per_host` places until its task ends, by any path: a
+//! panic in a session ends only that task (tokio catches it and drops the
+//! task's future, and with it the slot).
 
+use super::limits::HostCounts;
 use crate::ca;
 use crate::pva;
+use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 /// First byte of every PVA message (`PVA_MAGIC`).
@@ -26,6 +34,9 @@ const CA_VERSION_FIRST_BYTE: u8 = 0x00;
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// Idle time before TCP keepalive probes a silent peer that may be gone.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// Connections refused for their source address are logged at warning
+/// level at most this often; the others in between at debug level.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -51,6 +62,8 @@ pub enum PortMode {
 pub struct ListenerConfig {
     pub mode: PortMode,
     pub max_clients: usize,
+    /// Connections from one source address at once.
+    pub max_per_host: usize,
 }
 
 /// What the protocol sessions share.
@@ -62,8 +75,35 @@ pub struct Services {
 /// Accepts connections until the task is dropped. Accept errors are logged
 /// and retried after a pause; they never end the listener.
 pub async fn serve(listener: TcpListener, config: ListenerConfig, services: Arc<Services>) {
-    let slots = Arc::new(Semaphore::new(config.max_clients));
     let mode = config.mode;
+    accept_loop(
+        listener,
+        config.max_clients,
+        config.max_per_host,
+        move |stream, peer| {
+            let services = services.clone();
+            async move { handle(stream, peer, mode, &services).await }
+        },
+    )
+    .await
+}
+
+/// Runs `handler` on its own task for each connection, within the limits.
+/// A connection beyond its address's limit is closed at once rather than
+/// left to wait for a place: waiting would hold a slot, which is what the
+/// limit prevents.
+async fn accept_loop<H, F>(
+    listener: TcpListener,
+    max_clients: usize,
+    max_per_host: usize,
+    handler: H,
+) where
+    H: Fn(TcpStream, SocketAddr) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(max_clients));
+    let hosts = HostCounts::new(max_per_host);
+    let mut refusals = RefusalLog::default();
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
@@ -76,11 +116,46 @@ pub async fn serve(listener: TcpListener, config: ListenerConfig, services: Arc<
                 continue;
             }
         };
-        let services = services.clone();
+        let Some(host) = hosts.enter(peer.ip()) else {
+            refusals.note(peer.ip(), hosts.max());
+            drop(stream);
+            continue;
+        };
+        let connection = handler(stream, peer);
         tokio::spawn(async move {
-            handle(stream, peer, mode, &services).await;
-            drop(slot);
+            // Dropped with this future however it ends, a panic included.
+            let _held = (slot, host);
+            connection.await;
         });
+    }
+}
+
+/// Logs refused connections without flooding the log.
+#[derive(Default)]
+struct RefusalLog {
+    last_warning: Option<Instant>,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    fn note(&mut self, ip: IpAddr, max: usize) {
+        let now = Instant::now();
+        if self
+            .last_warning
+            .is_some_and(|at| now.duration_since(at) < REFUSAL_LOG_EVERY)
+        {
+            self.unlogged += 1;
+            debug!(target: "nameshim::relay", %ip, "closing connection: too many connections from {ip} ({max})");
+            return;
+        }
+        warn!(
+            target: "nameshim::relay",
+            %ip,
+            refused_since_last_warning = self.unlogged,
+            "closing connection: too many connections from {ip} ({max})"
+        );
+        self.last_warning = Some(now);
+        self.unlogged = 0;
     }
 }
 
@@ -148,7 +223,7 @@ pub fn bind(addr: SocketAddr, mode: PortMode) -> io::Result<TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -157,6 +232,93 @@ mod tests {
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
         (client, server)
+    }
+
+    /// A connection from `source` (any port) to `to`.
+    async fn connect_from(source: [u8; 4], to: SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((source, 0))).unwrap();
+        socket.connect(to).await.unwrap()
+    }
+
+    /// The first byte the peer sends, or None if it closes without one.
+    async fn first_byte(stream: &mut TcpStream) -> Option<u8> {
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte)).await {
+            Ok(Ok(1)) => Some(byte[0]),
+            Ok(_) => None,
+            Err(_) => panic!("neither served nor closed within 5 s"),
+        }
+    }
+
+    /// Serves with a handler that sends b"+" and then holds the connection
+    /// until the peer closes it.
+    async fn holding_listener(max_clients: usize, max_per_host: usize) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(accept_loop(
+            listener,
+            max_clients,
+            max_per_host,
+            |mut stream, _| async move {
+                let _ = stream.write_all(b"+").await;
+                let mut sink = [0u8; 16];
+                while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+            },
+        ));
+        addr
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_per_host_limit_are_closed_at_once() {
+        let addr = holding_listener(100, 2).await;
+        let mut a1 = connect_from([127, 0, 0, 2], addr).await;
+        let mut a2 = connect_from([127, 0, 0, 2], addr).await;
+        assert_eq!(first_byte(&mut a1).await, Some(b'+'));
+        assert_eq!(first_byte(&mut a2).await, Some(b'+'));
+        let mut a3 = connect_from([127, 0, 0, 2], addr).await;
+        assert_eq!(
+            first_byte(&mut a3).await,
+            None,
+            "a third from 127.0.0.2 is closed"
+        );
+        let mut b = connect_from([127, 0, 0, 1], addr).await;
+        assert_eq!(
+            first_byte(&mut b).await,
+            Some(b'+'),
+            "127.0.0.1 is still served"
+        );
+        drop(a1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut a4 = connect_from([127, 0, 0, 2], addr).await;
+        assert_eq!(
+            first_byte(&mut a4).await,
+            Some(b'+'),
+            "a closed connection frees its place"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panicking_session_frees_its_slot_and_leaves_the_listener_serving() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = served.clone();
+        tokio::spawn(accept_loop(listener, 1, 1, move |mut stream, _| {
+            let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    panic!("a bug in a session");
+                }
+                let _ = stream.write_all(b"+").await;
+            }
+        }));
+        // One slot and one place per host: the second connection is served
+        // only if the panic gave both back.
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(first_byte(&mut first).await, None);
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(first_byte(&mut second).await, Some(b'+'));
     }
 
     #[tokio::test]

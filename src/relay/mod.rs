@@ -1,8 +1,9 @@
 //! The transport side: the one listener, protocol classification, framing,
-//! bounded send queues and the check on local addresses.
+//! bounded send queues, limits on clients and the check on local addresses.
 
 pub mod discovery;
 pub mod framing;
+pub mod limits;
 pub mod listener;
 pub mod localaddr;
 pub mod outbox;

@@ -6,10 +6,20 @@
 //! memory stays bounded and TCP flow control reaches the far end.
 //! A frame larger than the whole budget takes the whole budget, so it can
 //! never wait forever.
+//!
+//! Frames the session makes itself draw on a separate control allowance at
+//! their real size; one larger than the whole allowance is refused, so a
+//! client cannot have the shim echo an arbitrarily large payload back.
+//!
+//! The writer notes each write that makes progress in an [`Activity`], which
+//! the client's reader counts against the idle deadline.
 
+use super::limits::Activity;
 use bytes::{BufMut, Bytes, BytesMut};
+use std::fmt;
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
@@ -24,7 +34,7 @@ const BATCH_BYTES: usize = 256 * 1024;
 /// echo and search replies, disconnect notices). They must never wait for
 /// the main budget: relayed messages may hold all of it while they wait for
 /// that same session to pass them on.
-const CONTROL_BYTES: usize = 64 * 1024;
+pub const CONTROL_BYTES: usize = 64 * 1024;
 
 /// One message ready for the wire: a short header and a shared body.
 #[derive(Debug, Clone)]
@@ -65,6 +75,37 @@ impl Frame {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Closed;
 
+/// Why a frame the session made itself was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlError {
+    Closed,
+    /// The frame is larger than the whole control allowance.
+    TooLarge {
+        len: usize,
+    },
+}
+
+impl From<Closed> for ControlError {
+    fn from(_: Closed) -> Self {
+        ControlError::Closed
+    }
+}
+
+impl fmt::Display for ControlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ControlError::Closed => write!(f, "connection closed"),
+            ControlError::TooLarge { len } => write!(
+                f,
+                "reply (echo payload) of {len} bytes exceeds the {} KiB control allowance",
+                CONTROL_BYTES / 1024
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ControlError {}
+
 /// Bytes set aside in an outbox for one frame.
 #[derive(Debug)]
 pub struct Permit(#[allow(dead_code)] OwnedSemaphorePermit);
@@ -88,6 +129,9 @@ pub struct OutboxReceiver {
     rx: mpsc::UnboundedReceiver<Queued>,
     budget: Arc<Semaphore>,
     control: Arc<Semaphore>,
+    activity: Activity,
+    /// Fail a write that makes no progress for this long.
+    give_up_after: Option<Duration>,
 }
 
 impl Drop for OutboxReceiver {
@@ -119,6 +163,8 @@ impl Outbox {
                 rx,
                 budget,
                 control,
+                activity: Activity::new(),
+                give_up_after: None,
             },
         )
     }
@@ -138,13 +184,19 @@ impl Outbox {
         }
     }
 
-    /// Queues a frame the session made itself, from the control allowance:
-    /// it waits only for frames already in the queue to be written, never
-    /// for relayed messages that are still on their way to the queue.
-    pub async fn send_control(&self, frame: Frame) -> Result<(), Closed> {
-        let cost = frame.len().clamp(1, CONTROL_BYTES) as u32;
-        let permit = self.acquire(&self.control, cost).await?;
-        self.send_reserved(frame, permit)
+    /// Queues a frame the session made itself, from the control allowance,
+    /// charged at its real size: it waits only for frames already in the
+    /// queue to be written, never for relayed messages that are still on
+    /// their way to the queue. A frame larger than the whole allowance is
+    /// refused.
+    pub async fn send_control(&self, frame: Frame) -> Result<(), ControlError> {
+        let len = frame.len();
+        if len > CONTROL_BYTES {
+            return Err(ControlError::TooLarge { len });
+        }
+        // At most CONTROL_BYTES, so it fits u32.
+        let permit = self.acquire(&self.control, len.max(1) as u32).await?;
+        Ok(self.send_reserved(frame, permit)?)
     }
 
     /// Reserves `len` bytes if they fit now, without waiting.
@@ -175,6 +227,43 @@ impl Outbox {
 }
 
 impl OutboxReceiver {
+    /// Notes every write that makes progress.
+    pub fn activity(&self) -> Activity {
+        self.activity.clone()
+    }
+
+    /// Fails the writer when the peer accepts no byte for `limit` while
+    /// bytes wait for it, so a peer that stops reading cannot hold the
+    /// connection (and its writer) forever.
+    pub fn give_up_after(mut self, limit: Duration) -> Self {
+        self.give_up_after = Some(limit);
+        self
+    }
+
+    /// Writes all of `bytes`, noting progress.
+    async fn write_all<W: AsyncWrite + Unpin>(&self, out: &mut W, bytes: &[u8]) -> io::Result<()> {
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let written = match self.give_up_after {
+                None => out.write(rest).await?,
+                Some(limit) => tokio::time::timeout(limit, out.write(rest))
+                    .await
+                    .map_err(|_| {
+                        io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("peer accepted no bytes for {limit:?}"),
+                        )
+                    })??,
+            };
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.activity.touch();
+            rest = &rest[written..];
+        }
+        Ok(())
+    }
+
     /// Writes queued frames until every sender is gone or the socket fails.
     /// Frames that are ready together go out in one write.
     pub async fn drain_into<W: AsyncWrite + Unpin>(mut self, mut out: W) -> io::Result<()> {
@@ -198,13 +287,13 @@ impl OutboxReceiver {
                 if frame.body().len() <= COPY_LIMIT {
                     buf.put_slice(frame.body());
                 } else {
-                    out.write_all(&buf).await?;
+                    self.write_all(&mut out, &buf).await?;
                     buf.clear();
-                    out.write_all(frame.body()).await?;
+                    self.write_all(&mut out, frame.body()).await?;
                 }
             }
             if !buf.is_empty() {
-                out.write_all(&buf).await?;
+                self.write_all(&mut out, &buf).await?;
                 buf.clear();
             }
             // Written: give the budget back.
@@ -274,6 +363,80 @@ mod tests {
             Some(Ok(())),
             "a session's own reply must not wait for the held budget"
         );
+    }
+
+    // A PVA ECHO's payload comes back in the reply: without this, a client
+    // could have the shim queue a 64 MiB echo outside every budget.
+    #[tokio::test]
+    async fn control_frame_larger_than_the_allowance_is_refused() {
+        let (outbox, _rx) = Outbox::new(1 << 20);
+        let refused = outbox.send_control(frame(100_000)).await;
+        assert_eq!(refused, Err(ControlError::TooLarge { len: 100_004 }));
+        assert_eq!(
+            refused.unwrap_err().to_string(),
+            "reply (echo payload) of 100004 bytes exceeds the 64 KiB control allowance"
+        );
+        let whole = frame(CONTROL_BYTES - 4);
+        assert_eq!(outbox.send_control(whole).await, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn control_frames_are_charged_at_their_real_size() {
+        let (outbox, _rx) = Outbox::new(1 << 20);
+        outbox.send_control(frame(40_000)).await.unwrap();
+        let second = tokio::time::timeout(
+            Duration::from_millis(50),
+            outbox.send_control(frame(40_000)),
+        )
+        .await;
+        assert!(
+            second.is_err(),
+            "80 KB of replies exceed the 64 KiB allowance"
+        );
+        let small =
+            tokio::time::timeout(Duration::from_millis(50), outbox.send_control(frame(16))).await;
+        assert_eq!(small.ok(), Some(Ok(())), "a small reply still fits");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writer_gives_up_on_a_peer_that_reads_nothing() {
+        let (outbox, rx) = Outbox::new(1 << 20);
+        let (_client, server) = tokio::io::duplex(64);
+        let start = tokio::time::Instant::now();
+        let writer = tokio::spawn(
+            rx.give_up_after(Duration::from_secs(180))
+                .drain_into(server),
+        );
+        outbox.send(frame(1000)).await.unwrap();
+        let error = writer.await.unwrap().unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(error.to_string(), "peer accepted no bytes for 180s");
+        assert_eq!(start.elapsed(), Duration::from_secs(180));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writer_keeps_a_slow_reader_and_notes_each_write() {
+        let (outbox, rx) = Outbox::new(1 << 20);
+        let sent = rx.activity();
+        let before = sent.last();
+        let (mut client, server) = tokio::io::duplex(64);
+        let writer = tokio::spawn(
+            rx.give_up_after(Duration::from_secs(180))
+                .drain_into(server),
+        );
+        outbox.send(frame(1000)).await.unwrap();
+        drop(outbox);
+        // 64 bytes every 100 s: slow, but never 180 s without progress.
+        let mut got = 0;
+        let mut buf = [0u8; 64];
+        while got < 1004 {
+            tokio::time::sleep(Duration::from_secs(100)).await;
+            got += tokio::io::AsyncReadExt::read(&mut client, &mut buf)
+                .await
+                .unwrap();
+        }
+        writer.await.unwrap().unwrap();
+        assert!(sent.last() - before >= Duration::from_secs(1500));
     }
 
     #[tokio::test]

@@ -17,6 +17,11 @@ pub const RETRY_PAUSE: Duration = Duration::from_secs(2);
 /// attempts), and at debug level in between, so a port held for hours by
 /// another process does not flood the IOC's console.
 const REPEAT_EVERY: u32 = 30;
+/// Stack of the service thread. A backstop, not a budget: recursion on
+/// peer data is bounded where it happens (PVA type depth), but a stack
+/// overflow aborts the whole process, IOC included, so the thread gets
+/// more than the default 2 MiB. Untouched pages cost no memory.
+const SERVICE_STACK_BYTES: usize = 16 * 1024 * 1024;
 
 /// Starts `service` on a thread named `name`, restarting it whenever it
 /// returns, fails or panics.
@@ -25,9 +30,7 @@ where
     F: FnMut() -> io::Result<()> + Send + 'static,
 {
     let thread_name = name.to_owned();
-    let spawned = std::thread::Builder::new()
-        .name(thread_name.clone())
-        .spawn(move || keep_running(&thread_name, service));
+    let spawned = service_thread(&thread_name).spawn(move || keep_running(&thread_name, service));
     if let Err(e) = spawned {
         error!(
             target: "nameshim::wrapper",
@@ -35,6 +38,12 @@ where
             "cannot start the {name} thread; the command runs without it"
         );
     }
+}
+
+fn service_thread(name: &str) -> std::thread::Builder {
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .stack_size(SERVICE_STACK_BYTES)
 }
 
 fn keep_running<F>(name: &str, mut service: F)
@@ -90,6 +99,28 @@ mod tests {
         let loud_attempts: Vec<u32> = (0..61).filter(|&n| loud(n)).collect();
         assert_eq!(loud_attempts, [0, 30, 60]);
         assert_eq!(REPEAT_EVERY * RETRY_PAUSE.as_secs() as u32, 60);
+    }
+
+    /// Recurses until `want` bytes of stack are in use below `top`.
+    fn use_stack(top: usize, want: usize) -> usize {
+        let frame = std::hint::black_box([0u8; 1024]);
+        let used = top.saturating_sub(frame.as_ptr() as usize);
+        if used >= want {
+            used
+        } else {
+            use_stack(top, want) + usize::from(frame[0])
+        }
+    }
+
+    // 8 MiB of stack would overflow the default 2 MiB thread stack, which
+    // aborts the process (run with the old builder, this test binary dies).
+    #[test]
+    fn the_service_thread_has_a_large_stack() {
+        let deep = service_thread("deep").spawn(|| {
+            let top = 0u8;
+            use_stack(std::ptr::addr_of!(top) as usize, 8 << 20)
+        });
+        assert!(deep.unwrap().join().unwrap() >= 8 << 20);
     }
 
     #[test]
