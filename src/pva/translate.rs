@@ -83,7 +83,7 @@ impl Translator {
         }
         let mut out = BytesMut::new();
         let mut w = Walker::new(credentials, big_endian, &mut self.client, Some(&mut out))
-            .from_client()
+            .for_client_message()
             .without_references();
         if let Some(t) = w.field_desc() {
             w.value(&t);
@@ -161,7 +161,7 @@ impl Translator {
             &mut self.client,
             active.then_some(&mut out),
         )
-        .from_client();
+        .for_client_message();
         let sid = w.u32("sid");
         let ioid = w.u32("ioid");
         match command {

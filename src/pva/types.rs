@@ -317,7 +317,7 @@ impl<'a, 'o> Walker<'a, 'o> {
     }
 
     /// For a client's message: a smaller fixed allowance.
-    pub fn from_client(mut self) -> Self {
+    pub fn for_client_message(mut self) -> Self {
         self.set_allowance(CLIENT_ALLOWANCE);
         self
     }
@@ -1148,7 +1148,7 @@ mod tests {
             let mut out = BytesMut::new();
             let mut w = Walker::new(&refer, false, &mut registry, Some(&mut out));
             if from_client {
-                w = w.from_client();
+                w = w.for_client_message();
             }
             w.field_desc();
             let result = w.finish();
