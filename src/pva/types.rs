@@ -474,8 +474,15 @@ impl<'a, 'o> Walker<'a, 'o> {
         let t = match self.r.u8("type code") {
             NULL => return None,
             DEFINE => {
+                // A plain description must follow: a definition of a
+                // definition would nest without adding a level.
                 let key = self.r.u16("cache key");
-                let t = self.read_desc(level)?;
+                let code = self.r.u8("type code");
+                if matches!(code, NULL | DEFINE | REFER) {
+                    self.fail(WireError::Truncated("a plain type after a cache key"));
+                    return None;
+                }
+                let t = Arc::new(self.read_type(code, level)?);
                 if let Err(e) = self.registry.define(key, t.clone()) {
                     self.fail(e);
                     return None;
@@ -1162,5 +1169,20 @@ mod tests {
                 assert_eq!((result, out.len()), (Ok(()), 131_045));
             }
         }
+    }
+
+    // Definitions do not add a nesting level, so one must hold a plain
+    // type: a run of definitions would otherwise recurse once per 3 bytes.
+    #[test]
+    fn a_definition_must_hold_a_plain_type() {
+        let mut desc = Vec::new();
+        for _ in 0..100_000 {
+            desc.extend_from_slice(&[0xFD, 1, 0]);
+        }
+        desc.push(0x22);
+        let mut registry = Registry::default();
+        assert!(read_one(&mut registry, &desc).is_err());
+        assert!(read_one(&mut registry, &[0xFD, 1, 0, 0xFE, 1, 0]).is_err());
+        assert!(read_one(&mut registry, &[0xFD, 1, 0, 0x22]).is_ok());
     }
 }
