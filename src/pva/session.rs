@@ -19,6 +19,12 @@
 //! Payloads pass through unchanged while a client connection has channels
 //! on one server; once it spans several, type descriptions are re-emitted
 //! in plain form so type-cache keys cannot collide (see `translate`).
+//! A request is routed before it is read: one whose sid names no connected
+//! channel is dropped without any type translation, which costs work.
+//!
+//! A channel the client destroys stays until its server confirms; the
+//! confirmation goes back to the client with the client's sid. A server's
+//! DESTROY_CHANNEL must name the channel by both its own sid and the cid.
 
 use super::backend::{self, BackendConfig, BackendEvent};
 use super::frame;

@@ -83,6 +83,7 @@ impl Translator {
         }
         let mut out = BytesMut::new();
         let mut w = Walker::new(credentials, big_endian, &mut self.client, Some(&mut out))
+            .for_client_message()
             .without_references();
         if let Some(t) = w.field_desc() {
             w.value(&t);
@@ -159,7 +160,8 @@ impl Translator {
             big_endian,
             &mut self.client,
             active.then_some(&mut out),
-        );
+        )
+        .for_client_message();
         let sid = w.u32("sid");
         let ioid = w.u32("ioid");
         match command {
@@ -625,5 +627,87 @@ mod tests {
         t.server_message(other, &msg(Command::Get, true, &INIT_ANY))
             .unwrap();
         assert!(!t.ops[&5].walks_values());
+    }
+
+    /// Figures for the limits above (not a pass/fail test):
+    /// `cargo test --release measure_hostile_inputs -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn measure_hostile_inputs() {
+        use std::time::Instant;
+        // Credentials: key k = {a: <key k-1>, b, c, d: key k-1}, key 1 =
+        // {<1000-byte name> {}}; 1,175 bytes that used to expand to 16.6 MB.
+        fn fourfold(key: u8) -> Vec<u8> {
+            if key == 1 {
+                let mut desc = vec![0xFD, 1, 0, 0x80, 0, 1, 0xFE, 0xE8, 3, 0, 0];
+                desc.extend_from_slice(&[b'n'; 1000]);
+                desc.extend_from_slice(&[0x80, 0, 0]);
+                return desc;
+            }
+            let mut desc = vec![0xFD, key, 0, 0x80, 0, 4, 1, b'a'];
+            desc.extend(fourfold(key - 1));
+            for name in [b'b', b'c', b'd'] {
+                desc.extend_from_slice(&[1, name, 0xFE, key - 1, 0]);
+            }
+            desc
+        }
+        let credentials = fourfold(8);
+        let start = Instant::now();
+        let result = Translator::default().credentials(&credentials, false);
+        println!(
+            "credentials of {} bytes: {:?} in {:?}",
+            credentials.len(),
+            result.map(|b| b.len()),
+            start.elapsed()
+        );
+        // The alternating-keys attack, as GET INITs, until the first refusal.
+        let mut t = Translator::default();
+        let start = Instant::now();
+        let first = [1, 0, 0, 0, 5, 0, 0, 0, 0x08, 0xFD, 2, 0, 0x22, 0, 0, 0, 0];
+        t.client_message(server(), &msg(Command::Get, false, &first))
+            .unwrap();
+        let mut sent = 8 + first.len();
+        for round in 0..3_600u32 {
+            let (define, refer) = if round % 2 == 0 { (1, 2) } else { (2, 1) };
+            let mut payload = vec![1, 0, 0, 0, 5, 0, 0, 0, 0x08];
+            payload.extend_from_slice(&[0x81, 0, 1, 1, b'm', 0xFD, define, 0]);
+            for _ in 0..18 {
+                payload.extend_from_slice(&[0x80, 0, 1, 1, b'n']);
+            }
+            payload.extend_from_slice(&[0xFE, refer, 0, 0xFF]);
+            sent += 8 + payload.len();
+            if let Err(e) = t.client_message(server(), &msg(Command::Get, false, &payload)) {
+                println!(
+                    "alternating keys: refused at message {} ({sent} bytes, {:?}): {e}",
+                    round + 1,
+                    start.elapsed()
+                );
+                break;
+            }
+        }
+        // A 21-byte GET INIT naming a cached 65,520-field union.
+        let mut t = Translator {
+            active: true,
+            ..Translator::default()
+        };
+        let mut define = vec![1, 0, 0, 0, 1, 0, 0, 0, 0x08, 0xFD, 1, 0, 0x81, 0, 0xFE];
+        define.extend_from_slice(&65_519u32.to_le_bytes());
+        for _ in 0..65_519 {
+            define.extend_from_slice(&[0, 0x22]);
+        }
+        define.push(0xFF);
+        t.client_message(server(), &msg(Command::Get, false, &define))
+            .unwrap();
+        let refer = [9, 0, 0, 0, 2, 0, 0, 0, 0x08, 0xFE, 1, 0, 0xFF];
+        let start = Instant::now();
+        let mut result = Ok(None);
+        for _ in 0..1000 {
+            result = t.client_message(server(), &msg(Command::Get, false, &refer));
+        }
+        println!(
+            "GET INIT of 21 bytes naming 65,520 fields: {:?} in {:?} each",
+            result.map(|b| b.map(|b| b.len())),
+            start.elapsed() / 1000
+        );
     }
 }

@@ -41,15 +41,20 @@ const MAX_TYPE_NODES: usize = 65_536;
 /// Bytes one type description may expand to in plain form (type codes, ids,
 /// field names): what re-emitting it costs, whatever it took on the wire.
 const MAX_TYPE_BYTES: usize = 256 << 10;
-/// Work one message may cost, per byte of it (plus a fixed allowance):
+/// Work one message may cost, per byte of it, plus a fixed allowance:
 /// one unit per value visited, one per byte of every type description read
 /// (a reference costs what it expands to), in every mode.
 const WORK_PER_BYTE: usize = 64;
-const WORK_ALLOWANCE: usize = 256 << 10;
-/// A re-emitted message may be at most this many times its input, plus a
-/// fixed allowance (one type of `MAX_TYPE_BYTES` fits in the allowance).
+/// A re-emitted message may be at most this many times its input, plus the
+/// same fixed allowance.
 const GROWTH_PER_BYTE: usize = 4;
-const GROWTH_ALLOWANCE: usize = MAX_TYPE_BYTES;
+/// The fixed allowance of a server's message: one type of `MAX_TYPE_BYTES`
+/// fits, so any type a server may define it may also refer to.
+const SERVER_ALLOWANCE: usize = MAX_TYPE_BYTES;
+/// The fixed allowance of a client's message. Clients send small types
+/// (pvRequests, "ca" credentials, the types of put values), and a request
+/// for a channel reaches a server, so a few bytes must not cost much.
+const CLIENT_ALLOWANCE: usize = 16 << 10;
 
 const NULL: u8 = 0xFF;
 const DEFINE: u8 = 0xFD;
@@ -297,25 +302,36 @@ impl<'a, 'o> Walker<'a, 'o> {
         registry: &'o mut Registry,
         out: Option<&'o mut BytesMut>,
     ) -> Self {
-        let out_limit = out.as_ref().map_or(0, |o| o.len()).saturating_add(
-            payload
-                .len()
-                .saturating_mul(GROWTH_PER_BYTE)
-                .saturating_add(GROWTH_ALLOWANCE),
-        );
-        Walker {
+        let mut walker = Walker {
             r: Reader::new(payload, big_endian),
             out,
             big_endian,
             registry,
             error: None,
-            work_left: payload
-                .len()
-                .saturating_mul(WORK_PER_BYTE)
-                .saturating_add(WORK_ALLOWANCE),
-            out_limit,
+            work_left: 0,
+            out_limit: 0,
             references: true,
-        }
+        };
+        walker.set_allowance(SERVER_ALLOWANCE);
+        walker
+    }
+
+    /// For a client's message: a smaller fixed allowance.
+    pub fn for_client_message(mut self) -> Self {
+        self.set_allowance(CLIENT_ALLOWANCE);
+        self
+    }
+
+    fn set_allowance(&mut self, allowance: usize) {
+        let input = self.r.remaining().len();
+        self.work_left = input
+            .saturating_mul(WORK_PER_BYTE)
+            .saturating_add(allowance);
+        let written = self.out.as_ref().map_or(0, |o| o.len());
+        self.out_limit = input
+            .saturating_mul(GROWTH_PER_BYTE)
+            .saturating_add(allowance)
+            .saturating_add(written);
     }
 
     /// Refuses `0xFE` references: for a description that must stand alone.
@@ -458,8 +474,15 @@ impl<'a, 'o> Walker<'a, 'o> {
         let t = match self.r.u8("type code") {
             NULL => return None,
             DEFINE => {
+                // A plain description must follow: a definition of a
+                // definition would nest without adding a level.
                 let key = self.r.u16("cache key");
-                let t = self.read_desc(level)?;
+                let code = self.r.u8("type code");
+                if matches!(code, NULL | DEFINE | REFER) {
+                    self.fail(WireError::Truncated("a plain type after a cache key"));
+                    return None;
+                }
+                let t = Arc::new(self.read_type(code, level)?);
                 if let Err(e) = self.registry.define(key, t.clone()) {
                     self.fail(e);
                     return None;
@@ -1037,7 +1060,7 @@ mod tests {
                 refused.push(e);
             }
             assert!(
-                out.len() <= desc.len() * GROWTH_PER_BYTE + GROWTH_ALLOWANCE,
+                out.len() <= desc.len() * GROWTH_PER_BYTE + SERVER_ALLOWANCE,
                 "{} bytes out of {}",
                 out.len(),
                 desc.len()
@@ -1113,5 +1136,53 @@ mod tests {
         assert_eq!(t.field_at_bit(4).map(|f| f.has_variant), Some(true));
         assert_eq!(t.field_at_bit(6).map(|f| f.depth), Some(2));
         assert!(t.field_at_bit(7).is_none());
+    }
+
+    // A flat union of 65,519 ints (131 KB plain) is a type a server may
+    // use; a 13-byte client request naming it would have cost 131 KB and
+    // ~0.6 ms to re-emit.
+    #[test]
+    fn a_client_message_may_grow_less_than_a_servers() {
+        let mut define = vec![0xFD, 1, 0, 0x81, 0, 0xFE];
+        define.extend_from_slice(&65_519u32.to_le_bytes());
+        for _ in 0..65_519 {
+            define.extend_from_slice(&[0, 0x22]);
+        }
+        let refer = [0xFE, 1, 0];
+        for from_client in [false, true] {
+            let mut registry = Registry::default();
+            read_one(&mut registry, &define).unwrap();
+            let mut out = BytesMut::new();
+            let mut w = Walker::new(&refer, false, &mut registry, Some(&mut out));
+            if from_client {
+                w = w.for_client_message();
+            }
+            w.field_desc();
+            let result = w.finish();
+            if from_client {
+                assert_eq!(
+                    result,
+                    Err(WireError::Limit("the work one message may cost"))
+                );
+                assert!(out.is_empty());
+            } else {
+                assert_eq!((result, out.len()), (Ok(()), 131_045));
+            }
+        }
+    }
+
+    // Definitions do not add a nesting level, so one must hold a plain
+    // type: a run of definitions would otherwise recurse once per 3 bytes.
+    #[test]
+    fn a_definition_must_hold_a_plain_type() {
+        let mut desc = Vec::new();
+        for _ in 0..100_000 {
+            desc.extend_from_slice(&[0xFD, 1, 0]);
+        }
+        desc.push(0x22);
+        let mut registry = Registry::default();
+        assert!(read_one(&mut registry, &desc).is_err());
+        assert!(read_one(&mut registry, &[0xFD, 1, 0, 0xFE, 1, 0]).is_err());
+        assert!(read_one(&mut registry, &[0xFD, 1, 0, 0x22]).is_ok());
     }
 }
