@@ -45,18 +45,25 @@ fn git_commit() -> Option<String> {
         git(&full)
     };
     // Rebuild when HEAD moves: HEAD itself (checkout), the branch it names
-    // (commit) and packed-refs (gc). Only existing files are named, since
-    // cargo reruns the build script on every build for a missing one.
-    let mut watched = vec![at(&["rev-parse", "--git-path", "HEAD"])];
-    if let Some(branch) = at(&["symbolic-ref", "-q", "HEAD"]) {
-        watched.push(at(&["rev-parse", "--git-path", &branch]));
-    }
-    watched.push(at(&["rev-parse", "--git-path", "packed-refs"]));
-    for path in watched.into_iter().flatten() {
-        let path = manifest_dir.join(path);
-        if path.exists() {
-            println!("cargo:rerun-if-changed={}", path.display());
+    // (commit) and packed-refs (gc). Only existing paths are named, since
+    // cargo reruns the build script on every build for a missing one; a
+    // branch that lives in packed-refs only has no file yet, so its
+    // directory is watched instead, where the next commit creates it.
+    let git_path =
+        |name: &str| at(&["rev-parse", "--git-path", name]).map(|p| manifest_dir.join(p));
+    let mut watched: Vec<PathBuf> = ["HEAD", "packed-refs"]
+        .into_iter()
+        .filter_map(git_path)
+        .collect();
+    if let Some(branch) = at(&["symbolic-ref", "-q", "HEAD"]).and_then(|b| git_path(&b)) {
+        if branch.exists() {
+            watched.push(branch);
+        } else {
+            watched.extend(branch.parent().map(Path::to_path_buf));
         }
+    }
+    for path in watched.iter().filter(|p| p.exists()) {
+        println!("cargo:rerun-if-changed={}", path.display());
     }
     at(&["rev-parse", "--short", "HEAD"])
 }
