@@ -16,8 +16,8 @@ sets it), else at the path scripts/build-static prints.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
+import io
 import json
 import os
 import re
@@ -154,11 +154,11 @@ def read_blob(archive: tarfile.TarFile, descriptor: dict) -> bytes:
     return data
 
 
-def unpack_oci_archive(path: Path, rootfs: Path) -> dict:
-    """Unpack the only image of an OCI archive into rootfs; return its config.
+def unpack_oci_archive(path: Path, rootfs: Path) -> tuple[dict, dict]:
+    """Unpack the only image of an OCI archive into rootfs.
 
     index.json names the manifest; the manifest names the config and the
-    layers, applied in order (whiteout files delete what they name).
+    layers, unpacked in order. Returns (manifest, config).
     """
     with tarfile.open(path) as archive:
         index = json.load(archive.extractfile("index.json"))
@@ -167,19 +167,12 @@ def unpack_oci_archive(path: Path, rootfs: Path) -> dict:
         config = json.loads(read_blob(archive, manifest["config"]))
         rootfs.mkdir()
         for layer in manifest["layers"]:
-            data = read_blob(archive, layer)
-            if layer["mediaType"].endswith("+gzip"):
-                data = gzip.decompress(data)
-            tar_path = rootfs.parent / "layer.tar"
-            tar_path.write_bytes(data)
-            with tarfile.open(tar_path) as tar:
-                for member in tar.getmembers():
-                    name = Path(member.name)
-                    if name.name.startswith(".wh."):
-                        shutil.rmtree(rootfs / name.parent / name.name[4:], ignore_errors=True)
-                tar.extractall(rootfs, members=[m for m in tar.getmembers() if not Path(m.name).name.startswith(".wh.")], filter="tar")
-            tar_path.unlink()
-    return config
+            # Plain or gzip tar, told apart by tarfile itself.
+            with tarfile.open(fileobj=io.BytesIO(read_blob(archive, layer))) as tar:
+                # Whiteouts (deletions) only appear in a layer over another.
+                assert not any(Path(m.name).name.startswith(".wh.") for m in tar), "whiteout in layer"
+                tar.extractall(rootfs, filter="tar")
+    return manifest, config
 
 
 def files_under(root: Path) -> set:
@@ -213,14 +206,15 @@ def image(static_bin, tmp_path_factory):
     finally:
         buildah.remove_storage()
     rootfs = work / "rootfs"
-    config = unpack_oci_archive(archive, rootfs)
+    manifest, config = unpack_oci_archive(archive, rootfs)
     print(f"image: built in {build_seconds:.1f} s, archive {archive.stat().st_size} bytes")
     return SimpleNamespace(
-        config=config, rootfs=rootfs, archive=archive, build_seconds=build_seconds, work=work
+        manifest=manifest, config=config, rootfs=rootfs, archive=archive, build_seconds=build_seconds, work=work
     )
 
 
 def test_image_holds_only_the_static_binary(image, static_bin):
+    assert len(image.manifest["layers"]) == 1, image.manifest
     assert files_under(image.rootfs) == {"nameshim"}
     binary = image.rootfs / "nameshim"
     assert binary.read_bytes() == static_bin.read_bytes()
@@ -247,13 +241,15 @@ def served(netns_ok, image, tmp_path_factory):
     simulated container beside a pvxs softIoc (CA and PVA). When strace is
     present the shim runs under it, recording file and network calls."""
     work = tmp_path_factory.mktemp("served")
-    # What a container runtime adds to a FROM scratch root, and nothing else.
-    # The name server is unreachable: a lookup would show, not hang.
-    (image.rootfs / "etc").mkdir(exist_ok=True)
-    (image.rootfs / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
-    (image.rootfs / "etc" / "resolv.conf").write_text("nameserver 192.0.2.53\n")
+    # The image's root plus what a container runtime adds to it, and nothing
+    # else. The name server is unreachable: a lookup would show, not hang.
+    root = work / "root"
+    shutil.copytree(image.rootfs, root, symlinks=True)
+    (root / "etc").mkdir(exist_ok=True)
+    (root / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
+    (root / "etc" / "resolv.conf").write_text("nameserver 192.0.2.53\n")
     command = [*image.config["config"]["Entrypoint"], *image.config["config"]["Cmd"]]
-    argv = [shutil.which("chroot"), image.rootfs, *command]
+    argv = [shutil.which("chroot"), root, *command]
     trace = work / "strace.log" if shutil.which("strace") else None
     if trace:
         argv = [shutil.which("strace"), "-f", "-qq", "-o", trace, "-e", "trace=%file,%network", *argv]
