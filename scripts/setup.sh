@@ -20,17 +20,22 @@ pins=(
     numpy==2.3.5
 )
 
-# Install the namespace/NAT tools only when one is missing, so repeated runs
-# do not touch the package index.
+# Install the system tools only when one is missing, so repeated runs do not
+# touch the package index (one apt-get update for all of them): namespace and
+# NAT tools; buildah (builds the FROM scratch image without a daemon or a
+# registry), file and strace for the release-artefact tests.
 install_system_tools() {
     local missing=()
     command -v nft >/dev/null 2>&1 || missing+=(nftables)
     command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+    command -v buildah >/dev/null 2>&1 || missing+=(buildah)
+    command -v file >/dev/null 2>&1 || missing+=(file)
+    command -v strace >/dev/null 2>&1 || missing+=(strace)
     if ((${#missing[@]} == 0)); then
         return
     fi
     if [[ $(id -u) -ne 0 ]]; then
-        echo "setup: missing ${missing[*]} and not root; namespace tests will skip" >&2
+        echo "setup: missing ${missing[*]} and not root; namespace and image tests will skip" >&2
         return
     fi
     echo "setup: installing ${missing[*]}"
@@ -60,7 +65,7 @@ install_python_peers() {
 ensure_gitignore() {
     local gi="$repo/.gitignore" name
     touch "$gi"
-    for name in .venv target; do
+    for name in .venv target dist; do
         grep -qxE "/?${name//./\\.}/?" "$gi" || echo "$name/" >>"$gi"
     done
 }

@@ -54,7 +54,8 @@ NAMESHIM_LISTEN=0.0.0.0:5066); the log filter is NAMESHIM_LOG.";
 #[derive(Debug, Parser)]
 #[command(
     name = "nameshim",
-    version,
+    // "nameshim 0.1.0 (abc1234)": the commit comes from build.rs.
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("NAMESHIM_GIT_COMMIT"), ")"),
     about = "One TCP port for every EPICS Channel Access and PV Access server in a container",
     long_about = "nameshim serves ONE TCP port that is both a Channel Access name server \
 (EPICS_CA_NAME_SERVERS) and a PV Access name server (EPICS_PVA_NAME_SERVERS), and \
