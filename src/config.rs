@@ -243,6 +243,20 @@ pub struct Cli {
     )]
     pub log: String,
 
+    /// Log line format: `text` for people, or `json` (one JSON object per
+    /// line) for cluster log collectors.
+    #[arg(long, env = "NAMESHIM_LOG_FORMAT", value_name = "FORMAT",
+          default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+
+    /// Do not answer HTTP on the shared port. By default a connection that
+    /// starts with an HTTP method gets `GET /healthz` (200 once serving)
+    /// or `GET /metrics` (Prometheus text), one response, then close.
+    /// NAMESHIM_NO_HTTP takes 1/0, true/false, yes/no or on/off.
+    #[arg(long, env = "NAMESHIM_NO_HTTP", action = clap::ArgAction::SetTrue,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_http: bool,
+
     /// Wrapper mode: the time from the first SIGTERM to SIGKILL of
     /// COMMAND. Keep it below the runtime's own grace period (podman stop
     /// -t, Kubernetes terminationGracePeriodSeconds) to have the shim, not
@@ -352,6 +366,8 @@ pub struct Config {
     pub ca_listen: Option<SocketAddr>,
     pub pva_listen: Option<SocketAddr>,
     pub classify_window: Duration,
+    /// Answer HTTP (health, metrics) on the shared port.
+    pub http: bool,
     pub max_clients: usize,
     pub max_clients_per_host: usize,
     pub deadlines: ClientDeadlines,
@@ -410,6 +426,7 @@ impl Config {
             ca_listen: cli.ca_listen,
             pva_listen: cli.pva_listen,
             classify_window: cli.classify_window,
+            http: !cli.no_http,
             max_clients: cli.max_clients.max(1),
             max_clients_per_host: cli.max_clients_per_host.max(1),
             deadlines: ClientDeadlines {

@@ -18,7 +18,7 @@ use tracing::{error, info};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log);
+    init_logging(&cli.log, cli.log_format == "json");
     let config = Config::from_cli(&cli);
     match config::wrapper_options(&cli) {
         // No thread may be started before wrapper::run: it blocks the
@@ -72,16 +72,20 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-fn init_logging(filter: &str) {
+fn init_logging(filter: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
         eprintln!("nameshim: bad log filter '{filter}' ({e}); using 'info'");
         tracing_subscriber::EnvFilter::new("info")
     });
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        // One JSON object per line, fields flattened, for log collectors.
+        logs.json().flatten_event(true).init();
+    } else {
+        logs.with_ansi(std::io::stderr().is_terminal()).init();
+    }
 }
 
 /// Binds the ports and serves them; returns only on a failure to start.
@@ -89,6 +93,7 @@ async fn serve(config: &Config) -> std::io::Result<()> {
     use relay::listener::{ListenerConfig, PortMode};
     let shared_mode = PortMode::Shared {
         classify_window: config.classify_window,
+        http: config.http,
     };
     let listener = bind(config.listen, shared_mode)?;
     let mut single_protocol = Vec::new();
@@ -108,6 +113,7 @@ async fn serve(config: &Config) -> std::io::Result<()> {
             mode,
             max_clients: config.max_clients,
             max_per_host: config.max_clients_per_host,
+            http_timeout: config.deadlines.hello,
         };
         tokio::spawn(relay::listener::serve(
             extra,
@@ -119,6 +125,7 @@ async fn serve(config: &Config) -> std::io::Result<()> {
         mode: shared_mode,
         max_clients: config.max_clients,
         max_per_host: config.max_clients_per_host,
+        http_timeout: config.deadlines.hello,
     };
     relay::listener::serve(listener, shared, services).await;
     Ok(())
@@ -185,6 +192,9 @@ fn start_services(config: &Config) -> std::io::Result<Arc<relay::listener::Servi
         max_searches: MAX_SEARCHES_PER_CLIENT,
         advertise_port: config.advertise_port,
     });
+    // Both search relays started: /healthz may answer ok.
+    relay::metrics::METRICS.search_relay_up(relay::metrics::Proto::Ca);
+    relay::metrics::METRICS.search_relay_up(relay::metrics::Proto::Pva);
     Ok(Arc::new(relay::listener::Services { ca, pva }))
 }
 

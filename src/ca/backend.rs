@@ -67,7 +67,11 @@ async fn run(
     let reason = match tokio::time::timeout(connect_timeout, connecting).await {
         Err(_) => "connect timed out".to_string(),
         Ok(Err(e)) => format!("connect failed: {e}"),
-        Ok(Ok(stream)) => relay(stream, link, server, max_payload, queue, client, &events).await,
+        Ok(Ok(stream)) => {
+            let _counted =
+                crate::relay::metrics::ServerLinkCount::opened(crate::relay::metrics::Proto::Ca);
+            relay(stream, link, server, max_payload, queue, client, &events).await
+        }
     };
     let _ = events.send(BackendEvent::Closed {
         server,

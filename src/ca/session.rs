@@ -96,6 +96,23 @@ impl fmt::Display for SessionError {
     }
 }
 
+impl SessionError {
+    /// Counts a close for bad input or a limit in the metrics.
+    fn count(&self) {
+        use crate::relay::metrics::{BadInput, Refusal, METRICS};
+        match self {
+            SessionError::Read(e) => e.bad_input().into_iter().for_each(|k| METRICS.bad_input(k)),
+            SessionError::TooManyChannels(_) => METRICS.refused(Refusal::ChannelsPerClient),
+            SessionError::TooManyChannelsInAll(_) => METRICS.refused(Refusal::ChannelsInAll),
+            SessionError::Refused(_) => METRICS.bad_input(BadInput::TooLarge),
+            SessionError::ClientGone => {}
+            SessionError::Unexpected(_)
+            | SessionError::UnknownCommand(_)
+            | SessionError::NameTooLong(..) => METRICS.bad_input(BadInput::Protocol),
+        }
+    }
+}
+
 impl From<Closed> for SessionError {
     fn from(_: Closed) -> Self {
         SessionError::ClientGone
@@ -114,6 +131,7 @@ impl From<ControlError> for SessionError {
 /// Serves one client circuit until it closes or misbehaves.
 pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<CaContext>) {
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
+    let _counted = crate::relay::metrics::ClientGauge::enter(crate::relay::metrics::Proto::Ca);
     let decoder = CaDecoder {
         max_payload: ctx.max_payload,
     };
@@ -122,7 +140,10 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<CaContext>) {
     let (backend_tx, backend_rx) = mpsc::unbounded_channel();
     let (answer_tx, answer_rx) = mpsc::unbounded_channel();
     let awaiting = Awaiting::new(ctx.max_searches, peer.ip());
-    let share = ChannelShare::new(ctx.channels_in_all.clone());
+    let share = ChannelShare::new(
+        ctx.channels_in_all.clone(),
+        crate::relay::metrics::Proto::Ca,
+    );
     let mut session = Session {
         peer,
         local_port,
@@ -152,6 +173,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<CaContext>) {
             info!(target: "nameshim::ca::session", %peer, channels, "CA client disconnected")
         }
         Err(e) => {
+            e.count();
             warn!(target: "nameshim::ca::session", %peer, cause = %e, "closing CA client connection")
         }
     }

@@ -87,6 +87,8 @@ async fn run(
         Err(_) => "connect timed out".to_string(),
         Ok(Err(e)) => format!("connect failed: {e}"),
         Ok(Ok(stream)) => {
+            let _counted =
+                crate::relay::metrics::ServerLinkCount::opened(crate::relay::metrics::Proto::Pva);
             let _ = stream.set_nodelay(true);
             let (read, mut write) = stream.into_split();
             let mut reader = FrameReader::new(read, wire::Decoder::new(settings.max_message, true));

@@ -100,6 +100,24 @@ impl fmt::Display for SessionError {
     }
 }
 
+impl SessionError {
+    /// Counts a close for bad input or a limit in the metrics.
+    fn count(&self) {
+        use crate::relay::metrics::{BadInput, Refusal, METRICS};
+        match self {
+            SessionError::Read(e) => e.bad_input().into_iter().for_each(|k| METRICS.bad_input(k)),
+            SessionError::TooManyChannels(_) => METRICS.refused(Refusal::ChannelsPerClient),
+            SessionError::TooManyChannelsInAll(_) => METRICS.refused(Refusal::ChannelsInAll),
+            SessionError::Refused(_) => METRICS.bad_input(BadInput::TooLarge),
+            SessionError::ClientGone => {}
+            SessionError::NotValidated(_) => METRICS.bad_input(BadInput::Timeout),
+            SessionError::Wire(_) | SessionError::Untranslatable(_) => {
+                METRICS.bad_input(BadInput::Protocol)
+            }
+        }
+    }
+}
+
 impl From<Closed> for SessionError {
     fn from(_: Closed) -> Self {
         SessionError::ClientGone
@@ -123,6 +141,7 @@ impl From<wire::WireError> for SessionError {
 
 /// Serves one PVA client connection until it closes or misbehaves.
 pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) {
+    let _counted = crate::relay::metrics::ClientGauge::enter(crate::relay::metrics::Proto::Pva);
     let decoder = wire::Decoder::new(ctx.max_message, false);
     let (mut reader, client, writer) =
         limits::client_io(stream, decoder, ctx.queue_bytes, ctx.deadlines);
@@ -131,7 +150,10 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) {
             let (backend_tx, backend_rx) = mpsc::unbounded_channel();
             let (answer_tx, answer_rx) = mpsc::unbounded_channel();
             let awaiting = Awaiting::new(ctx.max_searches, peer.ip());
-            let share = ChannelShare::new(ctx.channels_in_all.clone());
+            let share = ChannelShare::new(
+                ctx.channels_in_all.clone(),
+                crate::relay::metrics::Proto::Pva,
+            );
             let mut session = Session {
                 peer,
                 ctx,
@@ -161,6 +183,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) {
             info!(target: "nameshim::pva::session", %peer, "PVA client disconnected")
         }
         Err(e) => {
+            e.count();
             warn!(target: "nameshim::pva::session", %peer, cause = %e, "closing PVA client connection")
         }
     }

@@ -28,6 +28,7 @@
 //! - Resends are kept in a time-ordered queue, so the work per request or
 //!   per datagram does not grow with the number of names under search.
 
+use super::metrics::{Proto, Refusal, METRICS};
 use crate::relay::localaddr::LocalAddrs;
 use bytes::{Bytes, BytesMut};
 use std::cmp::Reverse;
@@ -422,6 +423,7 @@ impl<P: SearchProtocol> SearchRelay<P> {
                 }
             }
             Admission::Refuse => {
+                METRICS.refused(Refusal::Searches);
                 debug!(target: "nameshim::relay::discovery", %client, name = %String::from_utf8_lossy(&name), "search refused (limit)");
                 let _ = reply.send(Answer { name, server: None });
                 return;
@@ -431,6 +433,7 @@ impl<P: SearchProtocol> SearchRelay<P> {
         self.names_by_id.insert(id, name.clone());
         self.owned.entry(client).or_default().insert(name.clone());
         self.schedule.push(Reverse((now, id)));
+        METRICS.searches_sent.inc(Proto::named(P::NAME));
         self.pending.insert(
             name,
             Pending {
@@ -500,6 +503,9 @@ impl<P: SearchProtocol> SearchRelay<P> {
             // Nobody left to tell: the clients that asked have gone.
             pending.waiters.retain(|waiter| !waiter.is_closed());
             if pending.deadline <= now || pending.waiters.is_empty() {
+                if pending.deadline <= now {
+                    METRICS.searches_timed_out.inc(Proto::named(P::NAME));
+                }
                 expired.push(name.clone());
                 continue;
             }
@@ -577,6 +583,7 @@ impl<P: SearchProtocol> SearchRelay<P> {
                 continue; // answered already, by another server
             };
             debug!(target: "nameshim::relay::discovery", protocol = P::NAME, name = %String::from_utf8_lossy(&name), %server, "found");
+            METRICS.searches_found.inc(Proto::named(P::NAME));
             self.cache.insert(name.clone(), server, Instant::now());
             self.finish(&name, Some(server));
         }

@@ -9,6 +9,7 @@
 //! elsewhere, bytes that arrived meanwhile are read before any deadline is.
 
 use super::limits::{Activity, ClientDeadlines};
+use super::metrics::BadInput;
 use bytes::BytesMut;
 use std::fmt;
 use std::io;
@@ -95,6 +96,19 @@ impl fmt::Display for ReadError {
 }
 
 impl std::error::Error for ReadError {}
+
+impl ReadError {
+    /// The bad-input kind this error counts as in the metrics, if any: a
+    /// failed read is the network's fault, not the peer's input.
+    pub fn bad_input(&self) -> Option<BadInput> {
+        match self {
+            ReadError::Io(_) => None,
+            ReadError::Protocol(_) => Some(BadInput::Protocol),
+            ReadError::TruncatedAtEof { .. } => Some(BadInput::Truncated),
+            ReadError::TimedOut(_) => Some(BadInput::Timeout),
+        }
+    }
+}
 
 pub struct FrameReader<R, D> {
     io: R,
@@ -219,7 +233,8 @@ impl<R: AsyncRead + Unpin, D: Decoder> FrameReader<R, D> {
                             }
                         }
                     };
-                    if matches!(read, Ok(n) if n > 0) {
+                    if let Ok(n @ 1..) = read {
+                        super::metrics::METRICS.bytes_from_clients(n);
                         watch.received = Instant::now();
                     }
                     read

@@ -8,6 +8,7 @@
 //! (stall), and silence in both directions (idle).
 
 use super::framing::{Decoder, FrameReader};
+use super::metrics::{Proto, METRICS};
 use super::outbox::Outbox;
 use std::collections::HashMap;
 use std::io;
@@ -100,7 +101,8 @@ pub fn client_io<D: Decoder>(
     let (read, write) = stream.into_split();
     let (outbox, queue) = Outbox::new(queue_bytes);
     let sent = queue.activity();
-    let writer = tokio::spawn(queue.give_up_after(deadlines.idle).drain_into(write));
+    let queue = queue.give_up_after(deadlines.idle).counting_client_bytes();
+    let writer = tokio::spawn(queue.drain_into(write));
     let reader = FrameReader::new(read, decoder).with_deadlines(deadlines, sent);
     (reader, outbox, writer)
 }
@@ -133,11 +135,17 @@ impl ChannelBudget {
 pub struct ChannelShare {
     budget: Arc<ChannelBudget>,
     held: usize,
+    /// Whose channels these are, for the channels gauge.
+    protocol: Proto,
 }
 
 impl ChannelShare {
-    pub fn new(budget: Arc<ChannelBudget>) -> ChannelShare {
-        ChannelShare { budget, held: 0 }
+    pub fn new(budget: Arc<ChannelBudget>, protocol: Proto) -> ChannelShare {
+        ChannelShare {
+            budget,
+            held: 0,
+            protocol,
+        }
     }
 
     /// Makes this connection's part `channels`. Shrinking always succeeds;
@@ -151,6 +159,9 @@ impl ChannelShare {
             self.budget
                 .held
                 .fetch_sub(self.held - channels, Ordering::Relaxed);
+            METRICS
+                .channels
+                .add(self.protocol, -((self.held - channels) as i64));
             self.held = channels;
             return true;
         }
@@ -163,6 +174,7 @@ impl ChannelShare {
                 held.checked_add(extra).filter(|&total| total <= cap)
             });
         if taken.is_ok() {
+            METRICS.channels.add(self.protocol, extra as i64);
             self.held = channels;
         }
         taken.is_ok()
@@ -247,8 +259,8 @@ mod tests {
     #[test]
     fn channel_shares_together_stay_within_the_cap() {
         let budget = ChannelBudget::new(10);
-        let mut a = ChannelShare::new(budget.clone());
-        let mut b = ChannelShare::new(budget.clone());
+        let mut a = ChannelShare::new(budget.clone(), Proto::Ca);
+        let mut b = ChannelShare::new(budget.clone(), Proto::Ca);
         assert!(a.fit(6));
         assert!(b.fit(4));
         assert!(!b.fit(5), "the 11th channel in all is refused");
@@ -261,9 +273,9 @@ mod tests {
     #[test]
     fn a_dropped_share_gives_its_channels_back() {
         let budget = ChannelBudget::new(3);
-        let mut a = ChannelShare::new(budget.clone());
+        let mut a = ChannelShare::new(budget.clone(), Proto::Ca);
         assert!(a.fit(3));
-        let mut b = ChannelShare::new(budget.clone());
+        let mut b = ChannelShare::new(budget.clone(), Proto::Ca);
         assert!(!b.fit(1));
         drop(a);
         assert_eq!(budget.held(), 0);

@@ -6,7 +6,9 @@
 //! greets it. So a connection whose first byte arrives within the
 //! classification window is CA, and one that stays silent is PVA. Nothing is
 //! sent before the protocol is known: a CA greeting breaks a PVA client and
-//! the reverse.
+//! the reverse. Unless turned off, a first byte that is an ASCII capital
+//! letter (an HTTP method: GET, HEAD, ...) is plain HTTP, answered by
+//! [`super::http`] for health probes and metric scrapes.
 //!
 //! Each connection holds one of `max_clients` slots and one of its source
 //! address's `max_per_host` places until its task ends, by any path: a
@@ -14,6 +16,7 @@
 //! task's future, and with it the slot).
 
 use super::limits::HostCounts;
+use super::metrics::{BadInput, Refusal, METRICS};
 use crate::ca;
 use crate::pva;
 use std::future::Future;
@@ -42,6 +45,8 @@ const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
 pub enum Protocol {
     Ca,
     Pva,
+    /// An HTTP request (health or metrics).
+    Http,
     /// The first byte belongs to neither protocol.
     Unknown(u8),
     /// The peer closed before sending anything.
@@ -52,7 +57,11 @@ pub enum Protocol {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PortMode {
     /// CA and PVA on one port, told apart by the first byte or by silence.
-    Shared { classify_window: Duration },
+    Shared {
+        classify_window: Duration,
+        /// Answer HTTP requests (`/healthz`, `/metrics`) too.
+        http: bool,
+    },
     /// CA only: no classification, the client is greeted at once.
     CaOnly,
     /// PVA only: no classification, the client is greeted at once.
@@ -64,6 +73,8 @@ pub struct ListenerConfig {
     pub max_clients: usize,
     /// Connections from one source address at once.
     pub max_per_host: usize,
+    /// Time an HTTP client has to send its request head.
+    pub http_timeout: Duration,
 }
 
 /// What the protocol sessions share.
@@ -76,13 +87,14 @@ pub struct Services {
 /// and retried after a pause; they never end the listener.
 pub async fn serve(listener: TcpListener, config: ListenerConfig, services: Arc<Services>) {
     let mode = config.mode;
+    let http_timeout = config.http_timeout;
     accept_loop(
         listener,
         config.max_clients,
         config.max_per_host,
         move |stream, peer| {
             let services = services.clone();
-            async move { handle(stream, peer, mode, &services).await }
+            async move { handle(stream, peer, mode, http_timeout, &services).await }
         },
     )
     .await
@@ -118,6 +130,7 @@ async fn accept_loop<H, F>(
         };
         let Some(host) = hosts.enter(peer.ip()) else {
             refusals.note(peer.ip(), hosts.max());
+            METRICS.refused(Refusal::PerHost);
             drop(stream);
             continue;
         };
@@ -159,12 +172,21 @@ impl RefusalLog {
     }
 }
 
-async fn handle(stream: TcpStream, peer: SocketAddr, mode: PortMode, services: &Services) {
+async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    mode: PortMode,
+    http_timeout: Duration,
+    services: &Services,
+) {
     let _ = stream.set_nodelay(true);
     let keepalive = socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
     let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
     let classified = match mode {
-        PortMode::Shared { classify_window } => classify(&stream, classify_window).await,
+        PortMode::Shared {
+            classify_window,
+            http,
+        } => classify(&stream, classify_window, http).await,
         PortMode::CaOnly => Ok(Protocol::Ca),
         PortMode::PvaOnly => Ok(Protocol::Pva),
     };
@@ -179,15 +201,23 @@ async fn handle(stream: TcpStream, peer: SocketAddr, mode: PortMode, services: &
     match protocol {
         Protocol::Ca => ca::session::serve(stream, peer, services.ca.clone()).await,
         Protocol::Pva => pva::session::serve(stream, peer, services.pva.clone()).await,
+        Protocol::Http => {
+            let state = super::http::State {
+                ready: METRICS.ready(),
+            };
+            super::http::serve(stream, peer, http_timeout, state).await
+        }
         Protocol::Unknown(byte) => {
+            METRICS.bad_input(BadInput::UnknownProtocol);
             warn!(target: "nameshim::relay", %peer, first_byte = byte, "closing connection: neither CA nor PVA")
         }
         Protocol::Closed => {}
     }
 }
 
-/// Decides the protocol from the first byte, without consuming it.
-pub async fn classify(stream: &TcpStream, window: Duration) -> io::Result<Protocol> {
+/// Decides the protocol from the first byte, without consuming it. With
+/// `http`, a capital letter starts an HTTP request.
+pub async fn classify(stream: &TcpStream, window: Duration, http: bool) -> io::Result<Protocol> {
     let mut first = [0u8; 1];
     match tokio::time::timeout(window, stream.peek(&mut first)).await {
         Err(_silent) => Ok(Protocol::Pva),
@@ -195,6 +225,7 @@ pub async fn classify(stream: &TcpStream, window: Duration) -> io::Result<Protoc
         Ok(Ok(_)) => Ok(match first[0] {
             CA_VERSION_FIRST_BYTE => Protocol::Ca,
             PVA_MAGIC => Protocol::Pva,
+            b'A'..=b'Z' if http => Protocol::Http,
             other => Protocol::Unknown(other),
         }),
         Ok(Err(e)) => Err(e),
@@ -212,7 +243,8 @@ pub fn bind(addr: SocketAddr, mode: PortMode) -> io::Result<TcpListener> {
     socket.listen(1024)?;
     let listener = TcpListener::from_std(socket.into())?;
     let protocols = match mode {
-        PortMode::Shared { .. } => "ca,pva",
+        PortMode::Shared { http: true, .. } => "ca,pva,http",
+        PortMode::Shared { http: false, .. } => "ca,pva",
         PortMode::CaOnly => "ca",
         PortMode::PvaOnly => "pva",
     };
@@ -325,22 +357,53 @@ mod tests {
     async fn ca_version_first_is_ca() {
         let (mut client, server) = pair().await;
         client.write_all(&[0, 0, 0, 0, 0, 0, 0, 13]).await.unwrap();
-        let got = classify(&server, Duration::from_secs(5)).await.unwrap();
+        let got = classify(&server, Duration::from_secs(5), true)
+            .await
+            .unwrap();
         assert_eq!(got, Protocol::Ca);
     }
 
     #[tokio::test]
     async fn silence_is_pva() {
         let (_client, server) = pair().await;
-        let got = classify(&server, Duration::from_millis(30)).await.unwrap();
+        let got = classify(&server, Duration::from_millis(30), true)
+            .await
+            .unwrap();
         assert_eq!(got, Protocol::Pva);
     }
 
     #[tokio::test]
     async fn other_first_byte_is_unknown() {
         let (mut client, server) = pair().await;
+        client.write_all(b"\x16\x03\x01").await.unwrap();
+        let got = classify(&server, Duration::from_secs(5), true)
+            .await
+            .unwrap();
+        assert_eq!(got, Protocol::Unknown(0x16));
+    }
+
+    #[tokio::test]
+    async fn an_http_method_first_is_http() {
+        for request in [
+            &b"GET /metrics HTTP/1.0\r\n"[..],
+            b"HEAD /healthz HTTP/1.1\r\n",
+        ] {
+            let (mut client, server) = pair().await;
+            client.write_all(request).await.unwrap();
+            let got = classify(&server, Duration::from_secs(5), true)
+                .await
+                .unwrap();
+            assert_eq!(got, Protocol::Http);
+        }
+    }
+
+    #[tokio::test]
+    async fn with_http_off_a_request_is_unknown() {
+        let (mut client, server) = pair().await;
         client.write_all(b"GET / HTTP/1.0\r\n").await.unwrap();
-        let got = classify(&server, Duration::from_secs(5)).await.unwrap();
+        let got = classify(&server, Duration::from_secs(5), false)
+            .await
+            .unwrap();
         assert_eq!(got, Protocol::Unknown(b'G'));
     }
 
@@ -348,7 +411,9 @@ mod tests {
     async fn close_without_data_is_closed() {
         let (client, server) = pair().await;
         drop(client);
-        let got = classify(&server, Duration::from_secs(5)).await.unwrap();
+        let got = classify(&server, Duration::from_secs(5), true)
+            .await
+            .unwrap();
         assert_eq!(got, Protocol::Closed);
     }
 }

@@ -3,8 +3,10 @@
 
 pub mod discovery;
 pub mod framing;
+pub mod http;
 pub mod limits;
 pub mod listener;
 pub mod localaddr;
+pub mod metrics;
 pub mod outbox;
 pub mod upstream;

@@ -132,6 +132,8 @@ pub struct OutboxReceiver {
     activity: Activity,
     /// Fail a write that makes no progress for this long.
     give_up_after: Option<Duration>,
+    /// Count what is written as bytes sent to clients (for metrics).
+    to_client: bool,
 }
 
 impl Drop for OutboxReceiver {
@@ -165,6 +167,7 @@ impl Outbox {
                 control,
                 activity: Activity::new(),
                 give_up_after: None,
+                to_client: false,
             },
         )
     }
@@ -240,6 +243,12 @@ impl OutboxReceiver {
         self
     }
 
+    /// Counts what this writer sends in the bytes-to-clients metric.
+    pub fn counting_client_bytes(mut self) -> Self {
+        self.to_client = true;
+        self
+    }
+
     /// Writes all of `bytes`, noting progress.
     async fn write_all<W: AsyncWrite + Unpin>(&self, out: &mut W, bytes: &[u8]) -> io::Result<()> {
         let mut rest = bytes;
@@ -259,6 +268,9 @@ impl OutboxReceiver {
                 return Err(io::ErrorKind::WriteZero.into());
             }
             self.activity.touch();
+            if self.to_client {
+                super::metrics::METRICS.bytes_to_clients(written);
+            }
             rest = &rest[written..];
         }
         Ok(())
