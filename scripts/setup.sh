@@ -18,12 +18,16 @@ pins=(
     caproto==1.3.0
     pytest==9.2.0
     numpy==2.3.5
+    # Validates docs/kubernetes against the Kubernetes schemas it ships
+    # (offline); brings PyYAML for the Helm values files.
+    kubernetes-validate==1.37.0
 )
 
 # Install the system tools only when one is missing, so repeated runs do not
 # touch the package index (one apt-get update for all of them): namespace and
 # NAT tools; buildah (builds the FROM scratch image without a daemon or a
-# registry), file and strace for the release-artefact tests.
+# registry), file and strace for the release-artefact tests; curl scrapes
+# /metrics and /healthz as probes and Prometheus would.
 install_system_tools() {
     local missing=()
     command -v nft >/dev/null 2>&1 || missing+=(nftables)
@@ -31,6 +35,7 @@ install_system_tools() {
     command -v buildah >/dev/null 2>&1 || missing+=(buildah)
     command -v file >/dev/null 2>&1 || missing+=(file)
     command -v strace >/dev/null 2>&1 || missing+=(strace)
+    command -v curl >/dev/null 2>&1 || missing+=(curl)
     if ((${#missing[@]} == 0)); then
         return
     fi
