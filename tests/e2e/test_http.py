@@ -7,6 +7,7 @@ Prometheus scrape would) reads /healthz and /metrics through the same
 published port, and the counters must show the gets.
 """
 
+import json
 import re
 import subprocess
 from types import SimpleNamespace
@@ -117,3 +118,28 @@ def test_metrics_count_a_client_and_its_channel_while_it_holds_them(site):
         assert got.get('nameshim_channels{protocol="ca"}', -1) == 1, got
     finally:
         watch.close()
+
+
+def test_no_http_closes_requests_and_json_logs_are_one_object_per_line(site):
+    # A second shim in the same pod: HTTP off, JSON logs, CA still served.
+    log = site.work / "nameshim-json.log"
+    proc = h.run_in(
+        site.ctr,
+        [h.shim_binary(), "--listen", "127.0.0.1:5099", "--no-http", "--log-format", "json"],
+        env={"NAMESHIM_LOG": "debug"},
+        log_path=log,
+    )
+    try:
+        h.wait_for_log(log, re.compile(r'"message":"listening"'), proc, 20, "nameshim --log-format json")
+        result = curl(site.ctr, "http://127.0.0.1:5099/healthz")
+        assert result.returncode != 0 and result.stdout.endswith("000"), result  # no HTTP answer
+        ca = h.ca_get(site.ctr, "127.0.0.1:5099", [PV])[PV]
+        assert ca["connected"], ca
+    finally:
+        h.stop_process(proc)
+    lines = log.read_text().splitlines()
+    events = [json.loads(line) for line in lines]  # every line is one JSON object
+    listening = next(e for e in events if e["message"] == "listening")
+    assert listening["protocols"] == "ca,pva", listening
+    assert {"timestamp", "level", "target"} <= listening.keys()
+    assert any(e["message"] == "closing connection: neither CA nor PVA" for e in events), lines
