@@ -107,6 +107,12 @@ fn response(status: u16, reason: &str, content_type: &str, body: &str, with_body
     out
 }
 
+/// Why no whole request head was read.
+enum HeadError {
+    TooLarge,
+    Closed,
+}
+
 /// Reads one request head within `timeout`, answers it and closes.
 pub async fn serve(mut stream: TcpStream, peer: SocketAddr, timeout: Duration, state: State) {
     let mut head = Vec::with_capacity(512);
@@ -114,11 +120,11 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, timeout: Duration, s
         let mut chunk = [0u8; 1024];
         while !head_complete(&head) {
             if head.len() >= MAX_REQUEST_HEAD {
-                return Err("too large");
+                return Err(HeadError::TooLarge);
             }
             let room = (MAX_REQUEST_HEAD - head.len()).min(chunk.len());
             match stream.read(&mut chunk[..room]).await {
-                Ok(0) | Err(_) => return Err("closed"),
+                Ok(0) | Err(_) => return Err(HeadError::Closed),
                 Ok(n) => head.extend_from_slice(&chunk[..n]),
             }
         }
@@ -127,7 +133,7 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, timeout: Duration, s
     .await;
     let reply = match read {
         Ok(Ok(())) => respond(&head, &state),
-        Ok(Err("too large")) => {
+        Ok(Err(HeadError::TooLarge)) => {
             METRICS.refused(Refusal::HttpRequestTooLarge);
             warn!(target: "nameshim::relay::http", %peer, "closing HTTP connection: request head over {MAX_REQUEST_HEAD} bytes");
             response(
@@ -138,7 +144,7 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, timeout: Duration, s
                 true,
             )
         }
-        Ok(Err(_)) => {
+        Ok(Err(HeadError::Closed)) => {
             debug!(target: "nameshim::relay::http", %peer, "HTTP client closed before a whole request");
             return;
         }
