@@ -192,9 +192,6 @@ fn start_services(config: &Config) -> std::io::Result<Arc<relay::listener::Servi
         max_searches: MAX_SEARCHES_PER_CLIENT,
         advertise_port: config.advertise_port,
     });
-    // Both search relays started: /healthz may answer ok.
-    relay::metrics::METRICS.search_relay_up(relay::metrics::Proto::Ca);
-    relay::metrics::METRICS.search_relay_up(relay::metrics::Proto::Pva);
     Ok(Arc::new(relay::listener::Services { ca, pva }))
 }
 

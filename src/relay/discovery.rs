@@ -174,6 +174,12 @@ impl Resolver {
             .map_err(|_| Busy)
     }
 
+    /// Whether the relay task still takes requests: false once it has
+    /// ended (a panic included), which `/healthz` reports.
+    pub fn is_running(&self) -> bool {
+        !self.requests.is_closed()
+    }
+
     /// Drops cached answers that point at `server`.
     pub fn forget(&self, server: SocketAddrV4) {
         // Losing a forget under overload only delays a cache expiry.
@@ -787,6 +793,15 @@ impl<W: Waiter> Awaiting<W> {
 mod tests {
     use super::*;
     use bytes::BufMut;
+
+    #[test]
+    fn a_resolver_whose_relay_task_ended_is_not_running() {
+        let (requests, relay_side) = mpsc::channel(1);
+        let resolver = Resolver { requests };
+        assert!(resolver.is_running());
+        drop(relay_side);
+        assert!(!resolver.is_running());
+    }
     use std::cell::Cell;
 
     thread_local! {

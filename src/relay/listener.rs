@@ -203,7 +203,7 @@ async fn handle(
         Protocol::Pva => pva::session::serve(stream, peer, services.pva.clone()).await,
         Protocol::Http => {
             let state = super::http::State {
-                ready: METRICS.ready(),
+                ready: services.ca.resolver.is_running() && services.pva.resolver.is_running(),
             };
             super::http::serve(stream, peer, http_timeout, state).await
         }

@@ -4,7 +4,7 @@
 //! 0.0.4 (https://prometheus.io/docs/instrumenting/exposition_formats/).
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 /// The protocol a figure is kept for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,7 +132,6 @@ pub struct Metrics {
     pub http_requests: AtomicU64,
     refused: [AtomicU64; 5],
     bad_input: [AtomicU64; 5],
-    search_relays_up: [AtomicBool; 2],
 }
 
 pub static METRICS: Metrics = Metrics::new();
@@ -153,7 +152,6 @@ impl Metrics {
             http_requests: AtomicU64::new(0),
             refused: [const { AtomicU64::new(0) }; 5],
             bad_input: [const { AtomicU64::new(0) }; 5],
-            search_relays_up: [const { AtomicBool::new(false) }; 2],
         }
     }
 
@@ -172,17 +170,6 @@ impl Metrics {
 
     pub fn bytes_to_clients(&self, n: usize) {
         self.bytes_to_clients.fetch_add(n as u64, Ordering::Relaxed);
-    }
-
-    /// Marks a search relay as started; `/healthz` waits for both.
-    pub fn search_relay_up(&self, proto: Proto) {
-        self.search_relays_up[proto as usize].store(true, Ordering::Relaxed);
-    }
-
-    pub fn ready(&self) -> bool {
-        self.search_relays_up
-            .iter()
-            .all(|up| up.load(Ordering::Relaxed))
     }
 
     /// The Prometheus text exposition (format 0.0.4).
@@ -394,15 +381,5 @@ mod tests {
             }
         }
         assert!(text.ends_with('\n'));
-    }
-
-    #[test]
-    fn health_waits_for_both_search_relays() {
-        let metrics = Metrics::new();
-        assert!(!metrics.ready());
-        metrics.search_relay_up(Proto::Ca);
-        assert!(!metrics.ready());
-        metrics.search_relay_up(Proto::Pva);
-        assert!(metrics.ready());
     }
 }
