@@ -19,6 +19,7 @@ use super::wire::{self, Command, Header, Message};
 use super::{frame, CaDecoder};
 use crate::relay::discovery::{Answer, Awaiting, Resolver};
 use crate::relay::framing::{FrameReader, ReadError};
+use crate::relay::greeting::Reception;
 use crate::relay::limits::{self, ChannelBudget, ChannelShare, ClientDeadlines};
 use crate::relay::outbox::{Closed, ControlError, Frame, Outbox, Permit};
 use bytes::Bytes;
@@ -112,7 +113,9 @@ impl From<ControlError> for SessionError {
 }
 
 /// Serves one client circuit until it closes or misbehaves.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<CaContext>) {
+/// Says whether the client sent anything, for the shared port's choice of
+/// greeting (`relay::greeting`).
+pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<CaContext>) -> Reception {
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
     let decoder = CaDecoder {
         max_payload: ctx.max_payload,
@@ -157,6 +160,11 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<CaContext>) {
     }
     // The writer ends once the queue is flushed and every sender is gone.
     let _ = writer.await;
+    if reader.received_any() {
+        Reception::Spoke
+    } else {
+        Reception::Silent
+    }
 }
 
 #[derive(Clone, Copy)]

@@ -32,6 +32,7 @@ use super::translate::Translator;
 use super::wire::{self, Command, Message};
 use crate::relay::discovery::{Answer, Awaiting, Resolver};
 use crate::relay::framing::{FrameReader, ReadError};
+use crate::relay::greeting::Reception;
 use crate::relay::limits::{self, ChannelBudget, ChannelShare, ClientDeadlines};
 use crate::relay::outbox::{Closed, ControlError, Frame, Outbox, Permit};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -122,7 +123,9 @@ impl From<wire::WireError> for SessionError {
 }
 
 /// Serves one PVA client connection until it closes or misbehaves.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) {
+/// Says whether the client sent anything, for the shared port's choice of
+/// greeting (`relay::greeting`).
+pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) -> Reception {
     let decoder = wire::Decoder::new(ctx.max_message, false);
     let (mut reader, client, writer) =
         limits::client_io(stream, decoder, ctx.queue_bytes, ctx.deadlines);
@@ -165,6 +168,11 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) {
         }
     }
     let _ = writer.await;
+    if reader.received_any() {
+        Reception::Spoke
+    } else {
+        Reception::Silent
+    }
 }
 
 /// The server side of the handshake; returns the client's credentials as

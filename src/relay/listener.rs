@@ -8,11 +8,16 @@
 //! sent before the protocol is known: a CA greeting breaks a PVA client and
 //! the reverse.
 //!
+//! A silent connection is greeted as PVA, unless the last silent
+//! connection from its address rejected that greeting the way libca does
+//! (see `greeting`): a libca program that only sleeps never sends first.
+//!
 //! Each connection holds one of `max_clients` slots and one of its source
 //! address's `max_per_host` places until its task ends, by any path: a
 //! panic in a session ends only that task (tokio catches it and drops the
 //! task's future, and with it the slot).
 
+use super::greeting::{Greeting, SilentGreetings};
 use super::limits::HostCounts;
 use crate::ca;
 use crate::pva;
@@ -44,6 +49,9 @@ pub enum Protocol {
     Pva,
     /// The first byte belongs to neither protocol.
     Unknown(u8),
+    /// Nothing arrived within the window: a PVA client, or a libca client
+    /// that has not flushed its VERSION yet.
+    Silent,
     /// The peer closed before sending anything.
     Closed,
 }
@@ -76,13 +84,15 @@ pub struct Services {
 /// and retried after a pause; they never end the listener.
 pub async fn serve(listener: TcpListener, config: ListenerConfig, services: Arc<Services>) {
     let mode = config.mode;
+    let greetings = Arc::new(SilentGreetings::default());
     accept_loop(
         listener,
         config.max_clients,
         config.max_per_host,
         move |stream, peer| {
             let services = services.clone();
-            async move { handle(stream, peer, mode, &services).await }
+            let greetings = greetings.clone();
+            async move { handle(stream, peer, mode, &services, &greetings).await }
         },
     )
     .await
@@ -159,7 +169,13 @@ impl RefusalLog {
     }
 }
 
-async fn handle(stream: TcpStream, peer: SocketAddr, mode: PortMode, services: &Services) {
+async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    mode: PortMode,
+    services: &Services,
+    greetings: &SilentGreetings,
+) {
     let _ = stream.set_nodelay(true);
     let keepalive = socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
     let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
@@ -177,8 +193,13 @@ async fn handle(stream: TcpStream, peer: SocketAddr, mode: PortMode, services: &
     };
     debug!(target: "nameshim::relay", %peer, ?protocol, "classified connection");
     match protocol {
-        Protocol::Ca => ca::session::serve(stream, peer, services.ca.clone()).await,
-        Protocol::Pva => pva::session::serve(stream, peer, services.pva.clone()).await,
+        Protocol::Ca => {
+            ca::session::serve(stream, peer, services.ca.clone()).await;
+        }
+        Protocol::Pva => {
+            pva::session::serve(stream, peer, services.pva.clone()).await;
+        }
+        Protocol::Silent => serve_silent(stream, peer, services, greetings).await,
         Protocol::Unknown(byte) => {
             warn!(target: "nameshim::relay", %peer, first_byte = byte, "closing connection: neither CA nor PVA")
         }
@@ -186,11 +207,32 @@ async fn handle(stream: TcpStream, peer: SocketAddr, mode: PortMode, services: &
     }
 }
 
+/// Greets a silent connection as PVA, or as CA if its address's last
+/// silent connection rejected PVA, and learns from how this one ends.
+async fn serve_silent(
+    stream: TcpStream,
+    peer: SocketAddr,
+    services: &Services,
+    greetings: &SilentGreetings,
+) {
+    let opened = Instant::now();
+    let greeting = greetings.choose(peer.ip(), opened);
+    let reception = match greeting {
+        Greeting::Pva => pva::session::serve(stream, peer, services.pva.clone()).await,
+        Greeting::Ca => {
+            info!(target: "nameshim::relay", %peer, "greeting a silent connection as CA: the last one from this address closed on the PVA greeting, as libca does");
+            ca::session::serve(stream, peer, services.ca.clone()).await
+        }
+    };
+    let now = Instant::now();
+    greetings.learn(peer.ip(), greeting, reception, now - opened, now);
+}
+
 /// Decides the protocol from the first byte, without consuming it.
 pub async fn classify(stream: &TcpStream, window: Duration) -> io::Result<Protocol> {
     let mut first = [0u8; 1];
     match tokio::time::timeout(window, stream.peek(&mut first)).await {
-        Err(_silent) => Ok(Protocol::Pva),
+        Err(_silent) => Ok(Protocol::Silent),
         Ok(Ok(0)) => Ok(Protocol::Closed),
         Ok(Ok(_)) => Ok(match first[0] {
             CA_VERSION_FIRST_BYTE => Protocol::Ca,
@@ -330,10 +372,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn silence_is_pva() {
+    async fn silence_is_silent() {
         let (_client, server) = pair().await;
         let got = classify(&server, Duration::from_millis(30)).await.unwrap();
-        assert_eq!(got, Protocol::Pva);
+        assert_eq!(got, Protocol::Silent);
     }
 
     #[tokio::test]
