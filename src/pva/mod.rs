@@ -4,6 +4,7 @@
 //! PVA client, which waits for the server's greeting.
 
 pub mod backend;
+pub mod reply_port;
 pub mod search;
 pub mod session;
 pub mod translate;

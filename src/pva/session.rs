@@ -4,9 +4,10 @@
 //! (SET_BYTE_ORDER, CONNECTION_VALIDATION offering "anonymous" and "ca"),
 //! answers ECHO, and answers SEARCH with SEARCH_RESPONSE. By default the
 //! response has a zero address and port 0, which a pvxs client reads as "this
-//! connection", so it creates its channels here whatever NAT did;
-//! `--advertise-port` puts the externally visible port there instead, for
-//! pvAccessCPP clients, which open a new connection to it.
+//! connection", so it creates its channels here whatever NAT did. Clients
+//! that dial the port they are given (pvAccessCPP, Phoebus) search again,
+//! and get the listen port (`reply_port`); `--advertise-port` puts the
+//! externally visible port there always.
 //!
 //! Towards the servers it opens one connection per server that owns a
 //! channel of this client, with the client's credentials. Ids: the client
@@ -28,6 +29,7 @@
 
 use super::backend::{self, BackendConfig, BackendEvent};
 use super::frame;
+use super::reply_port::ReplyPorts;
 use super::translate::Translator;
 use super::wire::{self, Command, Message};
 use crate::relay::discovery::{Answer, Awaiting, Resolver};
@@ -126,6 +128,7 @@ impl From<wire::WireError> for SessionError {
 /// Says whether the client sent anything, for the shared port's choice of
 /// greeting (`relay::greeting`).
 pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) -> Reception {
+    let listen_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
     let decoder = wire::Decoder::new(ctx.max_message, false);
     let (mut reader, client, writer) =
         limits::client_io(stream, decoder, ctx.queue_bytes, ctx.deadlines);
@@ -135,8 +138,10 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) ->
             let (answer_tx, answer_rx) = mpsc::unbounded_channel();
             let awaiting = Awaiting::new(ctx.max_searches, peer.ip());
             let share = ChannelShare::new(ctx.channels_in_all.clone());
+            let reply_ports = ReplyPorts::new(listen_port, ctx.advertise_port);
             let mut session = Session {
                 peer,
+                reply_ports,
                 ctx,
                 client: client.clone(),
                 validation,
@@ -276,6 +281,8 @@ struct Link {
 
 struct Session {
     peer: SocketAddr,
+    /// Which port "found" answers name.
+    reply_ports: ReplyPorts,
     ctx: Arc<PvaContext>,
     client: Outbox,
     validation: wire::ClientValidation,
@@ -456,6 +463,7 @@ impl Session {
                 return Err(SessionError::TooManyChannelsInAll(self.share.cap()));
             }
             self.channels.insert(cid, Channel::Resolving);
+            self.reply_ports.created_here(&name);
             self.await_name(name, Waiter::Create { cid }).await?;
         }
         Ok(())
@@ -502,11 +510,17 @@ impl Session {
                 sequence,
                 must_reply,
             } => {
-                if server.is_some() || must_reply {
-                    let port = self.ctx.advertise_port.unwrap_or(0);
-                    let reply =
-                        wire::search_response(BIG_ENDIAN, sequence, port, server.is_some(), &[id]);
-                    self.to_client(&reply).await?;
+                let reply = match server {
+                    Some(_) => Some(self.found_ports(name)),
+                    None if must_reply => Some((0, None)),
+                    None => None,
+                };
+                if let Some((port, then)) = reply {
+                    let found = server.is_some();
+                    for port in std::iter::once(port).chain(then) {
+                        let reply = wire::search_response(BIG_ENDIAN, sequence, port, found, &[id]);
+                        self.to_client(&reply).await?;
+                    }
                 }
             }
             Waiter::Create { cid } => match server {
@@ -523,6 +537,23 @@ impl Session {
             },
         }
         Ok(())
+    }
+
+    /// The ports for a "found" answer, in order (see `reply_port`).
+    fn found_ports(&mut self, name: &Bytes) -> (u16, Option<u16>) {
+        let reply = self.reply_ports.found(name);
+        if reply.warn {
+            let listen = self.reply_ports.listen_port();
+            warn!(
+                target: "nameshim::pva::session",
+                peer = %self.peer,
+                name = %String::from_utf8_lossy(name),
+                "PVA client searched again for a name it was told is found on this connection, without creating it here: \
+                 it dials the port in the answer (pvAccessCPP, Phoebus), port {listen}. \
+                 If this port is published under another number, start nameshim with --advertise-port <that number>"
+            );
+        }
+        (reply.port, reply.then)
     }
 
     async fn create_on(&mut self, server: SocketAddrV4, cid: u32, name: &[u8]) {
