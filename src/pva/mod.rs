@@ -9,6 +9,7 @@ pub mod search;
 pub mod session;
 pub mod translate;
 pub mod types;
+pub mod unanswered;
 pub mod wire;
 
 use crate::relay::framing::Decoder;

@@ -31,6 +31,7 @@ use super::backend::{self, BackendConfig, BackendEvent};
 use super::frame;
 use super::reply_port::ReplyPorts;
 use super::translate::Translator;
+use super::unanswered::{self, Unanswered, Verdict};
 use super::wire::{self, Command, Message};
 use crate::relay::discovery::{Answer, Awaiting, Resolver};
 use crate::relay::framing::{FrameReader, ReadError};
@@ -141,6 +142,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) ->
             let reply_ports = ReplyPorts::new(listen_port, ctx.advertise_port);
             let mut session = Session {
                 peer,
+                unanswered: Unanswered::default(),
                 reply_ports,
                 ctx,
                 client: client.clone(),
@@ -281,6 +283,8 @@ struct Link {
 
 struct Session {
     peer: SocketAddr,
+    /// INITs of operations a server may lack, waiting for its answer.
+    unanswered: Unanswered,
     /// Which port "found" answers name.
     reply_ports: ReplyPorts,
     ctx: Arc<PvaContext>,
@@ -320,6 +324,7 @@ impl Session {
                 Some(event) = self.backend_rx.recv() => self.on_backend(event).await?,
                 Some(answer) = answer_rx.recv() => self.on_answer(answer).await?,
                 _ = self.awaiting.prompt_due() => self.on_prompt_due().await?,
+                _ = until(self.unanswered.next_due()) => self.on_unanswered().await?,
             }
             self.share.fit(self.channels.len());
             if let Some(e) = self.failed.take() {
@@ -411,6 +416,23 @@ impl Session {
                 let Some(route) = self.connected_route(&message) else {
                     return Ok(());
                 };
+                // sid, ioid, subcommand
+                let mut r = wire::Reader::new(&message.payload, message.header.is_big_endian());
+                let (_, ioid, subcommand) = (r.u32("sid"), r.u32("ioid"), r.u8("subcommand"));
+                if r.finish().is_ok() {
+                    if command == Command::DestroyRequest {
+                        self.unanswered.destroyed(ioid);
+                    }
+                    let now = tokio::time::Instant::now();
+                    let verdict =
+                        self.unanswered
+                            .on_request(route.server, command, ioid, subcommand, now);
+                    if verdict == Verdict::Refuse {
+                        let error = unanswered::init_error(command, ioid, BIG_ENDIAN);
+                        self.to_client(&error).await?;
+                        return Ok(());
+                    }
+                }
                 let message = self
                     .translator
                     .client_message(route.server, &message)
@@ -759,31 +781,49 @@ impl Session {
             | Command::Array
             | Command::Process
             | Command::GetField
-            | Command::Rpc => match self
-                .translator
-                .server_message(server, &message)
-                .and_then(|payload| with_payload(message, payload))
-            {
-                Ok(message) => message,
-                Err(e) => {
-                    // The shim can no longer follow this server's types:
-                    // drop the connection, so its channels start afresh.
-                    warn!(target: "nameshim::pva::session", %server, cause = %e, "cannot follow a server message; closing that server connection");
-                    if let Some(link) = self.links.get(&server) {
-                        let _ = self.backend_tx.send(BackendEvent::Closed {
-                            server,
-                            link: link.backend.id,
-                            reason: format!("untranslatable message: {e}"),
-                        });
-                    }
-                    return Ok(());
+            | Command::Rpc => {
+                let mut r = wire::Reader::new(&message.payload, big_endian);
+                let ioid = r.u32("ioid");
+                if r.finish().is_ok() {
+                    self.unanswered.answered(ioid);
                 }
-            },
+                match self
+                    .translator
+                    .server_message(server, &message)
+                    .and_then(|payload| with_payload(message, payload))
+                {
+                    Ok(message) => message,
+                    Err(e) => {
+                        // The shim can no longer follow this server's types:
+                        // drop the connection, so its channels start afresh.
+                        warn!(target: "nameshim::pva::session", %server, cause = %e, "cannot follow a server message; closing that server connection");
+                        if let Some(link) = self.links.get(&server) {
+                            let _ = self.backend_tx.send(BackendEvent::Closed {
+                                server,
+                                link: link.backend.id,
+                                reason: format!("untranslatable message: {e}"),
+                            });
+                        }
+                        return Ok(());
+                    }
+                }
+            }
             Command::Message => message,
             // ECHO answers the shim's own keepalive.
             _ => return Ok(()),
         };
         self.client.send_reserved(frame(&forwarded), permit)?;
+        Ok(())
+    }
+
+    /// INITs their servers did not answer get the shim's error reply.
+    async fn on_unanswered(&mut self) -> Result<(), SessionError> {
+        let now = tokio::time::Instant::now();
+        for (ioid, command) in self.unanswered.take_overdue(now) {
+            warn!(target: "nameshim::pva::session", peer = %self.peer, ioid, ?command, "server did not answer the request's INIT; answering the client with an error");
+            self.to_client(&unanswered::init_error(command, ioid, BIG_ENDIAN))
+                .await?;
+        }
         Ok(())
     }
 
@@ -809,6 +849,7 @@ impl Session {
         };
         self.ctx.resolver.forget(server);
         self.translator.forget_server(server);
+        self.unanswered.forget_server(server);
         info!(target: "nameshim::pva::session", peer = %self.peer, %server, channels = lost.cids.len(), cause = reason, "server connection closed");
         for cid in lost.cids {
             let notice = match self.channels.remove(&cid) {
@@ -839,6 +880,14 @@ impl Session {
                 return sid;
             }
         }
+    }
+}
+
+/// Sleeps until `at`, or for ever without one.
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -496,3 +496,17 @@ def test_pvapy_client_through_remapped_port_is_told_to_set_advertise_port(site):
     text = site.shim.log.read_text(errors="replace")
     assert text.count("--advertise-port") > before, shim_diag(site)
     assert f"(pvAccessCPP, Phoebus), port {SHIM_PORT}" in text, shim_diag(site)
+
+
+def test_pvapy_put_get_on_a_pvxs_ioc_gets_an_error_instead_of_hanging(site, advertising, record_property):
+    # pvxs servers do not answer a PUT_GET INIT. The shim answers with an
+    # error after 2 s, and at once for the next request to that server.
+    ops = [{"op": "putget", "pv": "QSRV2:VAL", "value": 3.5, "times": 2, "timeout": 10}]
+    env = h.pva_client_env(advertising.own.local_addr)
+    first, second = h._json_program(site.ctr, h.PVAPY_CLIENT, env, ops, 60)[0]
+    record_property("put_get_error_first_s", round(first["elapsed"], 3))
+    record_property("put_get_error_second_s", round(second["elapsed"], 3))
+    assert not first["ok"] and "does not implement" in first["error"], (first, shim_diag(site))
+    assert first["elapsed"] < 4, first
+    assert not second["ok"] and "does not implement" in second["error"], second
+    assert second["elapsed"] < 1, second
