@@ -233,6 +233,11 @@ enum Channel {
         sid: u32,
         server_sid: u32,
     },
+    /// The client gave it up while its CREATE_CHANNEL was on the way: the
+    /// server's answer is not passed on, and a channel it made is destroyed.
+    Abandoned {
+        server: SocketAddrV4,
+    },
     /// The client destroyed it; the server's confirmation (or the loss of
     /// the server) ends it, and goes back to the client, which waits for it.
     Destroying {
@@ -389,6 +394,7 @@ impl Session {
                 // sid, cid: the client is done with the channel. It stays
                 // (its sid taken, requests dropped) until the server confirms.
                 let Some(route) = self.connected_route(&message) else {
+                    self.abandon(&message);
                     return Ok(());
                 };
                 self.channels.insert(
@@ -561,6 +567,26 @@ impl Session {
         Ok(())
     }
 
+    /// A DESTROY_CHANNEL for a channel not created yet: the client has no
+    /// sid for it, so the cid alone names it. Still resolving, it is
+    /// forgotten; already asked of a server, the server's answer ends it.
+    fn abandon(&mut self, message: &Message) {
+        let mut r = wire::Reader::new(&message.payload, message.header.is_big_endian());
+        let (_, cid) = (r.u32("sid"), r.u32("cid"));
+        if r.finish().is_err() {
+            return;
+        }
+        match self.channels.get(&cid) {
+            Some(Channel::Resolving) => {
+                self.channels.remove(&cid);
+            }
+            Some(&Channel::Creating { server }) => {
+                self.channels.insert(cid, Channel::Abandoned { server });
+            }
+            _ => {}
+        }
+    }
+
     /// The ports for a "found" answer, in order (see `reply_port`).
     fn found_ports(&mut self, name: &Bytes) -> (u16, Option<u16>) {
         let reply = self.reply_ports.found(name);
@@ -687,7 +713,14 @@ impl Session {
                 permit,
             } => {
                 if self.links.get(&server).map(|l| l.backend.id) == Some(link) {
-                    self.on_server_message(server, message, permit)?;
+                    if let Some(reply) = self.on_server_message(server, message, permit)? {
+                        // A control frame: it waits for no relayed message.
+                        if let Some(outbox) =
+                            self.links.get(&server).map(|l| l.backend.outbox.clone())
+                        {
+                            let _ = outbox.send_control(frame(&reply)).await;
+                        }
+                    }
                 }
                 Ok(())
             }
@@ -704,12 +737,12 @@ impl Session {
         server: SocketAddrV4,
         message: Message,
         permit: Permit,
-    ) -> Result<(), SessionError> {
+    ) -> Result<Option<Message>, SessionError> {
         if message.header.is_control() {
-            return Ok(());
+            return Ok(None);
         }
         let Ok(command) = message.header.command() else {
-            return Ok(());
+            return Ok(None);
         };
         let big_endian = message.header.is_big_endian();
         let forwarded = match command {
@@ -719,11 +752,22 @@ impl Session {
                 let cid = r.u32("cid");
                 let server_sid = r.u32("sid");
                 if r.finish().is_err() {
-                    return Ok(());
+                    return Ok(None);
+                }
+                if matches!(self.channels.get(&cid), Some(Channel::Abandoned { server: s }) if *s == server)
+                {
+                    self.channels.remove(&cid);
+                    self.forget_route(server, cid);
+                    if server_sid == NO_SID {
+                        return Ok(None);
+                    }
+                    let mut w = wire::Writer::new(BIG_ENDIAN);
+                    w.u32(server_sid).u32(cid);
+                    return Ok(Some(w.into_message(Command::DestroyChannel, false)));
                 }
                 if !matches!(self.channels.get(&cid), Some(Channel::Creating { server: s }) if *s == server)
                 {
-                    return Ok(());
+                    return Ok(None);
                 }
                 if server_sid == NO_SID {
                     self.channels.remove(&cid);
@@ -750,7 +794,7 @@ impl Session {
                 let message_sid = r.u32("sid");
                 let cid = r.u32("cid");
                 if r.finish().is_err() {
-                    return Ok(());
+                    return Ok(None);
                 }
                 match self.channels.get(&cid) {
                     Some(
@@ -771,7 +815,7 @@ impl Session {
                         self.translator.forget_channel(sid);
                         with_u32_at(&message, 0, sid)
                     }
-                    _ => return Ok(()),
+                    _ => return Ok(None),
                 }
             }
             Command::Get
@@ -804,16 +848,16 @@ impl Session {
                                 reason: format!("untranslatable message: {e}"),
                             });
                         }
-                        return Ok(());
+                        return Ok(None);
                     }
                 }
             }
             Command::Message => message,
             // ECHO answers the shim's own keepalive.
-            _ => return Ok(()),
+            _ => return Ok(None),
         };
         self.client.send_reserved(frame(&forwarded), permit)?;
-        Ok(())
+        Ok(None)
     }
 
     /// INITs their servers did not answer get the shim's error reply.
@@ -861,6 +905,7 @@ impl Session {
                     w.into_message(Command::DestroyChannel, true)
                 }
                 Some(Channel::Creating { .. }) => create_failed(cid, b"server connection lost"),
+                Some(Channel::Abandoned { .. }) => continue,
                 Some(other) => {
                     self.channels.insert(cid, other);
                     continue;
@@ -989,8 +1034,13 @@ mod tests {
         (r.u32("a"), r.u32("b"))
     }
 
+    /// Channels from this cid on are created after `SLOW_CREATE`.
+    const SLOW_CIDS: u32 = 100;
+    const SLOW_CREATE: Duration = Duration::from_millis(400);
+
     /// A PVA server on the loopback: answers every search, accepts one
-    /// connection, creates every channel with server sid 1000 + cid,
+    /// connection, creates every channel with server sid 1000 + cid (after
+    /// `SLOW_CREATE` from cid `SLOW_CIDS` on),
     /// confirms each DESTROY_CHANNEL, and reports what it receives.
     /// Messages sent on the returned sender go to the shim.
     async fn fake_server() -> (
@@ -1048,6 +1098,9 @@ mod tests {
                                 let mut r = wire::Reader::new(&m.payload, false);
                                 r.u16("count");
                                 let cid = r.u32("cid");
+                                if cid >= SLOW_CIDS {
+                                    tokio::time::sleep(SLOW_CREATE).await;
+                                }
                                 let mut w = wire::Writer::new(false);
                                 w.u32(cid).u32(1000 + cid).u8(wire::STATUS_OK);
                                 Some(w.into_message(Command::CreateChannel, true))
@@ -1191,6 +1244,47 @@ mod tests {
             }
         }
         assert_eq!(destroyed_on_server, Some((1007, 7)));
+    }
+
+    // A client that gives a channel up before the server's CREATE_CHANNEL
+    // answer arrives: the channel the server made must be destroyed there,
+    // and the answer must not reach the client.
+    #[tokio::test]
+    async fn a_channel_abandoned_while_its_create_is_pending_is_destroyed_on_the_server() {
+        let (search_addr, mut server_got, _inject) = fake_server().await;
+        let mut client = client_of_shim(search_addr).await;
+        // The name is now known, so the next CREATE goes out at once; the
+        // server answers it only after SLOW_CREATE.
+        create(&mut client, 1).await;
+        let mut w = wire::Writer::new(false);
+        w.u16(1).u32(SLOW_CIDS).string(b"pv");
+        client
+            .send(&w.into_message(Command::CreateChannel, false))
+            .await;
+        tokio::time::sleep(SLOW_CREATE / 2).await;
+        client
+            .send(&two_u32(Command::DestroyChannel, false, 0, SLOW_CIDS))
+            .await;
+        let destroyed = tokio::time::timeout(WAIT, async {
+            while let Some(m) = server_got.recv().await {
+                if m.header.command() == Ok(Command::DestroyChannel) {
+                    return Some(u32s(&m));
+                }
+            }
+            None
+        })
+        .await;
+        assert_eq!(
+            destroyed,
+            Ok(Some((1000 + SLOW_CIDS, SLOW_CIDS))),
+            "destroyed on the server"
+        );
+        let next = echo_round_trip(&mut client).await;
+        assert_eq!(
+            next.map(|m| m.header.command()),
+            Some(Ok(Command::Echo)),
+            "no CREATE_CHANNEL answer for the abandoned channel"
+        );
     }
 
     // A server DESTROY_CHANNEL must name the channel by its own sid as well
