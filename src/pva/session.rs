@@ -284,6 +284,9 @@ impl crate::relay::discovery::Waiter for Waiter {
 struct Link {
     backend: crate::relay::upstream::BackendLink,
     cids: HashSet<u32>,
+    /// The shim decided to close it: what the server sent meanwhile is
+    /// not passed on.
+    closing: bool,
 }
 
 struct Session {
@@ -642,6 +645,7 @@ impl Session {
                 Link {
                     backend,
                     cids: HashSet::new(),
+                    closing: false,
                 },
             );
         }
@@ -712,7 +716,8 @@ impl Session {
                 message,
                 permit,
             } => {
-                if self.links.get(&server).map(|l| l.backend.id) == Some(link) {
+                let open = |l: &Link| l.backend.id == link && !l.closing;
+                if self.links.get(&server).is_some_and(open) {
                     if let Some(reply) = self.on_server_message(server, message, permit)? {
                         // A control frame: it waits for no relayed message.
                         if let Some(outbox) =
@@ -841,7 +846,8 @@ impl Session {
                         // The shim can no longer follow this server's types:
                         // drop the connection, so its channels start afresh.
                         warn!(target: "nameshim::pva::session", %server, cause = %e, "cannot follow a server message; closing that server connection");
-                        if let Some(link) = self.links.get(&server) {
+                        if let Some(link) = self.links.get_mut(&server) {
+                            link.closing = true;
                             let _ = self.backend_tx.send(BackendEvent::Closed {
                                 server,
                                 link: link.backend.id,
@@ -1117,7 +1123,15 @@ mod tests {
                         }
                         let _ = got_tx.send(m);
                     }
-                    Some(m) = inject_rx.recv() => shim.send(&m).await,
+                    Some(m) = inject_rx.recv() => {
+                        // Messages injected together arrive in one write.
+                        let mut out = BytesMut::new();
+                        m.encode(&mut out);
+                        while let Ok(m) = inject_rx.try_recv() {
+                            m.encode(&mut out);
+                        }
+                        shim.stream.write_all(&out).await.unwrap();
+                    }
                 }
             }
         });
@@ -1285,6 +1299,29 @@ mod tests {
             Some(Ok(Command::Echo)),
             "no CREATE_CHANNEL answer for the abandoned channel"
         );
+    }
+
+    // Once the shim has decided to close a server connection (here: a type
+    // it cannot follow), what that server sent after it must not reach
+    // the client; the client hears only that its channel is gone.
+    #[tokio::test]
+    async fn messages_queued_from_a_server_being_closed_do_not_reach_the_client() {
+        let (search_addr, _server_got, inject) = fake_server().await;
+        let mut client = client_of_shim(search_addr).await;
+        let sid = create(&mut client, 7).await;
+        // GET_FIELD answer: ioid, status OK, then a type-cache reference
+        // (0xFE, key 99) that was never defined.
+        let mut w = wire::Writer::new(false);
+        w.u32(5).u8(wire::STATUS_OK).bytes(&[0xFE, 99, 0]);
+        inject
+            .send(w.into_message(Command::GetField, true))
+            .unwrap();
+        let mut w = wire::Writer::new(false);
+        w.u32(5).u8(0).string(b"after the decision to close");
+        inject.send(w.into_message(Command::Message, true)).unwrap();
+        let first = client.next().await.expect("a destroy notice");
+        assert_eq!(first.header.command(), Ok(Command::DestroyChannel));
+        assert_eq!(u32s(&first), (sid, 7));
     }
 
     // A server DESTROY_CHANNEL must name the channel by its own sid as well
