@@ -833,8 +833,8 @@ impl Session {
             | Command::Rpc => {
                 let mut r = wire::Reader::new(&message.payload, big_endian);
                 let ioid = r.u32("ioid");
-                if r.finish().is_ok() {
-                    self.unanswered.answered(ioid);
+                if r.finish().is_ok() && !self.unanswered.answered(ioid) {
+                    return Ok(None);
                 }
                 match self
                     .translator

@@ -38,6 +38,9 @@ struct Pending {
 pub struct Unanswered {
     pending: HashMap<u32, Pending>,
     lacking: HashSet<(SocketAddrV4, u8)>,
+    /// Requests the shim answered with an error: a late answer from the
+    /// server must not reach the client as a second one.
+    answered_by_shim: HashMap<u32, SocketAddrV4>,
 }
 
 /// What to do with a client's request.
@@ -79,20 +82,24 @@ impl Unanswered {
         Verdict::Forward
     }
 
-    /// The server answered request `ioid`.
-    pub fn answered(&mut self, ioid: u32) {
+    /// The server answered request `ioid`; false if the shim already did,
+    /// and the answer must not be passed on.
+    pub fn answered(&mut self, ioid: u32) -> bool {
         self.pending.remove(&ioid);
+        !self.answered_by_shim.contains_key(&ioid)
     }
 
     /// The client ended request `ioid` itself.
     pub fn destroyed(&mut self, ioid: u32) {
         self.pending.remove(&ioid);
+        self.answered_by_shim.remove(&ioid);
     }
 
     /// The server is gone: its requests end with its channels.
     pub fn forget_server(&mut self, server: SocketAddrV4) {
         self.pending.retain(|_, p| p.server != server);
         self.lacking.retain(|(s, _)| *s != server);
+        self.answered_by_shim.retain(|_, s| *s != server);
     }
 
     pub fn next_due(&self) -> Option<Instant> {
@@ -112,6 +119,9 @@ impl Unanswered {
         for ioid in overdue {
             if let Some(p) = self.pending.remove(&ioid) {
                 self.lacking.insert((p.server, p.command as u8));
+                if self.answered_by_shim.len() < MAX_WATCHED {
+                    self.answered_by_shim.insert(ioid, p.server);
+                }
                 out.push((ioid, p.command));
             }
         }
@@ -181,9 +191,20 @@ mod tests {
         let mut u = Unanswered::default();
         let now = Instant::now();
         u.on_request(SERVER, Command::PutGet, 7, SUBCMD_INIT, now);
-        u.answered(7);
+        assert!(u.answered(7));
         assert!(u.take_overdue(now + ANSWER_WITHIN).is_empty());
         assert_eq!(u.next_due(), None);
+    }
+
+    #[test]
+    fn a_late_answer_after_the_shims_error_is_not_passed_on_until_the_request_ends() {
+        let mut u = Unanswered::default();
+        let now = Instant::now();
+        u.on_request(SERVER, Command::PutGet, 7, SUBCMD_INIT, now);
+        u.take_overdue(now + ANSWER_WITHIN);
+        assert!(!u.answered(7), "the late INIT answer is dropped");
+        u.destroyed(7);
+        assert!(u.answered(7), "a new request with that ioid is passed on");
     }
 
     #[test]
