@@ -114,9 +114,11 @@ pub struct Cli {
     pub pva_broadcast_port: Option<u16>,
 
     /// The port clients see for the shim (the published host port), put in
-    /// PVA search responses. Needed by pvAccessCPP clients (pvapy, Phoebus
-    /// before PR 3781), which open a new connection to that port; without it
-    /// the response says port 0, which pvxs clients read as "this connection".
+    /// PVA search responses. Needed by pvAccessCPP clients (pvapy) and
+    /// Phoebus when the port is published under another number: they dial
+    /// the port in the response. Without it each "found" response is sent
+    /// with port 0 (pvxs clients: "this connection") and then with the port
+    /// the client connected to.
     #[arg(long, env = "NAMESHIM_ADVERTISE_PORT", value_name = "PORT")]
     pub advertise_port: Option<u16>,
 

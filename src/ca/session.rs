@@ -19,6 +19,7 @@ use super::wire::{self, Command, Header, Message};
 use super::{frame, CaDecoder};
 use crate::relay::discovery::{Answer, Awaiting, Resolver};
 use crate::relay::framing::{FrameReader, ReadError};
+use crate::relay::greeting::Reception;
 use crate::relay::limits::{self, ChannelBudget, ChannelShare, ClientDeadlines};
 use crate::relay::outbox::{Closed, ControlError, Frame, Outbox, Permit};
 use bytes::Bytes;
@@ -129,7 +130,9 @@ impl From<ControlError> for SessionError {
 }
 
 /// Serves one client circuit until it closes or misbehaves.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<CaContext>) {
+/// Says whether the client sent anything, for the shared port's choice of
+/// greeting (`relay::greeting`).
+pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<CaContext>) -> Reception {
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
     let _counted = crate::relay::metrics::ClientGauge::enter(crate::relay::metrics::Proto::Ca);
     let decoder = CaDecoder {
@@ -179,6 +182,11 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<CaContext>) {
     }
     // The writer ends once the queue is flushed and every sender is gone.
     let _ = writer.await;
+    if reader.received_any() {
+        Reception::Spoke
+    } else {
+        Reception::Silent
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -591,8 +599,27 @@ impl Session {
             | Command::EventAdd
             | Command::Read
             | Command::ReadNotify
-            | Command::WriteNotify
-            | Command::Error => {}
+            | Command::WriteNotify => {}
+            Command::Error => {
+                // The echoed request names the channel by the server's sid.
+                if let Some(server_sid) = wire::error_request_sid(&message.payload) {
+                    let sid = self.channels.values().find_map(|c| match c {
+                        Channel::Connected {
+                            server: s,
+                            sid,
+                            server_sid: ss,
+                        } if *s == server && *ss == server_sid => Some(*sid),
+                        _ => None,
+                    });
+                    let Some(payload) =
+                        sid.and_then(|sid| wire::error_with_request_sid(&message.payload, sid))
+                    else {
+                        debug!(target: "nameshim::ca::session", %server, server_sid, "error for no channel of this client dropped");
+                        return Ok(());
+                    };
+                    message.payload = payload;
+                }
+            }
             // Answers to the shim itself, or nothing libca may receive.
             other => {
                 if !matches!(other, Command::Version | Command::Echo | Command::ReadSync) {
@@ -856,6 +883,56 @@ mod tests {
         client.write_all(&bytes_of(&read)).await.unwrap();
         let answer = next_of(&mut client, &mut buf, Command::ReadNotify).await;
         assert_eq!(answer.header.p2, 7);
+    }
+
+    // rsrv's CA_PROTO_ERROR echoes the failed request's header, which the
+    // shim had given the server's sid: the client must see its own sid.
+    #[tokio::test]
+    async fn an_error_from_the_server_names_the_clients_sid() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let search_addr = answering_searches(tcp.local_addr().unwrap().port()).await;
+        tokio::spawn(async move {
+            let (mut s, _) = tcp.accept().await.unwrap();
+            let mut buf = BytesMut::new();
+            let create = next_of(&mut s, &mut buf, Command::CreateChan).await;
+            let reply = Message::new(Header::new(
+                Command::CreateChan,
+                6,
+                1,
+                create.header.p1,
+                4242,
+            ));
+            s.write_all(&bytes_of(&reply)).await.unwrap();
+            let read = next_of(&mut s, &mut buf, Command::ReadNotify).await;
+            assert_eq!(read.header.p1, 4242);
+            let mut payload = bytes_of(&read);
+            payload.extend_from_slice(b"bad request\0\0\0\0\0");
+            let error = Message::with_payload(Header::new(Command::Error, 0, 0, 1, 114), &payload);
+            s.write_all(&bytes_of(&error)).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let mut client = shim_session(search_addr).await;
+        client
+            .write_all(&bytes_of(&wire::client_version(0, 13)))
+            .await
+            .unwrap();
+        let create = Message::with_name(Header::new(Command::CreateChan, 0, 0, 1, 13), b"A");
+        client.write_all(&bytes_of(&create)).await.unwrap();
+        let mut buf = BytesMut::new();
+        let sid = next_of(&mut client, &mut buf, Command::CreateChan)
+            .await
+            .header
+            .p2;
+        assert_ne!(sid, 4242);
+        let read = Message::new(Header::new(Command::ReadNotify, 6, 1, sid, 7));
+        client.write_all(&bytes_of(&read)).await.unwrap();
+        let error = next_of(&mut client, &mut buf, Command::Error).await;
+        assert_eq!(&error.payload[0..2], &[0, 15], "the echoed READ_NOTIFY");
+        assert_eq!(
+            &error.payload[8..12],
+            &sid.to_be_bytes(),
+            "with the client's sid"
+        );
     }
 
     /// A server that answers every search and then streams 5 MB monitor

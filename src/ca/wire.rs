@@ -423,6 +423,34 @@ pub fn encode_search_datagram(names: &[(u32, &[u8])], sequence: u32, out: &mut B
 /// The longest name that fits a search datagram next to the VERSION prefix.
 pub const MAX_NAME_LEN: usize = MAX_UDP_SEND - 2 * HEADER_LEN - 8;
 
+/// The server sid in the request header that a CA_PROTO_ERROR payload
+/// echoes (rsrv `send_err`: the failed request's header, then the text),
+/// if that request names its channel by sid: EVENT_ADD, EVENT_CANCEL, READ,
+/// WRITE, CLEAR_CHANNEL, READ_NOTIFY, WRITE_NOTIFY carry it in p1.
+pub fn error_request_sid(payload: &[u8]) -> Option<u32> {
+    let command = u16::from_be_bytes([*payload.first()?, *payload.get(1)?]);
+    let names_sid = [
+        Command::EventAdd,
+        Command::EventCancel,
+        Command::Read,
+        Command::Write,
+        Command::ClearChannel,
+        Command::ReadNotify,
+        Command::WriteNotify,
+    ]
+    .iter()
+    .any(|c| *c as u16 == command);
+    let p1: [u8; 4] = payload.get(8..12)?.try_into().ok()?;
+    names_sid.then_some(u32::from_be_bytes(p1))
+}
+
+/// The CA_PROTO_ERROR payload with the echoed request's p1 set to `sid`.
+pub fn error_with_request_sid(payload: &[u8], sid: u32) -> Option<Bytes> {
+    let mut out = BytesMut::from(payload);
+    out.get_mut(8..12)?.copy_from_slice(&sid.to_be_bytes());
+    Some(out.freeze())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,6 +472,25 @@ mod tests {
         0x00, 0x00, 0x00, 0x07, 0x00, 0x00, 0x00, 0x0d, // cid 7, minor 13
         b'T', b'E', b'S', b'T', b':', b'A', b'I', 0x00,
     ];
+
+    #[test]
+    fn an_error_echoing_a_read_notify_names_its_sid_and_can_be_rewritten() {
+        // READ_NOTIFY header (cmd 15, sid 0x11223344 in p1), then the text.
+        let mut payload = vec![0, 15, 0, 0, 0, 6, 0, 1, 0x11, 0x22, 0x33, 0x44, 0, 0, 0, 9];
+        payload.extend_from_slice(b"bad\0");
+        assert_eq!(error_request_sid(&payload), Some(0x1122_3344));
+        let rewritten = error_with_request_sid(&payload, 7).unwrap();
+        assert_eq!(&rewritten[8..12], &[0, 0, 0, 7]);
+        assert_eq!(&rewritten[..8], &payload[..8]);
+        assert_eq!(&rewritten[12..], &payload[12..]);
+    }
+
+    #[test]
+    fn an_error_echoing_a_search_or_a_short_payload_names_no_sid() {
+        let search = [0, 6, 0, 8, 0, 5, 0, 13, 0, 0, 0, 1, 0, 0, 0, 1];
+        assert_eq!(error_request_sid(&search), None);
+        assert_eq!(error_request_sid(&[0, 15, 0]), None);
+    }
 
     #[test]
     fn decodes_create_chan_golden_bytes() {

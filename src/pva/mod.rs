@@ -4,10 +4,12 @@
 //! PVA client, which waits for the server's greeting.
 
 pub mod backend;
+pub mod reply_port;
 pub mod search;
 pub mod session;
 pub mod translate;
 pub mod types;
+pub mod unanswered;
 pub mod wire;
 
 use crate::relay::framing::Decoder;

@@ -4,9 +4,10 @@
 //! (SET_BYTE_ORDER, CONNECTION_VALIDATION offering "anonymous" and "ca"),
 //! answers ECHO, and answers SEARCH with SEARCH_RESPONSE. By default the
 //! response has a zero address and port 0, which a pvxs client reads as "this
-//! connection", so it creates its channels here whatever NAT did;
-//! `--advertise-port` puts the externally visible port there instead, for
-//! pvAccessCPP clients, which open a new connection to it.
+//! connection", so it creates its channels here whatever NAT did. Clients
+//! that dial the port they are given (pvAccessCPP, Phoebus) search again,
+//! and get the listen port (`reply_port`); `--advertise-port` puts the
+//! externally visible port there always.
 //!
 //! Towards the servers it opens one connection per server that owns a
 //! channel of this client, with the client's credentials. Ids: the client
@@ -28,10 +29,13 @@
 
 use super::backend::{self, BackendConfig, BackendEvent};
 use super::frame;
+use super::reply_port::ReplyPorts;
 use super::translate::Translator;
+use super::unanswered::{self, Unanswered, Verdict};
 use super::wire::{self, Command, Message};
 use crate::relay::discovery::{Answer, Awaiting, Resolver};
 use crate::relay::framing::{FrameReader, ReadError};
+use crate::relay::greeting::Reception;
 use crate::relay::limits::{self, ChannelBudget, ChannelShare, ClientDeadlines};
 use crate::relay::outbox::{Closed, ControlError, Frame, Outbox, Permit};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -140,8 +144,11 @@ impl From<wire::WireError> for SessionError {
 }
 
 /// Serves one PVA client connection until it closes or misbehaves.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) {
+/// Says whether the client sent anything, for the shared port's choice of
+/// greeting (`relay::greeting`).
+pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) -> Reception {
     let _counted = crate::relay::metrics::ClientGauge::enter(crate::relay::metrics::Proto::Pva);
+    let listen_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
     let decoder = wire::Decoder::new(ctx.max_message, false);
     let (mut reader, client, writer) =
         limits::client_io(stream, decoder, ctx.queue_bytes, ctx.deadlines);
@@ -154,8 +161,11 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) {
                 ctx.channels_in_all.clone(),
                 crate::relay::metrics::Proto::Pva,
             );
+            let reply_ports = ReplyPorts::new(listen_port, ctx.advertise_port);
             let mut session = Session {
                 peer,
+                unanswered: Unanswered::default(),
+                reply_ports,
                 ctx,
                 client: client.clone(),
                 validation,
@@ -188,6 +198,11 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) {
         }
     }
     let _ = writer.await;
+    if reader.received_any() {
+        Reception::Spoke
+    } else {
+        Reception::Silent
+    }
 }
 
 /// The server side of the handshake; returns the client's credentials as
@@ -241,6 +256,11 @@ enum Channel {
         sid: u32,
         server_sid: u32,
     },
+    /// The client gave it up while its CREATE_CHANNEL was on the way: the
+    /// server's answer is not passed on, and a channel it made is destroyed.
+    Abandoned {
+        server: SocketAddrV4,
+    },
     /// The client destroyed it; the server's confirmation (or the loss of
     /// the server) ends it, and goes back to the client, which waits for it.
     Destroying {
@@ -287,10 +307,17 @@ impl crate::relay::discovery::Waiter for Waiter {
 struct Link {
     backend: crate::relay::upstream::BackendLink,
     cids: HashSet<u32>,
+    /// The shim decided to close it: what the server sent meanwhile is
+    /// not passed on.
+    closing: bool,
 }
 
 struct Session {
     peer: SocketAddr,
+    /// INITs of operations a server may lack, waiting for its answer.
+    unanswered: Unanswered,
+    /// Which port "found" answers name.
+    reply_ports: ReplyPorts,
     ctx: Arc<PvaContext>,
     client: Outbox,
     validation: wire::ClientValidation,
@@ -328,6 +355,7 @@ impl Session {
                 Some(event) = self.backend_rx.recv() => self.on_backend(event).await?,
                 Some(answer) = answer_rx.recv() => self.on_answer(answer).await?,
                 _ = self.awaiting.prompt_due() => self.on_prompt_due().await?,
+                _ = until(self.unanswered.next_due()) => self.on_unanswered().await?,
             }
             self.share.fit(self.channels.len());
             if let Some(e) = self.failed.take() {
@@ -392,6 +420,7 @@ impl Session {
                 // sid, cid: the client is done with the channel. It stays
                 // (its sid taken, requests dropped) until the server confirms.
                 let Some(route) = self.connected_route(&message) else {
+                    self.abandon(&message);
                     return Ok(());
                 };
                 self.channels.insert(
@@ -419,6 +448,23 @@ impl Session {
                 let Some(route) = self.connected_route(&message) else {
                     return Ok(());
                 };
+                // sid, ioid, subcommand
+                let mut r = wire::Reader::new(&message.payload, message.header.is_big_endian());
+                let (_, ioid, subcommand) = (r.u32("sid"), r.u32("ioid"), r.u8("subcommand"));
+                if r.finish().is_ok() {
+                    if command == Command::DestroyRequest {
+                        self.unanswered.destroyed(ioid);
+                    }
+                    let now = tokio::time::Instant::now();
+                    let verdict =
+                        self.unanswered
+                            .on_request(route.server, command, ioid, subcommand, now);
+                    if verdict == Verdict::Refuse {
+                        let error = unanswered::init_error(command, ioid, BIG_ENDIAN);
+                        self.to_client(&error).await?;
+                        return Ok(());
+                    }
+                }
                 let message = self
                     .translator
                     .client_message(route.server, &message)
@@ -471,6 +517,7 @@ impl Session {
                 return Err(SessionError::TooManyChannelsInAll(self.share.cap()));
             }
             self.channels.insert(cid, Channel::Resolving);
+            self.reply_ports.created_here(&name);
             self.await_name(name, Waiter::Create { cid }).await?;
         }
         Ok(())
@@ -517,11 +564,17 @@ impl Session {
                 sequence,
                 must_reply,
             } => {
-                if server.is_some() || must_reply {
-                    let port = self.ctx.advertise_port.unwrap_or(0);
-                    let reply =
-                        wire::search_response(BIG_ENDIAN, sequence, port, server.is_some(), &[id]);
-                    self.to_client(&reply).await?;
+                let reply = match server {
+                    Some(_) => Some(self.found_ports(name)),
+                    None if must_reply => Some((0, None)),
+                    None => None,
+                };
+                if let Some((port, then)) = reply {
+                    let found = server.is_some();
+                    for port in std::iter::once(port).chain(then) {
+                        let reply = wire::search_response(BIG_ENDIAN, sequence, port, found, &[id]);
+                        self.to_client(&reply).await?;
+                    }
                 }
             }
             Waiter::Create { cid } => match server {
@@ -538,6 +591,43 @@ impl Session {
             },
         }
         Ok(())
+    }
+
+    /// A DESTROY_CHANNEL for a channel not created yet: the client has no
+    /// sid for it, so the cid alone names it. Still resolving, it is
+    /// forgotten; already asked of a server, the server's answer ends it.
+    fn abandon(&mut self, message: &Message) {
+        let mut r = wire::Reader::new(&message.payload, message.header.is_big_endian());
+        let (_, cid) = (r.u32("sid"), r.u32("cid"));
+        if r.finish().is_err() {
+            return;
+        }
+        match self.channels.get(&cid) {
+            Some(Channel::Resolving) => {
+                self.channels.remove(&cid);
+            }
+            Some(&Channel::Creating { server }) => {
+                self.channels.insert(cid, Channel::Abandoned { server });
+            }
+            _ => {}
+        }
+    }
+
+    /// The ports for a "found" answer, in order (see `reply_port`).
+    fn found_ports(&mut self, name: &Bytes) -> (u16, Option<u16>) {
+        let reply = self.reply_ports.found(name);
+        if reply.warn {
+            let listen = self.reply_ports.listen_port();
+            warn!(
+                target: "nameshim::pva::session",
+                peer = %self.peer,
+                name = %String::from_utf8_lossy(name),
+                "PVA client searched again for a name it was told is found on this connection, without creating it here: \
+                 it dials the port in the answer (pvAccessCPP, Phoebus), port {listen}. \
+                 If this port is published under another number, start nameshim with --advertise-port <that number>"
+            );
+        }
+        (reply.port, reply.then)
     }
 
     async fn create_on(&mut self, server: SocketAddrV4, cid: u32, name: &[u8]) {
@@ -578,6 +668,7 @@ impl Session {
                 Link {
                     backend,
                     cids: HashSet::new(),
+                    closing: false,
                 },
             );
         }
@@ -648,8 +739,16 @@ impl Session {
                 message,
                 permit,
             } => {
-                if self.links.get(&server).map(|l| l.backend.id) == Some(link) {
-                    self.on_server_message(server, message, permit)?;
+                let open = |l: &Link| l.backend.id == link && !l.closing;
+                if self.links.get(&server).is_some_and(open) {
+                    if let Some(reply) = self.on_server_message(server, message, permit)? {
+                        // A control frame: it waits for no relayed message.
+                        if let Some(outbox) =
+                            self.links.get(&server).map(|l| l.backend.outbox.clone())
+                        {
+                            let _ = outbox.send_control(frame(&reply)).await;
+                        }
+                    }
                 }
                 Ok(())
             }
@@ -666,12 +765,12 @@ impl Session {
         server: SocketAddrV4,
         message: Message,
         permit: Permit,
-    ) -> Result<(), SessionError> {
+    ) -> Result<Option<Message>, SessionError> {
         if message.header.is_control() {
-            return Ok(());
+            return Ok(None);
         }
         let Ok(command) = message.header.command() else {
-            return Ok(());
+            return Ok(None);
         };
         let big_endian = message.header.is_big_endian();
         let forwarded = match command {
@@ -681,11 +780,22 @@ impl Session {
                 let cid = r.u32("cid");
                 let server_sid = r.u32("sid");
                 if r.finish().is_err() {
-                    return Ok(());
+                    return Ok(None);
+                }
+                if matches!(self.channels.get(&cid), Some(Channel::Abandoned { server: s }) if *s == server)
+                {
+                    self.channels.remove(&cid);
+                    self.forget_route(server, cid);
+                    if server_sid == NO_SID {
+                        return Ok(None);
+                    }
+                    let mut w = wire::Writer::new(BIG_ENDIAN);
+                    w.u32(server_sid).u32(cid);
+                    return Ok(Some(w.into_message(Command::DestroyChannel, false)));
                 }
                 if !matches!(self.channels.get(&cid), Some(Channel::Creating { server: s }) if *s == server)
                 {
-                    return Ok(());
+                    return Ok(None);
                 }
                 if server_sid == NO_SID {
                     self.channels.remove(&cid);
@@ -712,7 +822,7 @@ impl Session {
                 let message_sid = r.u32("sid");
                 let cid = r.u32("cid");
                 if r.finish().is_err() {
-                    return Ok(());
+                    return Ok(None);
                 }
                 match self.channels.get(&cid) {
                     Some(
@@ -733,7 +843,7 @@ impl Session {
                         self.translator.forget_channel(sid);
                         with_u32_at(&message, 0, sid)
                     }
-                    _ => return Ok(()),
+                    _ => return Ok(None),
                 }
             }
             Command::Get
@@ -743,31 +853,50 @@ impl Session {
             | Command::Array
             | Command::Process
             | Command::GetField
-            | Command::Rpc => match self
-                .translator
-                .server_message(server, &message)
-                .and_then(|payload| with_payload(message, payload))
-            {
-                Ok(message) => message,
-                Err(e) => {
-                    // The shim can no longer follow this server's types:
-                    // drop the connection, so its channels start afresh.
-                    warn!(target: "nameshim::pva::session", %server, cause = %e, "cannot follow a server message; closing that server connection");
-                    if let Some(link) = self.links.get(&server) {
-                        let _ = self.backend_tx.send(BackendEvent::Closed {
-                            server,
-                            link: link.backend.id,
-                            reason: format!("untranslatable message: {e}"),
-                        });
-                    }
-                    return Ok(());
+            | Command::Rpc => {
+                let mut r = wire::Reader::new(&message.payload, big_endian);
+                let ioid = r.u32("ioid");
+                if r.finish().is_ok() && !self.unanswered.answered(ioid) {
+                    return Ok(None);
                 }
-            },
+                match self
+                    .translator
+                    .server_message(server, &message)
+                    .and_then(|payload| with_payload(message, payload))
+                {
+                    Ok(message) => message,
+                    Err(e) => {
+                        // The shim can no longer follow this server's types:
+                        // drop the connection, so its channels start afresh.
+                        warn!(target: "nameshim::pva::session", %server, cause = %e, "cannot follow a server message; closing that server connection");
+                        if let Some(link) = self.links.get_mut(&server) {
+                            link.closing = true;
+                            let _ = self.backend_tx.send(BackendEvent::Closed {
+                                server,
+                                link: link.backend.id,
+                                reason: format!("untranslatable message: {e}"),
+                            });
+                        }
+                        return Ok(None);
+                    }
+                }
+            }
             Command::Message => message,
             // ECHO answers the shim's own keepalive.
-            _ => return Ok(()),
+            _ => return Ok(None),
         };
         self.client.send_reserved(frame(&forwarded), permit)?;
+        Ok(None)
+    }
+
+    /// INITs their servers did not answer get the shim's error reply.
+    async fn on_unanswered(&mut self) -> Result<(), SessionError> {
+        let now = tokio::time::Instant::now();
+        for (ioid, command) in self.unanswered.take_overdue(now) {
+            warn!(target: "nameshim::pva::session", peer = %self.peer, ioid, ?command, "server did not answer the request's INIT; answering the client with an error");
+            self.to_client(&unanswered::init_error(command, ioid, BIG_ENDIAN))
+                .await?;
+        }
         Ok(())
     }
 
@@ -793,6 +922,7 @@ impl Session {
         };
         self.ctx.resolver.forget(server);
         self.translator.forget_server(server);
+        self.unanswered.forget_server(server);
         info!(target: "nameshim::pva::session", peer = %self.peer, %server, channels = lost.cids.len(), cause = reason, "server connection closed");
         for cid in lost.cids {
             let notice = match self.channels.remove(&cid) {
@@ -804,6 +934,7 @@ impl Session {
                     w.into_message(Command::DestroyChannel, true)
                 }
                 Some(Channel::Creating { .. }) => create_failed(cid, b"server connection lost"),
+                Some(Channel::Abandoned { .. }) => continue,
                 Some(other) => {
                     self.channels.insert(cid, other);
                     continue;
@@ -823,6 +954,14 @@ impl Session {
                 return sid;
             }
         }
+    }
+}
+
+/// Sleeps until `at`, or for ever without one.
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -924,8 +1063,13 @@ mod tests {
         (r.u32("a"), r.u32("b"))
     }
 
+    /// Channels from this cid on are created after `SLOW_CREATE`.
+    const SLOW_CIDS: u32 = 100;
+    const SLOW_CREATE: Duration = Duration::from_millis(400);
+
     /// A PVA server on the loopback: answers every search, accepts one
-    /// connection, creates every channel with server sid 1000 + cid,
+    /// connection, creates every channel with server sid 1000 + cid (after
+    /// `SLOW_CREATE` from cid `SLOW_CIDS` on),
     /// confirms each DESTROY_CHANNEL, and reports what it receives.
     /// Messages sent on the returned sender go to the shim.
     async fn fake_server() -> (
@@ -983,6 +1127,9 @@ mod tests {
                                 let mut r = wire::Reader::new(&m.payload, false);
                                 r.u16("count");
                                 let cid = r.u32("cid");
+                                if cid >= SLOW_CIDS {
+                                    tokio::time::sleep(SLOW_CREATE).await;
+                                }
                                 let mut w = wire::Writer::new(false);
                                 w.u32(cid).u32(1000 + cid).u8(wire::STATUS_OK);
                                 Some(w.into_message(Command::CreateChannel, true))
@@ -999,7 +1146,15 @@ mod tests {
                         }
                         let _ = got_tx.send(m);
                     }
-                    Some(m) = inject_rx.recv() => shim.send(&m).await,
+                    Some(m) = inject_rx.recv() => {
+                        // Messages injected together arrive in one write.
+                        let mut out = BytesMut::new();
+                        m.encode(&mut out);
+                        while let Ok(m) = inject_rx.try_recv() {
+                            m.encode(&mut out);
+                        }
+                        shim.stream.write_all(&out).await.unwrap();
+                    }
                 }
             }
         });
@@ -1126,6 +1281,70 @@ mod tests {
             }
         }
         assert_eq!(destroyed_on_server, Some((1007, 7)));
+    }
+
+    // A client that gives a channel up before the server's CREATE_CHANNEL
+    // answer arrives: the channel the server made must be destroyed there,
+    // and the answer must not reach the client.
+    #[tokio::test]
+    async fn a_channel_abandoned_while_its_create_is_pending_is_destroyed_on_the_server() {
+        let (search_addr, mut server_got, _inject) = fake_server().await;
+        let mut client = client_of_shim(search_addr).await;
+        // The name is now known, so the next CREATE goes out at once; the
+        // server answers it only after SLOW_CREATE.
+        create(&mut client, 1).await;
+        let mut w = wire::Writer::new(false);
+        w.u16(1).u32(SLOW_CIDS).string(b"pv");
+        client
+            .send(&w.into_message(Command::CreateChannel, false))
+            .await;
+        tokio::time::sleep(SLOW_CREATE / 2).await;
+        client
+            .send(&two_u32(Command::DestroyChannel, false, 0, SLOW_CIDS))
+            .await;
+        let destroyed = tokio::time::timeout(WAIT, async {
+            while let Some(m) = server_got.recv().await {
+                if m.header.command() == Ok(Command::DestroyChannel) {
+                    return Some(u32s(&m));
+                }
+            }
+            None
+        })
+        .await;
+        assert_eq!(
+            destroyed,
+            Ok(Some((1000 + SLOW_CIDS, SLOW_CIDS))),
+            "destroyed on the server"
+        );
+        let next = echo_round_trip(&mut client).await;
+        assert_eq!(
+            next.map(|m| m.header.command()),
+            Some(Ok(Command::Echo)),
+            "no CREATE_CHANNEL answer for the abandoned channel"
+        );
+    }
+
+    // Once the shim has decided to close a server connection (here: a type
+    // it cannot follow), what that server sent after it must not reach
+    // the client; the client hears only that its channel is gone.
+    #[tokio::test]
+    async fn messages_queued_from_a_server_being_closed_do_not_reach_the_client() {
+        let (search_addr, _server_got, inject) = fake_server().await;
+        let mut client = client_of_shim(search_addr).await;
+        let sid = create(&mut client, 7).await;
+        // GET_FIELD answer: ioid, status OK, then a type-cache reference
+        // (0xFE, key 99) that was never defined.
+        let mut w = wire::Writer::new(false);
+        w.u32(5).u8(wire::STATUS_OK).bytes(&[0xFE, 99, 0]);
+        inject
+            .send(w.into_message(Command::GetField, true))
+            .unwrap();
+        let mut w = wire::Writer::new(false);
+        w.u32(5).u8(0).string(b"after the decision to close");
+        inject.send(w.into_message(Command::Message, true)).unwrap();
+        let first = client.next().await.expect("a destroy notice");
+        assert_eq!(first.header.command(), Ok(Command::DestroyChannel));
+        assert_eq!(u32s(&first), (sid, 7));
     }
 
     // A server DESTROY_CHANNEL must name the channel by its own sid as well

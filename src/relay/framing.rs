@@ -117,6 +117,8 @@ pub struct FrameReader<R, D> {
     /// The buffer was grown beyond its usual size for a large message.
     grown: bool,
     watch: Option<Watch>,
+    /// Some read has brought bytes.
+    received_any: bool,
 }
 
 /// A client connection's deadlines and the clocks they are judged by.
@@ -171,6 +173,7 @@ impl<R: AsyncRead + Unpin, D: Decoder> FrameReader<R, D> {
             decoder,
             grown: false,
             watch: None,
+            received_any: false,
         }
     }
 
@@ -186,6 +189,11 @@ impl<R: AsyncRead + Unpin, D: Decoder> FrameReader<R, D> {
             sent,
         });
         self
+    }
+
+    /// Whether the peer has sent any byte so far.
+    pub fn received_any(&self) -> bool {
+        self.received_any
     }
 
     /// The next message, or `None` at a clean EOF between messages.
@@ -241,6 +249,7 @@ impl<R: AsyncRead + Unpin, D: Decoder> FrameReader<R, D> {
                 }
             }
             .map_err(ReadError::Io)?;
+            self.received_any |= read > 0;
             if read == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)

@@ -10,11 +10,16 @@
 //! letter (an HTTP method: GET, HEAD, ...) is plain HTTP, answered by
 //! [`super::http`] for health probes and metric scrapes.
 //!
+//! A silent connection is greeted as PVA, unless the last silent
+//! connection from its address rejected that greeting the way libca does
+//! (see `greeting`): a libca program that only sleeps never sends first.
+//!
 //! Each connection holds one of `max_clients` slots and one of its source
 //! address's `max_per_host` places until its task ends, by any path: a
 //! panic in a session ends only that task (tokio catches it and drops the
 //! task's future, and with it the slot).
 
+use super::greeting::{Greeting, SilentGreetings};
 use super::limits::HostCounts;
 use super::metrics::{BadInput, Refusal, METRICS};
 use crate::ca;
@@ -49,6 +54,9 @@ pub enum Protocol {
     Http,
     /// The first byte belongs to neither protocol.
     Unknown(u8),
+    /// Nothing arrived within the window: a PVA client, or a libca client
+    /// that has not flushed its VERSION yet.
+    Silent,
     /// The peer closed before sending anything.
     Closed,
 }
@@ -88,13 +96,15 @@ pub struct Services {
 pub async fn serve(listener: TcpListener, config: ListenerConfig, services: Arc<Services>) {
     let mode = config.mode;
     let http_timeout = config.http_timeout;
+    let greetings = Arc::new(SilentGreetings::default());
     accept_loop(
         listener,
         config.max_clients,
         config.max_per_host,
         move |stream, peer| {
             let services = services.clone();
-            async move { handle(stream, peer, mode, http_timeout, &services).await }
+            let greetings = greetings.clone();
+            async move { handle(stream, peer, mode, http_timeout, &services, &greetings).await }
         },
     )
     .await
@@ -178,6 +188,7 @@ async fn handle(
     mode: PortMode,
     http_timeout: Duration,
     services: &Services,
+    greetings: &SilentGreetings,
 ) {
     let _ = stream.set_nodelay(true);
     let keepalive = socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
@@ -199,8 +210,13 @@ async fn handle(
     };
     debug!(target: "nameshim::relay", %peer, ?protocol, "classified connection");
     match protocol {
-        Protocol::Ca => ca::session::serve(stream, peer, services.ca.clone()).await,
-        Protocol::Pva => pva::session::serve(stream, peer, services.pva.clone()).await,
+        Protocol::Ca => {
+            ca::session::serve(stream, peer, services.ca.clone()).await;
+        }
+        Protocol::Pva => {
+            pva::session::serve(stream, peer, services.pva.clone()).await;
+        }
+        Protocol::Silent => serve_silent(stream, peer, services, greetings).await,
         Protocol::Http => {
             let state = super::http::State {
                 ready: services.ca.resolver.is_running() && services.pva.resolver.is_running(),
@@ -215,12 +231,33 @@ async fn handle(
     }
 }
 
+/// Greets a silent connection as PVA, or as CA if its address's last
+/// silent connection rejected PVA, and learns from how this one ends.
+async fn serve_silent(
+    stream: TcpStream,
+    peer: SocketAddr,
+    services: &Services,
+    greetings: &SilentGreetings,
+) {
+    let opened = Instant::now();
+    let greeting = greetings.choose(peer.ip(), opened);
+    let reception = match greeting {
+        Greeting::Pva => pva::session::serve(stream, peer, services.pva.clone()).await,
+        Greeting::Ca => {
+            info!(target: "nameshim::relay", %peer, "greeting a silent connection as CA: the last one from this address closed on the PVA greeting, as libca does");
+            ca::session::serve(stream, peer, services.ca.clone()).await
+        }
+    };
+    let now = Instant::now();
+    greetings.learn(peer.ip(), greeting, reception, now - opened, now);
+}
+
 /// Decides the protocol from the first byte, without consuming it. With
 /// `http`, a capital letter starts an HTTP request.
 pub async fn classify(stream: &TcpStream, window: Duration, http: bool) -> io::Result<Protocol> {
     let mut first = [0u8; 1];
     match tokio::time::timeout(window, stream.peek(&mut first)).await {
-        Err(_silent) => Ok(Protocol::Pva),
+        Err(_silent) => Ok(Protocol::Silent),
         Ok(Ok(0)) => Ok(Protocol::Closed),
         Ok(Ok(_)) => Ok(match first[0] {
             CA_VERSION_FIRST_BYTE => Protocol::Ca,
@@ -364,12 +401,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn silence_is_pva() {
+    async fn silence_is_silent() {
         let (_client, server) = pair().await;
         let got = classify(&server, Duration::from_millis(30), true)
             .await
             .unwrap();
-        assert_eq!(got, Protocol::Pva);
+        assert_eq!(got, Protocol::Silent);
     }
 
     #[tokio::test]

@@ -3,6 +3,7 @@
 
 pub mod discovery;
 pub mod framing;
+pub mod greeting;
 pub mod http;
 pub mod limits;
 pub mod listener;

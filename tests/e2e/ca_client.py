@@ -112,6 +112,9 @@ def watch(name, duration, poll=True):
     def on_value(value=None, timestamp=None, **_):
         emit({"event": "value", "value": plain(value), "ts": timestamp, "t": time.time()})
 
+    # Before the first connection attempt: libca dials the name server when
+    # the first channel is created.
+    emit({"event": "start", "t": time.time()})
     epics.PV(name, auto_monitor=True, callback=on_value, connection_callback=on_conn)
     # The harness closes stdin to stop us early; the deadline bounds the run.
     stopper = threading.Thread(target=sys.stdin.read, daemon=True)

@@ -9,6 +9,7 @@ necessarily before import.
 
 Operations:
   {"op": "get", "pvs": [...], "timeout": s}
+  {"op": "putget", "pv": name, "value": v, "times": n, "timeout": s}
       -> {pv: {"ok": bool, "value": ..., "error": str}}
      (value is the structure's "value" field; long arrays are summarised
       like pva_client.summary)
@@ -57,7 +58,25 @@ def op_get(spec):
     return out
 
 
-OPS = {"get": op_get}
+def op_putget(spec):
+    """Put-get the same value `times` times on one channel:
+    [{"ok", "error", "elapsed"}] per attempt."""
+    import time
+
+    channel = pva.Channel(spec["pv"], pva.PVA)
+    channel.setTimeout(spec.get("timeout", 5.0))
+    out = []
+    for _ in range(spec.get("times", 1)):
+        start = time.monotonic()
+        try:
+            channel.putGetDouble(float(spec["value"]))
+            out.append({"ok": True, "elapsed": time.monotonic() - start})
+        except Exception as e:
+            out.append({"ok": False, "error": f"{type(e).__name__}: {e}", "elapsed": time.monotonic() - start})
+    return out
+
+
+OPS = {"get": op_get, "putget": op_putget}
 
 
 def main():

@@ -8,6 +8,7 @@ configured with EPICS_CA_NAME_SERVERS only, so every channel they get
 proves the shim found the server and relayed it.
 """
 
+import threading
 import time
 from types import SimpleNamespace
 
@@ -165,6 +166,70 @@ def test_client_that_never_polls_connects_on_the_ca_only_port(site):
         pytest.fail(f"{e}\n{shim_diag(site)}")
     finally:
         watch.close()
+
+
+def test_client_that_never_polls_gets_its_first_update_within_2s_on_the_shared_port(site, record_property):
+    # The silent libca circuit is first greeted as PVA and rejects it; libca
+    # reconnects after 0.25 s and that silent connection, from the same
+    # address, is greeted as CA (relay::greeting). Meanwhile PVA clients
+    # from the same address (as behind NAT) and a health check that
+    # connects and closes must be served as before.
+    pva_results, pva_errors = [], []
+
+    def pva_clients():
+        try:
+            until = time.monotonic() + 4.0
+            while time.monotonic() < until:
+                pva_results.append(h.pva_get(site.ctr, site.ns, ["PVXS:ID"], timeout=5.0)["PVXS:ID"])
+        except Exception as e:  # reported by the main thread
+            pva_errors.append(repr(e))
+
+    def health_checks():
+        for _ in range(8):
+            h.tcp_probe(site.ctr, site.ns, b"", timeout=0.05)
+
+    threads = [threading.Thread(target=pva_clients), threading.Thread(target=health_checks)]
+    monitor = {}
+    monitor_thread = threading.Thread(
+        target=lambda: monitor.update(h.pva_monitor(site.ctr, site.ns, ["PVXS:COUNT"], duration=5.0)["PVXS:COUNT"])
+    )
+    monitor_thread.start()
+    for t in threads:
+        t.start()
+    watch = h.CaWatch(site.ctr, site.ns, "IOCB:COUNT", duration=30, poll=False)
+    try:
+        start = watch.wait_for(lambda e: e["event"] == "start", 10)["t"]
+        first = watch.wait_for(lambda e: e["event"] == "value", 10)["t"]
+        record_property("never_polling_first_update_s", round(first - start, 3))
+        assert first - start < 2.0, (first - start, shim_diag(site))
+        watch.values(2, timeout=5)
+    except (TimeoutError, RuntimeError) as e:
+        pytest.fail(f"{e}\n{shim_diag(site)}")
+    finally:
+        watch.close()
+        for t in (*threads, monitor_thread):
+            t.join(60)
+    assert not pva_errors, pva_errors
+    assert pva_results and all(r["ok"] and r["value"] == "PVXS:" for r in pva_results), pva_results
+    assert monitor.get("connected"), monitor
+    counts = [u[0] for u in monitor["updates"]]
+    assert len(counts) >= 40 and all(b - a == 1 for a, b in zip(counts, counts[1:])), counts
+    assert site.shim.alive(), shim_diag(site)
+
+
+def test_pva_client_after_a_rejection_from_its_address_is_greeted_as_pva(site, record_property):
+    # Behind NAT: a connection that read the PVA greeting and closed at once
+    # (as libca does) marks the address, but only a connection at one of
+    # libca's reconnect delays (0.25, 0.5, 1, 2, 4, 8 s) is greeted as CA.
+    # A PVA client connecting in between gets its PVA greeting: greeted as
+    # CA, pvxs would retry its name server only 10 s later.
+    probe = h.tcp_probe(site.ctr, site.ns, b"", timeout=0.3)
+    assert probe["received_hex"].startswith("ca"), probe  # the PVA greeting
+    time.sleep(2.4)  # the get connects ~0.3-1 s later: between the 2 s and 4 s windows
+    start = time.monotonic()
+    got = h.pva_get(site.ctr, site.ns, ["PVXS:ID"], timeout=5.0)["PVXS:ID"]
+    record_property("pva_get_after_mark_s", round(time.monotonic() - start, 3))
+    assert got["ok"] and got["value"] == "PVXS:", (got, shim_diag(site))
 
 
 @pytest.mark.parametrize(

@@ -446,3 +446,67 @@ def test_monitor_reconnects_after_ioc_restart(site, prefix, record_property):
         pytest.fail(f"{e}\n{shim_diag(site)}")
     finally:
         watch.close()
+
+
+# --------------------------------------------------------------------------
+# pvAccessCPP clients without --advertise-port (see docs/clients.md)
+
+SAME_NUMBER_PORT = 18079  # published on the host under its own number
+
+
+@pytest.fixture(scope="module")
+def same_number(site):
+    """A shim without --advertise-port whose port is published unchanged."""
+    work = site.work / "same-number"
+    work.mkdir()
+    shim = h.Shim(site.ctr, ["--listen", f"0.0.0.0:{SAME_NUMBER_PORT}"], work)
+    site.shims.append(shim)
+    shim.start()
+    site.ctr.publish(SAME_NUMBER_PORT, SAME_NUMBER_PORT)
+    return shim
+
+
+@pytest.mark.parametrize("where", ["container", "host-same-number"])
+@pytest.mark.parametrize("prefix", ["QSRV2:", "QSRV1:"])
+def test_pvapy_client_gets_without_advertise_port_where_the_port_keeps_its_number(
+    site, same_number, where, prefix, record_property
+):
+    # The answer comes twice, with port 0 (pvxs: this connection) and then
+    # the listen port, which pvAccessCPP dials after port 0 failed.
+    ns, name_server = {
+        "container": (site.ctr, site.ns),
+        "host-same-number": (site.host, f"127.0.0.1:{SAME_NUMBER_PORT}"),
+    }[where]
+    start = time.monotonic()
+    got = h.pvapy_get(ns, name_server, [f"{prefix}ID"], timeout=10, limit=40)
+    record_property("pvapy_get_s", round(time.monotonic() - start, 3))
+    assert got[f"{prefix}ID"] == {"ok": True, "value": prefix}, (got, shim_diag(site))
+
+
+def test_pvapy_client_through_remapped_port_is_told_to_set_advertise_port(site):
+    # Published under another number, only --advertise-port can help; the
+    # shim names it in a warning for the client's connection.
+    before = site.shim.log.read_text(errors="replace").count("--advertise-port")
+    try:
+        # pvAccessCPP searches again ~29 s after its failed connections.
+        got = h.pvapy_get(site.host, f"127.0.0.1:{PUBLISHED_PORT}", ["QSRV2:ID"], timeout=35, limit=50)
+        assert not got["QSRV2:ID"]["ok"], got
+    except h.ClientHung:
+        pass
+    text = site.shim.log.read_text(errors="replace")
+    assert text.count("--advertise-port") > before, shim_diag(site)
+    assert f"(pvAccessCPP, Phoebus), port {SHIM_PORT}" in text, shim_diag(site)
+
+
+def test_pvapy_put_get_on_a_pvxs_ioc_gets_an_error_instead_of_hanging(site, advertising, record_property):
+    # pvxs servers do not answer a PUT_GET INIT. The shim answers with an
+    # error after 2 s, and at once for the next request to that server.
+    ops = [{"op": "putget", "pv": "QSRV2:VAL", "value": 3.5, "times": 2, "timeout": 10}]
+    env = h.pva_client_env(advertising.own.local_addr)
+    first, second = h._json_program(site.ctr, h.PVAPY_CLIENT, env, ops, 60)[0]
+    record_property("put_get_error_first_s", round(first["elapsed"], 3))
+    record_property("put_get_error_second_s", round(second["elapsed"], 3))
+    assert not first["ok"] and "does not implement" in first["error"], (first, shim_diag(site))
+    assert first["elapsed"] < 4, first
+    assert not second["ok"] and "does not implement" in second["error"], second
+    assert second["elapsed"] < 1, second
