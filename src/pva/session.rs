@@ -1161,13 +1161,12 @@ mod tests {
         (udp_addr, got_rx, inject_tx)
     }
 
-    /// A shim session on the loopback searching `search_addr`, and a
-    /// validated client connected to it.
-    async fn client_of_shim(search_addr: SocketAddrV4) -> Peer {
+    /// A shim port whose one session searches `search_addr` for `timeout`.
+    async fn shim_port(search_addr: SocketAddrV4, timeout: Duration) -> SocketAddr {
         let ctx = Arc::new(PvaContext {
             resolver: search::start(SearchConfig {
                 targets: vec![search_addr],
-                timeout: Duration::from_secs(1),
+                timeout,
                 cache_ttl: Duration::from_secs(5),
                 max_pending: 100,
                 max_pending_per_address: 100,
@@ -1178,7 +1177,7 @@ mod tests {
                 max_message: 1 << 20,
                 queue_bytes: 1 << 20,
                 connect_timeout: WAIT,
-                big_endian: false,
+                big_endian: BIG_ENDIAN,
                 source: crate::relay::upstream::DEFAULT_SOURCE,
             },
             max_message: 1 << 20,
@@ -1195,6 +1194,13 @@ mod tests {
             let (s, p) = front.accept().await.unwrap();
             serve(s, p, ctx).await;
         });
+        addr
+    }
+
+    /// A shim session on the loopback searching `search_addr`, and a
+    /// validated client connected to it.
+    async fn client_of_shim(search_addr: SocketAddrV4) -> Peer {
+        let addr = shim_port(search_addr, Duration::from_secs(1)).await;
         let mut client = Peer::new(TcpStream::connect(addr).await.unwrap(), true);
         let greeting = client.next().await.unwrap();
         assert_eq!(greeting.header.command(), Ok(Command::ConnectionValidation));
@@ -1389,37 +1395,7 @@ mod tests {
         let SocketAddr::V4(target) = silent.local_addr().unwrap() else {
             unreachable!()
         };
-        let ctx = Arc::new(PvaContext {
-            resolver: search::start(SearchConfig {
-                targets: vec![target],
-                timeout: Duration::from_secs(30),
-                cache_ttl: Duration::from_secs(10),
-                max_pending: 100,
-                max_pending_per_address: 100,
-                max_cached: 100,
-            })
-            .unwrap(),
-            backend: BackendConfig {
-                max_message: 1 << 20,
-                queue_bytes: 1 << 16,
-                connect_timeout: Duration::from_secs(2),
-                big_endian: BIG_ENDIAN,
-                source: crate::relay::upstream::DEFAULT_SOURCE,
-            },
-            max_message: 1 << 20,
-            queue_bytes: 1 << 20,
-            deadlines: crate::relay::limits::ClientDeadlines::default(),
-            channels_in_all: crate::relay::limits::ChannelBudget::new(1000),
-            max_channels: 100,
-            max_searches: 100,
-            advertise_port: None,
-        });
-        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = front.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (s, p) = front.accept().await.unwrap();
-            serve(s, p, ctx).await;
-        });
+        let addr = shim_port(target, Duration::from_secs(30)).await;
         (TcpStream::connect(addr).await.unwrap(), silent)
     }
 
