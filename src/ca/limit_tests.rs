@@ -1,11 +1,8 @@
 //! The limits on all clients together, seen from a CA client.
 
-use super::backend::BackendConfig;
-use super::search;
-use super::session::{serve, CaContext};
+use super::session::{context_for_tests, serve};
 use super::wire::{self, Command, Header, Message};
-use crate::relay::discovery::SearchConfig;
-use crate::relay::limits::{ChannelBudget, ClientDeadlines};
+use crate::relay::limits::ChannelBudget;
 use bytes::BytesMut;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,29 +18,7 @@ async fn shim(budget: Arc<ChannelBudget>) -> SocketAddr {
     let SocketAddr::V4(silent_addr) = silent.local_addr().unwrap() else {
         unreachable!()
     };
-    let ctx = Arc::new(CaContext {
-        resolver: search::start(SearchConfig {
-            targets: vec![silent_addr],
-            timeout: Duration::from_secs(60),
-            cache_ttl: Duration::from_secs(5),
-            max_pending: 100,
-            max_pending_per_address: 100,
-            max_cached: 100,
-        })
-        .unwrap(),
-        backend: BackendConfig {
-            max_payload: 1 << 20,
-            queue_bytes: 1 << 16,
-            connect_timeout: Duration::from_secs(2),
-            source: crate::relay::upstream::DEFAULT_SOURCE,
-        },
-        max_payload: 1 << 20,
-        deadlines: ClientDeadlines::default(),
-        channels_in_all: budget,
-        queue_bytes: 1 << 20,
-        max_channels: 100,
-        max_searches: 100,
-    });
+    let ctx = context_for_tests(silent_addr, Duration::from_secs(60), budget);
     let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = front.local_addr().unwrap();
     tokio::spawn(async move {

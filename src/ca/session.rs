@@ -696,11 +696,44 @@ impl Session {
     }
 }
 
+/// A context for tests: searches go to `search_addr` only, for
+/// `search_timeout`, and channels count against `channels_in_all`.
+#[cfg(test)]
+pub(crate) fn context_for_tests(
+    search_addr: SocketAddrV4,
+    search_timeout: std::time::Duration,
+    channels_in_all: Arc<crate::relay::limits::ChannelBudget>,
+) -> Arc<CaContext> {
+    use crate::relay::discovery::SearchConfig;
+    use std::time::Duration;
+    Arc::new(CaContext {
+        resolver: super::search::start(SearchConfig {
+            targets: vec![search_addr],
+            timeout: search_timeout,
+            cache_ttl: Duration::from_secs(5),
+            max_pending: 100,
+            max_pending_per_address: 100,
+            max_cached: 100,
+        })
+        .expect("a search relay on the loopback"),
+        backend: BackendConfig {
+            max_payload: 1 << 24,
+            queue_bytes: 1 << 16,
+            connect_timeout: Duration::from_secs(2),
+            source: crate::relay::upstream::DEFAULT_SOURCE,
+        },
+        max_payload: 1 << 24,
+        deadlines: crate::relay::limits::ClientDeadlines::default(),
+        channels_in_all,
+        queue_bytes: 4 << 20,
+        max_channels: 100,
+        max_searches: 100,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ca::search;
-    use crate::relay::discovery::SearchConfig;
     use bytes::BytesMut;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -741,29 +774,11 @@ mod tests {
 
     /// A context whose searches go to `search_addr` only.
     fn test_context(search_addr: SocketAddrV4) -> Arc<CaContext> {
-        Arc::new(CaContext {
-            resolver: search::start(SearchConfig {
-                targets: vec![search_addr],
-                timeout: Duration::from_secs(5),
-                cache_ttl: Duration::from_secs(5),
-                max_pending: 100,
-                max_pending_per_address: 100,
-                max_cached: 100,
-            })
-            .unwrap(),
-            backend: BackendConfig {
-                max_payload: 1 << 24,
-                queue_bytes: 1 << 16,
-                connect_timeout: Duration::from_secs(2),
-                source: crate::relay::upstream::DEFAULT_SOURCE,
-            },
-            max_payload: 1 << 24,
-            deadlines: crate::relay::limits::ClientDeadlines::default(),
-            channels_in_all: crate::relay::limits::ChannelBudget::new(1000),
-            queue_bytes: 4 << 20,
-            max_channels: 100,
-            max_searches: 100,
-        })
+        context_for_tests(
+            search_addr,
+            Duration::from_secs(5),
+            crate::relay::limits::ChannelBudget::new(1000),
+        )
     }
 
     /// A client connection to one session served with `test_context`.
