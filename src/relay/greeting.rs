@@ -13,19 +13,29 @@
 //! PVA greeting (CONNECTION_VALIDATION), a CA client always answers the CA
 //! VERSION with its own; either one closes at once, having sent nothing,
 //! when the greeting is not its protocol's (libca: "Undecipherable TCP
-//! message"; pvxs: bad magic). libca then reconnects after 0.25 s, and
-//! after 0.5 s, 1 s, ... 8 s if that fails too (measured: 0.25 s after the
-//! close). So a connection that is closed silently right after a PVA
-//! greeting marks its source address, and a silent connection from it that
-//! arrives at one of libca's reconnect delays after the mark is greeted as
-//! CA. The mark is used once; if the CA greeting is rejected the same way,
-//! nothing is marked and the address is back to PVA.
+//! message"; pvxs: bad magic). libca then dials again a fixed delay after
+//! its previous attempt. Measured here, the connects of a silent circuit
+//! rejected again and again are 0.25, 0.25, 0.5, 1, 2, 4 and 8 s apart,
+//! counted from connect to connect (the close, after the shim's
+//! classification window, does not move them). So a connection that is
+//! closed silently right after a PVA greeting marks its source address, and
+//! the silent connection from it that arrives when libca's next reconnect
+//! is due is greeted as CA. The mark is used once; a libca that answers the
+//! CA greeting ends the chain.
 //!
 //! A PVA client greeted as CA by mistake loses more than libca does: pvxs
 //! retries a lost name server only every 10 s (`tcpNSCheckInterval`,
-//! pvxs `client.cpp`). Hence the narrow windows: a PVA client is greeted as
-//! CA only if it shares its address with a rejecting peer (NAT) and its
-//! connection lands within `RECONNECT_TOLERANCE` of one of those delays.
+//! pvxs `client.cpp`). Hence one narrow window per mark. libca cannot come
+//! back before its delay has run from its previous connect, so the window
+//! opens only `EARLY_TOLERANCE` before it; it stays open `LATE_TOLERANCE`
+//! after, for a loaded host. Both ends are taken at accept, before the
+//! silence that classifies a connection, so that timer's jitter does not
+//! move them. Only the delay due next counts:
+//! consecutive rejections from one address follow libca's sequence. A PVA
+//! client is greeted as CA only if it shares its address with a rejecting
+//! peer (NAT) and is accepted within about 20 ms before libca's own
+//! reconnect. If it does, it rejects the CA greeting; the mark stays used
+//! and libca's own reconnect, greeted as PVA again, continues the chain.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -38,13 +48,17 @@ use tokio::time::Instant;
 /// plus scheduling; a PVA or CA client that accepts its greeting answers
 /// within the same time and is never counted.
 pub const REJECTED_WITHIN: Duration = Duration::from_millis(500);
-/// libca's reconnect delays after a failed circuit, in milliseconds.
-const LIBCA_RECONNECT_MS: [u64; 6] = [250, 500, 1000, 2000, 4000, 8000];
-/// How far from a reconnect delay a connection may arrive and still be
+/// libca's delay from each connect of a circuit rejected again and again
+/// to the next, in milliseconds (measured; the last one repeats).
+const LIBCA_RECONNECT_MS: [u64; 7] = [250, 250, 500, 1000, 2000, 4000, 8000];
+/// How much before its delay libca's reconnect may be accepted: only the
+/// slack of the accept times taken here.
+pub const EARLY_TOLERANCE: Duration = Duration::from_millis(10);
+/// How much after its delay libca's reconnect may be accepted and still be
 /// taken for libca's (scheduling on a loaded host, one round trip).
-pub const RECONNECT_TOLERANCE: Duration = Duration::from_millis(100);
-/// A mark older than the last reconnect window is dropped.
-pub const HINT_LIFETIME: Duration = Duration::from_millis(8100);
+pub const LATE_TOLERANCE: Duration = Duration::from_millis(150);
+/// A mark older than the longest reconnect window is dropped.
+pub const HINT_LIFETIME: Duration = Duration::from_millis(8000 + 150);
 /// Marked addresses kept at once; beyond it, the oldest mark goes.
 pub const MAX_HINTS: usize = 1024;
 
@@ -64,9 +78,42 @@ pub enum Greeting {
     Pva,
 }
 
+/// When a silent connection was accepted and when it was greeted.
+#[derive(Debug, Clone, Copy)]
+pub struct SilentTimes {
+    pub accepted: Instant,
+    pub greeted_at: Instant,
+}
+
+/// One address's last rejected PVA greeting.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    /// When the connection that rejected the PVA greeting was accepted.
+    accepted_at: Instant,
+    /// Rejections in a row from this address before this one: the index of
+    /// libca's next delay.
+    earlier_rejections: usize,
+    /// A CA greeting was given for this mark.
+    used: bool,
+}
+
+impl Mark {
+    fn reconnect_delay(&self) -> Duration {
+        let last = LIBCA_RECONNECT_MS.len() - 1;
+        Duration::from_millis(LIBCA_RECONNECT_MS[self.earlier_rejections.min(last)])
+    }
+
+    /// Whether a connection accepted at `accepted` comes when libca's
+    /// reconnect is due.
+    fn due(&self, accepted: Instant) -> bool {
+        let due = self.accepted_at + self.reconnect_delay();
+        accepted + EARLY_TOLERANCE >= due && accepted <= due + LATE_TOLERANCE
+    }
+}
+
 /// Source addresses whose last silent connection rejected the PVA greeting.
 pub struct SilentGreetings {
-    marks: Mutex<HashMap<IpAddr, Instant>>,
+    marks: Mutex<HashMap<IpAddr, Mark>>,
     max: usize,
 }
 
@@ -74,14 +121,6 @@ impl Default for SilentGreetings {
     fn default() -> Self {
         Self::new(MAX_HINTS)
     }
-}
-
-/// Whether a connection `since` after a mark comes when libca would retry.
-fn at_libca_reconnect(since: Duration) -> bool {
-    LIBCA_RECONNECT_MS.iter().any(|&ms| {
-        let delay = Duration::from_millis(ms);
-        since.abs_diff(delay) <= RECONNECT_TOLERANCE
-    })
 }
 
 impl SilentGreetings {
@@ -92,49 +131,84 @@ impl SilentGreetings {
         }
     }
 
-    /// The greeting for a new silent connection from `ip`. A mark is used
-    /// up when it makes a CA greeting, and dropped once too old.
-    pub fn choose(&self, ip: IpAddr, now: Instant) -> Greeting {
+    /// The greeting for a silent connection from `ip`, accepted at
+    /// `accepted`. A mark makes one CA greeting, and is dropped once old.
+    pub fn choose(&self, ip: IpAddr, accepted: Instant) -> Greeting {
         let mut marks = self.lock();
-        let Some(&at) = marks.get(&ip) else {
+        let Some(mark) = marks.get_mut(&ip) else {
             return Greeting::Pva;
         };
-        let since = now.duration_since(at);
-        if at_libca_reconnect(since) {
+        if accepted.saturating_duration_since(mark.accepted_at) > HINT_LIFETIME {
             marks.remove(&ip);
-            Greeting::Ca
-        } else {
-            if since > HINT_LIFETIME {
-                marks.remove(&ip);
-            }
-            Greeting::Pva
+            return Greeting::Pva;
         }
+        if !mark.used && mark.due(accepted) {
+            mark.used = true;
+            return Greeting::Ca;
+        }
+        Greeting::Pva
     }
 
-    /// Learns from how a silent connection from `ip` ended.
+    /// Learns from how a silent connection from `ip` ended at `now`.
     pub fn learn(
         &self,
         ip: IpAddr,
         greeted: Greeting,
         reception: Reception,
-        lasted: Duration,
+        times: SilentTimes,
         now: Instant,
     ) {
-        let rejected = reception == Reception::Silent && lasted < REJECTED_WITHIN;
-        if !rejected || greeted == Greeting::Ca {
-            // A rejected CA greeting leaves no mark: back to PVA.
-            return;
-        }
+        let SilentTimes {
+            accepted,
+            greeted_at,
+        } = times;
+        let rejected =
+            reception == Reception::Silent && now.duration_since(greeted_at) < REJECTED_WITHIN;
         let mut marks = self.lock();
-        if marks.len() >= self.max && !marks.contains_key(&ip) {
-            marks.retain(|_, at| now.duration_since(*at) <= HINT_LIFETIME);
-            if marks.len() >= self.max {
-                if let Some(oldest) = marks.iter().min_by_key(|(_, at)| **at).map(|(ip, _)| *ip) {
-                    marks.remove(&oldest);
-                }
+        match (greeted, rejected) {
+            // libca took its CA greeting: its chain of reconnects is over.
+            (Greeting::Ca, false) => {
+                marks.remove(&ip);
+            }
+            // A PVA client took libca's turn; libca's own reconnect, greeted
+            // as PVA, continues the chain.
+            (Greeting::Ca, true) | (Greeting::Pva, false) => {}
+            (Greeting::Pva, true) => {
+                let earlier_rejections = match marks.get(&ip) {
+                    Some(last) if now.duration_since(last.accepted_at) <= HINT_LIFETIME => {
+                        last.earlier_rejections + 1
+                    }
+                    _ => 0,
+                };
+                self.make_room(&mut marks, ip, now);
+                marks.insert(
+                    ip,
+                    Mark {
+                        accepted_at: accepted,
+                        earlier_rejections,
+                        used: false,
+                    },
+                );
             }
         }
-        marks.insert(ip, now);
+    }
+
+    /// Keeps the map within `max` before `ip` is inserted: expired marks go
+    /// first, then the oldest.
+    fn make_room(&self, marks: &mut HashMap<IpAddr, Mark>, ip: IpAddr, now: Instant) {
+        if marks.len() < self.max || marks.contains_key(&ip) {
+            return;
+        }
+        marks.retain(|_, mark| now.duration_since(mark.accepted_at) <= HINT_LIFETIME);
+        if marks.len() >= self.max {
+            let oldest = marks
+                .iter()
+                .min_by_key(|(_, mark)| mark.accepted_at)
+                .map(|(ip, _)| *ip);
+            if let Some(oldest) = oldest {
+                marks.remove(&oldest);
+            }
+        }
     }
 
     /// Addresses marked now.
@@ -148,7 +222,7 @@ impl SilentGreetings {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Instant>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Mark>> {
         // The map is consistent after every statement: a poisoned lock
         // still holds a usable map.
         self.marks.lock().unwrap_or_else(|p| p.into_inner())
@@ -159,11 +233,37 @@ impl SilentGreetings {
 mod tests {
     use super::*;
 
-    const FAST: Duration = Duration::from_millis(5);
+    /// libca reads the greeting and closes within a millisecond.
+    const FAST: Duration = Duration::from_millis(1);
     const LIBCA_FIRST_RETRY: Duration = Duration::from_millis(250);
 
     fn ip(last: u8) -> IpAddr {
         IpAddr::from([10, 0, 0, last])
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// The times of a connection accepted at `at`, greeted after the
+    /// classification window.
+    fn times(at: Instant) -> SilentTimes {
+        SilentTimes {
+            accepted: at,
+            greeted_at: at + ms(200),
+        }
+    }
+
+    /// A connection accepted at `at` that closed at once on its PVA greeting.
+    fn reject_pva(g: &SilentGreetings, who: IpAddr, at: Instant) {
+        let t = times(at);
+        g.learn(
+            who,
+            Greeting::Pva,
+            Reception::Silent,
+            t,
+            t.greeted_at + FAST,
+        );
     }
 
     #[test]
@@ -173,11 +273,11 @@ mod tests {
     }
 
     #[test]
-    fn a_rejected_pva_greeting_makes_libcas_retry_ca_once() {
+    fn a_rejected_pva_greeting_makes_libcas_reconnect_ca_once() {
         let g = SilentGreetings::default();
         let now = Instant::now();
-        g.learn(ip(1), Greeting::Pva, Reception::Silent, FAST, now);
-        let retry = now + LIBCA_FIRST_RETRY;
+        reject_pva(&g, ip(1), now);
+        let retry = now + LIBCA_FIRST_RETRY + ms(2);
         assert_eq!(
             g.choose(ip(2), retry),
             Greeting::Pva,
@@ -192,44 +292,126 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_between_libcas_retries_is_greeted_as_pva_and_keeps_the_mark() {
+    fn only_a_connection_when_libcas_reconnect_is_due_is_greeted_as_ca() {
         let g = SilentGreetings::default();
         let now = Instant::now();
-        g.learn(ip(1), Greeting::Pva, Reception::Silent, FAST, now);
-        assert_eq!(g.choose(ip(1), now), Greeting::Pva, "at once: not libca");
+        reject_pva(&g, ip(1), now);
+        // Measured in a failing run: a PVA client from the same address
+        // came 211 ms after the rejected connection, libca 252 ms after.
+        for early in [0, 100, 211, 239] {
+            assert_eq!(
+                g.choose(ip(1), now + ms(early)),
+                Greeting::Pva,
+                "{early} ms"
+            );
+        }
+        // The later delays of libca's sequence are not due yet.
+        for other in [500, 1000, 2000, 4000, 8000] {
+            assert_eq!(
+                g.choose(ip(1), now + ms(other)),
+                Greeting::Pva,
+                "{other} ms"
+            );
+        }
+        let g = SilentGreetings::default();
+        reject_pva(&g, ip(1), now);
+        assert_eq!(g.choose(ip(1), now + ms(241)), Greeting::Ca, "timer slack");
+        let g = SilentGreetings::default();
+        reject_pva(&g, ip(1), now);
         assert_eq!(
-            g.choose(ip(1), now + Duration::from_millis(700)),
-            Greeting::Pva
+            g.choose(ip(1), now + ms(400)),
+            Greeting::Ca,
+            "a loaded host"
         );
-        assert_eq!(
-            g.choose(ip(1), now + Duration::from_millis(1050)),
-            Greeting::Ca
-        );
+        let g = SilentGreetings::default();
+        reject_pva(&g, ip(1), now);
+        assert_eq!(g.choose(ip(1), now + ms(401)), Greeting::Pva, "too late");
     }
 
     #[test]
-    fn a_rejected_ca_greeting_leaves_the_address_on_pva() {
+    fn rejections_in_a_row_follow_libcas_delays() {
+        let sequence = [250, 250, 500, 1000, 2000, 4000, 8000, 8000];
+        for (rejections, delay) in (1..).zip(sequence) {
+            let g = SilentGreetings::default();
+            let mut at = Instant::now();
+            reject_pva(&g, ip(1), at);
+            for _ in 1..rejections {
+                // Silent again before any window: greeted as PVA, rejected.
+                at += ms(200);
+                assert_eq!(g.choose(ip(1), at), Greeting::Pva);
+                reject_pva(&g, ip(1), at);
+            }
+            let before = at + ms(delay) - ms(30);
+            assert_eq!(g.choose(ip(1), before), Greeting::Pva, "{rejections}");
+            let due = at + ms(delay) + ms(5);
+            assert_eq!(g.choose(ip(1), due), Greeting::Ca, "{rejections}");
+        }
+    }
+
+    #[test]
+    fn a_pva_client_that_takes_libcas_turn_leaves_the_chain_to_libca() {
         let g = SilentGreetings::default();
         let now = Instant::now();
-        g.learn(ip(1), Greeting::Pva, Reception::Silent, FAST, now);
+        reject_pva(&g, ip(1), now);
+        // A PVA client from the same address lands in the window first and
+        // rejects the CA greeting.
+        let stolen = now + ms(245);
+        assert_eq!(g.choose(ip(1), stolen), Greeting::Ca);
+        let t = times(stolen);
+        g.learn(
+            ip(1),
+            Greeting::Ca,
+            Reception::Silent,
+            t,
+            t.greeted_at + FAST,
+        );
+        // libca's own reconnect, a moment later, gets PVA and rejects it;
+        // its next reconnect (the second 0.25 s of its sequence) gets CA.
+        let libca = now + ms(252);
+        assert_eq!(g.choose(ip(1), libca), Greeting::Pva);
+        reject_pva(&g, ip(1), libca);
+        assert_eq!(g.choose(ip(1), libca + ms(255)), Greeting::Ca);
+    }
+
+    #[test]
+    fn libca_taking_its_ca_greeting_ends_the_chain() {
+        let g = SilentGreetings::default();
+        let now = Instant::now();
+        reject_pva(&g, ip(1), now);
         let retry = now + LIBCA_FIRST_RETRY;
         assert_eq!(g.choose(ip(1), retry), Greeting::Ca);
-        g.learn(ip(1), Greeting::Ca, Reception::Silent, FAST, retry);
-        assert_eq!(g.choose(ip(1), retry + LIBCA_FIRST_RETRY), Greeting::Pva);
+        let t = times(retry);
+        g.learn(
+            ip(1),
+            Greeting::Ca,
+            Reception::Spoke,
+            t,
+            t.greeted_at + ms(3),
+        );
+        assert!(g.is_empty());
+        let later = retry + ms(300);
+        reject_pva(&g, ip(1), later);
+        assert_eq!(
+            g.choose(ip(1), later + LIBCA_FIRST_RETRY),
+            Greeting::Ca,
+            "a new chain starts at libca's first delay"
+        );
     }
 
     #[test]
     fn a_peer_that_spoke_or_stayed_long_marks_nothing() {
         let g = SilentGreetings::default();
         let now = Instant::now();
-        g.learn(ip(1), Greeting::Pva, Reception::Spoke, FAST, now);
+        let t = times(now);
         g.learn(
             ip(1),
             Greeting::Pva,
-            Reception::Silent,
-            REJECTED_WITHIN,
-            now,
+            Reception::Spoke,
+            t,
+            t.greeted_at + FAST,
         );
+        let closed = t.greeted_at + REJECTED_WITHIN;
+        g.learn(ip(1), Greeting::Pva, Reception::Silent, t, closed);
         assert!(g.is_empty());
         assert_eq!(g.choose(ip(1), now + LIBCA_FIRST_RETRY), Greeting::Pva);
     }
@@ -238,9 +420,15 @@ mod tests {
     fn a_mark_expires_after_libcas_last_retry() {
         let g = SilentGreetings::default();
         let now = Instant::now();
-        g.learn(ip(1), Greeting::Pva, Reception::Silent, FAST, now);
+        reject_pva(&g, ip(1), now);
         assert_eq!(g.choose(ip(1), now + Duration::from_secs(9)), Greeting::Pva);
         assert!(g.is_empty());
+        reject_pva(&g, ip(1), now + Duration::from_secs(9));
+        assert_eq!(
+            g.choose(ip(1), now + Duration::from_secs(9) + LIBCA_FIRST_RETRY),
+            Greeting::Ca,
+            "an expired chain starts again at the first delay"
+        );
     }
 
     #[test]
@@ -248,16 +436,17 @@ mod tests {
         let g = SilentGreetings::new(3);
         let start = Instant::now();
         for n in 1..=4u8 {
-            let at = start + Duration::from_millis(u64::from(n));
-            g.learn(ip(n), Greeting::Pva, Reception::Silent, FAST, at);
+            reject_pva(&g, ip(n), start + ms(u64::from(n)));
         }
         assert_eq!(g.len(), 3);
-        let retry = start + LIBCA_FIRST_RETRY;
         assert_eq!(
-            g.choose(ip(1), retry),
+            g.choose(ip(1), start + ms(1) + LIBCA_FIRST_RETRY),
             Greeting::Pva,
             "the oldest was dropped"
         );
-        assert_eq!(g.choose(ip(4), retry), Greeting::Ca);
+        assert_eq!(
+            g.choose(ip(4), start + ms(4) + LIBCA_FIRST_RETRY),
+            Greeting::Ca
+        );
     }
 }

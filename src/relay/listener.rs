@@ -19,7 +19,7 @@
 //! panic in a session ends only that task (tokio catches it and drops the
 //! task's future, and with it the slot).
 
-use super::greeting::{Greeting, SilentGreetings};
+use super::greeting::{Greeting, SilentGreetings, SilentTimes};
 use super::limits::HostCounts;
 use super::metrics::{BadInput, Refusal, METRICS};
 use crate::ca;
@@ -190,6 +190,7 @@ async fn handle(
     services: &Services,
     greetings: &SilentGreetings,
 ) {
+    let accepted = Instant::now();
     let _ = stream.set_nodelay(true);
     let keepalive = socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
     let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
@@ -216,7 +217,7 @@ async fn handle(
         Protocol::Pva => {
             pva::session::serve(stream, peer, services.pva.clone()).await;
         }
-        Protocol::Silent => serve_silent(stream, peer, services, greetings).await,
+        Protocol::Silent => serve_silent(stream, peer, accepted, services, greetings).await,
         Protocol::Http => {
             let state = super::http::State {
                 ready: services.ca.resolver.is_running() && services.pva.resolver.is_running(),
@@ -231,25 +232,30 @@ async fn handle(
     }
 }
 
-/// Greets a silent connection as PVA, or as CA if its address's last
-/// silent connection rejected PVA, and learns from how this one ends.
+/// Greets a silent connection as PVA, or as CA if it comes when libca's
+/// reconnect is due after its address's last rejected PVA greeting, and
+/// learns from how this one ends.
 async fn serve_silent(
     stream: TcpStream,
     peer: SocketAddr,
+    accepted: Instant,
     services: &Services,
     greetings: &SilentGreetings,
 ) {
-    let opened = Instant::now();
-    let greeting = greetings.choose(peer.ip(), opened);
+    let times = SilentTimes {
+        accepted,
+        greeted_at: Instant::now(),
+    };
+    let greeting = greetings.choose(peer.ip(), accepted);
     let reception = match greeting {
         Greeting::Pva => pva::session::serve(stream, peer, services.pva.clone()).await,
         Greeting::Ca => {
-            info!(target: "nameshim::relay", %peer, "greeting a silent connection as CA: the last one from this address closed on the PVA greeting, as libca does");
+            info!(target: "nameshim::relay", %peer, "greeting a silent connection as CA: it came when libca's reconnect was due after this address closed on the PVA greeting");
             ca::session::serve(stream, peer, services.ca.clone()).await
         }
     };
     let now = Instant::now();
-    greetings.learn(peer.ip(), greeting, reception, now - opened, now);
+    greetings.learn(peer.ip(), greeting, reception, times, now);
 }
 
 /// Decides the protocol from the first byte, without consuming it. With
