@@ -11,6 +11,7 @@ mod limit_tests;
 
 use crate::relay::framing::Decoder;
 use crate::relay::outbox::Frame;
+use crate::relay::upstream::WireLen;
 use bytes::BytesMut;
 
 /// Frames CA messages on a TCP stream, refusing payloads above a limit.
@@ -28,6 +29,13 @@ impl Decoder for CaDecoder {
         needed: &mut usize,
     ) -> Result<Option<wire::Message>, wire::WireError> {
         wire::decode(buf, self.max_payload, needed)
+    }
+}
+
+/// Reserves a server's message towards the client at its size on the wire.
+impl WireLen for wire::Message {
+    fn wire_len(&self) -> usize {
+        wire::Message::wire_len(self)
     }
 }
 

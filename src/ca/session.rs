@@ -19,8 +19,8 @@ use super::wire::{self, Command, Header, Message};
 use super::{frame, CaDecoder};
 use crate::relay::discovery::{Answer, Awaiting, Resolver};
 use crate::relay::framing::{FrameReader, ReadError};
-use crate::relay::greeting::Reception;
 use crate::relay::limits::{self, ChannelBudget, ChannelShare, ClientDeadlines};
+use crate::relay::listener::Reception;
 use crate::relay::outbox::{Closed, ControlError, Frame, Outbox, Permit};
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
@@ -131,7 +131,7 @@ impl From<ControlError> for SessionError {
 
 /// Serves one client circuit until it closes or misbehaves.
 /// Says whether the client sent anything, for the shared port's choice of
-/// greeting (`relay::greeting`).
+/// greeting (`ports::greeting`).
 pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<CaContext>) -> Reception {
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
     let _counted = crate::relay::metrics::ClientGauge::enter(crate::relay::metrics::Proto::Ca);

@@ -177,12 +177,6 @@ pub struct Message {
     pub payload: Bytes,
 }
 
-impl crate::relay::upstream::WireLen for Message {
-    fn wire_len(&self) -> usize {
-        self.header.encoded_len() + self.payload.len()
-    }
-}
-
 impl Message {
     pub fn new(header: Header) -> Self {
         Message {

@@ -14,6 +14,7 @@ pub mod wire;
 
 use crate::relay::framing::Decoder;
 use crate::relay::outbox::Frame;
+use crate::relay::upstream::WireLen;
 use bytes::BytesMut;
 
 /// Frames PVA messages on a TCP stream (see `wire::Decoder`).
@@ -37,4 +38,11 @@ impl Decoder for wire::Decoder {
 /// A message as an outbox frame; the payload is shared, not copied.
 pub fn frame(message: &wire::Message) -> Frame {
     Frame::new(|head| message.header.encode(head), message.payload.clone())
+}
+
+/// Reserves a server's message towards the client at its size on the wire.
+impl WireLen for wire::Message {
+    fn wire_len(&self) -> usize {
+        wire::Message::wire_len(self)
+    }
 }

@@ -35,8 +35,8 @@ use super::unanswered::{self, Unanswered, Verdict};
 use super::wire::{self, Command, Message};
 use crate::relay::discovery::{Answer, Awaiting, Resolver};
 use crate::relay::framing::{FrameReader, ReadError};
-use crate::relay::greeting::Reception;
 use crate::relay::limits::{self, ChannelBudget, ChannelShare, ClientDeadlines};
+use crate::relay::listener::Reception;
 use crate::relay::outbox::{Closed, ControlError, Frame, Outbox, Permit};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::{HashMap, HashSet};
@@ -145,7 +145,7 @@ impl From<wire::WireError> for SessionError {
 
 /// Serves one PVA client connection until it closes or misbehaves.
 /// Says whether the client sent anything, for the shared port's choice of
-/// greeting (`relay::greeting`).
+/// greeting (`ports::greeting`).
 pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) -> Reception {
     let _counted = crate::relay::metrics::ClientGauge::enter(crate::relay::metrics::Proto::Pva);
     let listen_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);

@@ -153,12 +153,6 @@ pub struct Message {
     pub payload: Bytes,
 }
 
-impl crate::relay::upstream::WireLen for Message {
-    fn wire_len(&self) -> usize {
-        HEADER_LEN + self.payload.len()
-    }
-}
-
 impl Message {
     pub fn wire_len(&self) -> usize {
         HEADER_LEN + self.payload.len()

@@ -1,29 +1,15 @@
-//! The single TCP port: accepts, classifies, and hands each connection to
-//! the protocol that owns it.
-//!
-//! CA is client-first: libca sends VERSION (first byte 0x00) as soon as it
-//! connects. PVA is server-first: a PVA client sends nothing until the server
-//! greets it. So a connection whose first byte arrives within the
-//! classification window is CA, and one that stays silent is PVA. Nothing is
-//! sent before the protocol is known: a CA greeting breaks a PVA client and
-//! the reverse. Unless turned off, a first byte that is an ASCII capital
-//! letter (an HTTP method: GET, HEAD, ...) is plain HTTP, answered by
-//! [`super::http`] for health probes and metric scrapes.
-//!
-//! A silent connection is greeted as PVA, unless the last silent
-//! connection from its address rejected that greeting the way libca does
-//! (see `greeting`): a libca program that only sleeps never sends first.
+//! The listening side of every port: binds, accepts within the limits on
+//! clients and on each source address, and peeks at a connection's first
+//! byte. It knows no protocol: what serves a connection is the handler it
+//! is given (see `crate::ports`, which wires the protocols in).
 //!
 //! Each connection holds one of `max_clients` slots and one of its source
 //! address's `max_per_host` places until its task ends, by any path: a
 //! panic in a session ends only that task (tokio catches it and drops the
 //! task's future, and with it the slot).
 
-use super::greeting::{Greeting, SilentGreetings, SilentTimes};
 use super::limits::HostCounts;
-use super::metrics::{BadInput, Refusal, METRICS};
-use crate::ca;
-use crate::pva;
+use super::metrics::{Refusal, METRICS};
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -34,10 +20,6 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-/// First byte of every PVA message (`PVA_MAGIC`).
-const PVA_MAGIC: u8 = 0xCA;
-/// First byte of a CA VERSION message (command 0, big-endian).
-const CA_VERSION_FIRST_BYTE: u8 = 0x00;
 /// Wait after an accept error (EMFILE, ENOBUFS) so it cannot spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// Idle time before TCP keepalive probes a silent peer that may be gone.
@@ -46,85 +28,57 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 /// level at most this often; the others in between at debug level.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
 
+/// How many connections a port serves at once.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub max_clients: usize,
+    /// Connections from one source address at once.
+    pub max_per_host: usize,
+}
+
+/// What a connection's peer sent before the session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    Ca,
-    Pva,
-    /// An HTTP request (health or metrics).
-    Http,
-    /// The first byte belongs to neither protocol.
-    Unknown(u8),
-    /// Nothing arrived within the window: a PVA client, or a libca client
-    /// that has not flushed its VERSION yet.
+pub enum Reception {
+    /// At least one byte.
+    Spoke,
+    /// Nothing at all.
+    Silent,
+}
+
+/// What a new connection's peer sent first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstByte {
+    Byte(u8),
+    /// Nothing arrived within the window.
     Silent,
     /// The peer closed before sending anything.
     Closed,
 }
 
-/// What a listening port serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PortMode {
-    /// CA and PVA on one port, told apart by the first byte or by silence.
-    Shared {
-        classify_window: Duration,
-        /// Answer HTTP requests (`/healthz`, `/metrics`) too.
-        http: bool,
-    },
-    /// CA only: no classification, the client is greeted at once.
-    CaOnly,
-    /// PVA only: no classification, the client is greeted at once.
-    PvaOnly,
+/// Waits up to `window` for the peer's first byte, without consuming it.
+pub async fn peek_first_byte(stream: &TcpStream, window: Duration) -> io::Result<FirstByte> {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(window, stream.peek(&mut first)).await {
+        Err(_silent) => Ok(FirstByte::Silent),
+        Ok(Ok(0)) => Ok(FirstByte::Closed),
+        Ok(Ok(_)) => Ok(FirstByte::Byte(first[0])),
+        Ok(Err(e)) => Err(e),
+    }
 }
 
-pub struct ListenerConfig {
-    pub mode: PortMode,
-    pub max_clients: usize,
-    /// Connections from one source address at once.
-    pub max_per_host: usize,
-    /// Time an HTTP client has to send its request head.
-    pub http_timeout: Duration,
-}
-
-/// What the protocol sessions share.
-pub struct Services {
-    pub ca: Arc<ca::session::CaContext>,
-    pub pva: Arc<pva::session::PvaContext>,
-}
-
-/// Accepts connections until the task is dropped. Accept errors are logged
+/// Accepts connections until the task is dropped, and runs `handler` on
+/// its own task for each one, within the limits. Accept errors are logged
 /// and retried after a pause; they never end the listener.
-pub async fn serve(listener: TcpListener, config: ListenerConfig, services: Arc<Services>) {
-    let mode = config.mode;
-    let http_timeout = config.http_timeout;
-    let greetings = Arc::new(SilentGreetings::default());
-    accept_loop(
-        listener,
-        config.max_clients,
-        config.max_per_host,
-        move |stream, peer| {
-            let services = services.clone();
-            let greetings = greetings.clone();
-            async move { handle(stream, peer, mode, http_timeout, &services, &greetings).await }
-        },
-    )
-    .await
-}
-
-/// Runs `handler` on its own task for each connection, within the limits.
 /// A connection beyond its address's limit is closed at once rather than
 /// left to wait for a place: waiting would hold a slot, which is what the
 /// limit prevents.
-async fn accept_loop<H, F>(
-    listener: TcpListener,
-    max_clients: usize,
-    max_per_host: usize,
-    handler: H,
-) where
+pub async fn serve<H, F>(listener: TcpListener, limits: ConnectionLimits, handler: H)
+where
     H: Fn(TcpStream, SocketAddr) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
-    let slots = Arc::new(Semaphore::new(max_clients));
-    let hosts = HostCounts::new(max_per_host);
+    let slots = Arc::new(Semaphore::new(limits.max_clients));
+    let hosts = HostCounts::new(limits.max_per_host);
     let mut refusals = RefusalLog::default();
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -144,6 +98,9 @@ async fn accept_loop<H, F>(
             drop(stream);
             continue;
         };
+        let _ = stream.set_nodelay(true);
+        let keepalive = socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
         let connection = handler(stream, peer);
         tokio::spawn(async move {
             // Dropped with this future however it ends, a panic included.
@@ -182,102 +139,10 @@ impl RefusalLog {
     }
 }
 
-async fn handle(
-    stream: TcpStream,
-    peer: SocketAddr,
-    mode: PortMode,
-    http_timeout: Duration,
-    services: &Services,
-    greetings: &SilentGreetings,
-) {
-    let accepted = Instant::now();
-    let _ = stream.set_nodelay(true);
-    let keepalive = socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
-    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
-    let classified = match mode {
-        PortMode::Shared {
-            classify_window,
-            http,
-        } => classify(&stream, classify_window, http).await,
-        PortMode::CaOnly => Ok(Protocol::Ca),
-        PortMode::PvaOnly => Ok(Protocol::Pva),
-    };
-    let protocol = match classified {
-        Ok(protocol) => protocol,
-        Err(e) => {
-            debug!(target: "nameshim::relay", %peer, cause = %e, "connection failed before classification");
-            return;
-        }
-    };
-    debug!(target: "nameshim::relay", %peer, ?protocol, "classified connection");
-    match protocol {
-        Protocol::Ca => {
-            ca::session::serve(stream, peer, services.ca.clone()).await;
-        }
-        Protocol::Pva => {
-            pva::session::serve(stream, peer, services.pva.clone()).await;
-        }
-        Protocol::Silent => serve_silent(stream, peer, accepted, services, greetings).await,
-        Protocol::Http => {
-            let state = super::http::State {
-                ready: services.ca.resolver.is_running() && services.pva.resolver.is_running(),
-            };
-            super::http::serve(stream, peer, http_timeout, state).await
-        }
-        Protocol::Unknown(byte) => {
-            METRICS.bad_input(BadInput::UnknownProtocol);
-            warn!(target: "nameshim::relay", %peer, first_byte = byte, "closing connection: neither CA nor PVA")
-        }
-        Protocol::Closed => {}
-    }
-}
-
-/// Greets a silent connection as PVA, or as CA if it comes when libca's
-/// reconnect is due after its address's last rejected PVA greeting, and
-/// learns from how this one ends.
-async fn serve_silent(
-    stream: TcpStream,
-    peer: SocketAddr,
-    accepted: Instant,
-    services: &Services,
-    greetings: &SilentGreetings,
-) {
-    let times = SilentTimes {
-        accepted,
-        greeted_at: Instant::now(),
-    };
-    let greeting = greetings.choose(peer.ip(), accepted);
-    let reception = match greeting {
-        Greeting::Pva => pva::session::serve(stream, peer, services.pva.clone()).await,
-        Greeting::Ca => {
-            info!(target: "nameshim::relay", %peer, "greeting a silent connection as CA: it came when libca's reconnect was due after this address closed on the PVA greeting");
-            ca::session::serve(stream, peer, services.ca.clone()).await
-        }
-    };
-    let now = Instant::now();
-    greetings.learn(peer.ip(), greeting, reception, times, now);
-}
-
-/// Decides the protocol from the first byte, without consuming it. With
-/// `http`, a capital letter starts an HTTP request.
-pub async fn classify(stream: &TcpStream, window: Duration, http: bool) -> io::Result<Protocol> {
-    let mut first = [0u8; 1];
-    match tokio::time::timeout(window, stream.peek(&mut first)).await {
-        Err(_silent) => Ok(Protocol::Silent),
-        Ok(Ok(0)) => Ok(Protocol::Closed),
-        Ok(Ok(_)) => Ok(match first[0] {
-            CA_VERSION_FIRST_BYTE => Protocol::Ca,
-            PVA_MAGIC => Protocol::Pva,
-            b'A'..=b'Z' if http => Protocol::Http,
-            other => Protocol::Unknown(other),
-        }),
-        Ok(Err(e)) => Err(e),
-    }
-}
-
 /// Binds the listening socket, with SO_REUSEADDR so a restart can rebind
 /// while old connections linger in TIME_WAIT.
-pub fn bind(addr: SocketAddr, mode: PortMode) -> io::Result<TcpListener> {
+/// `protocols` names what it serves, for the log.
+pub fn bind(addr: SocketAddr, protocols: &str) -> io::Result<TcpListener> {
     let domain = socket2::Domain::for_address(addr);
     let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -285,12 +150,6 @@ pub fn bind(addr: SocketAddr, mode: PortMode) -> io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     let listener = TcpListener::from_std(socket.into())?;
-    let protocols = match mode {
-        PortMode::Shared { http: true, .. } => "ca,pva,http",
-        PortMode::Shared { http: false, .. } => "ca,pva",
-        PortMode::CaOnly => "ca",
-        PortMode::PvaOnly => "pva",
-    };
     info!(target: "nameshim::relay", addr = %listener.local_addr()?, protocols, "listening");
     Ok(listener)
 }
@@ -331,16 +190,15 @@ mod tests {
     async fn holding_listener(max_clients: usize, max_per_host: usize) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(accept_loop(
-            listener,
+        let limits = ConnectionLimits {
             max_clients,
             max_per_host,
-            |mut stream, _| async move {
-                let _ = stream.write_all(b"+").await;
-                let mut sink = [0u8; 16];
-                while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
-            },
-        ));
+        };
+        tokio::spawn(serve(listener, limits, |mut stream, _| async move {
+            let _ = stream.write_all(b"+").await;
+            let mut sink = [0u8; 16];
+            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+        }));
         addr
     }
 
@@ -379,7 +237,11 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let count = served.clone();
-        tokio::spawn(accept_loop(listener, 1, 1, move |mut stream, _| {
+        let one = ConnectionLimits {
+            max_clients: 1,
+            max_per_host: 1,
+        };
+        tokio::spawn(serve(listener, one, move |mut stream, _| {
             let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             async move {
                 if n == 0 {
@@ -397,66 +259,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn ca_version_first_is_ca() {
-        let (mut client, server) = pair().await;
-        client.write_all(&[0, 0, 0, 0, 0, 0, 0, 13]).await.unwrap();
-        let got = classify(&server, Duration::from_secs(5), true)
+    async fn a_first_byte_is_peeked_not_consumed() {
+        let (mut client, mut server) = pair().await;
+        client.write_all(&[0xCA, 2]).await.unwrap();
+        let got = peek_first_byte(&server, Duration::from_secs(5))
             .await
             .unwrap();
-        assert_eq!(got, Protocol::Ca);
+        assert_eq!(got, FirstByte::Byte(0xCA));
+        assert_eq!(first_byte(&mut server).await, Some(0xCA), "still there");
     }
 
     #[tokio::test]
     async fn silence_is_silent() {
         let (_client, server) = pair().await;
-        let got = classify(&server, Duration::from_millis(30), true)
+        let got = peek_first_byte(&server, Duration::from_millis(30))
             .await
             .unwrap();
-        assert_eq!(got, Protocol::Silent);
-    }
-
-    #[tokio::test]
-    async fn other_first_byte_is_unknown() {
-        let (mut client, server) = pair().await;
-        client.write_all(b"\x16\x03\x01").await.unwrap();
-        let got = classify(&server, Duration::from_secs(5), true)
-            .await
-            .unwrap();
-        assert_eq!(got, Protocol::Unknown(0x16));
-    }
-
-    #[tokio::test]
-    async fn an_http_method_first_is_http() {
-        for request in [
-            &b"GET /metrics HTTP/1.0\r\n"[..],
-            b"HEAD /healthz HTTP/1.1\r\n",
-        ] {
-            let (mut client, server) = pair().await;
-            client.write_all(request).await.unwrap();
-            let got = classify(&server, Duration::from_secs(5), true)
-                .await
-                .unwrap();
-            assert_eq!(got, Protocol::Http);
-        }
-    }
-
-    #[tokio::test]
-    async fn with_http_off_a_request_is_unknown() {
-        let (mut client, server) = pair().await;
-        client.write_all(b"GET / HTTP/1.0\r\n").await.unwrap();
-        let got = classify(&server, Duration::from_secs(5), false)
-            .await
-            .unwrap();
-        assert_eq!(got, Protocol::Unknown(b'G'));
+        assert_eq!(got, FirstByte::Silent);
     }
 
     #[tokio::test]
     async fn close_without_data_is_closed() {
         let (client, server) = pair().await;
         drop(client);
-        let got = classify(&server, Duration::from_secs(5), true)
+        let got = peek_first_byte(&server, Duration::from_secs(5))
             .await
             .unwrap();
-        assert_eq!(got, Protocol::Closed);
+        assert_eq!(got, FirstByte::Closed);
     }
 }

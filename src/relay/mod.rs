@@ -3,7 +3,6 @@
 
 pub mod discovery;
 pub mod framing;
-pub mod greeting;
 pub mod http;
 pub mod limits;
 pub mod listener;

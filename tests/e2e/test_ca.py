@@ -171,7 +171,7 @@ def test_client_that_never_polls_connects_on_the_ca_only_port(site):
 def test_client_that_never_polls_gets_its_first_update_within_2s_on_the_shared_port(site, record_property):
     # The silent libca circuit is first greeted as PVA and rejects it; libca
     # reconnects after 0.25 s and that silent connection, from the same
-    # address, is greeted as CA (relay::greeting). Meanwhile PVA clients
+    # address, is greeted as CA (ports::greeting). Meanwhile PVA clients
     # from the same address (as behind NAT) and a health check that
     # connects and closes must be served as before.
     pva_results, pva_errors = [], []

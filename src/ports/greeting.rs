@@ -37,6 +37,7 @@
 //! reconnect. If it does, it rejects the CA greeting; the mark stays used
 //! and libca's own reconnect, greeted as PVA again, continues the chain.
 
+use crate::relay::listener::Reception;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -61,15 +62,6 @@ pub const LATE_TOLERANCE: Duration = Duration::from_millis(150);
 pub const HINT_LIFETIME: Duration = Duration::from_millis(8000 + 150);
 /// Marked addresses kept at once; beyond it, the oldest mark goes.
 pub const MAX_HINTS: usize = 1024;
-
-/// What a connection's peer sent before the session ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reception {
-    /// At least one byte.
-    Spoke,
-    /// Nothing at all.
-    Silent,
-}
 
 /// The greeting a silent connection got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
