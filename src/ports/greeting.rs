@@ -30,12 +30,18 @@
 //! opens only `EARLY_TOLERANCE` before it; it stays open `LATE_TOLERANCE`
 //! after, for a loaded host. Both ends are taken at accept, before the
 //! silence that classifies a connection, so that timer's jitter does not
-//! move them. Only the delay due next counts:
-//! consecutive rejections from one address follow libca's sequence. A PVA
-//! client is greeted as CA only if it shares its address with a rejecting
-//! peer (NAT) and is accepted within about 20 ms before libca's own
-//! reconnect. If it does, it rejects the CA greeting; the mark stays used
-//! and libca's own reconnect, greeted as PVA again, continues the chain.
+//! move them. Only the delay due next counts: consecutive rejections from
+//! one address follow libca's sequence.
+//!
+//! A PVA client behind the same address (NAT) may still land in the window
+//! just before libca's own reconnect. So the connection that comes when the
+//! reconnect is due is a candidate: it waits `CONTEST_WAIT` before it is
+//! greeted, and if another silent connection from the address is accepted
+//! within `CONTEST_WINDOW` of it, both are greeted as PVA. The PVA client
+//! answers; libca rejects once more and is greeted as CA at its next delay.
+//! Only a PVA client alone in the window, with libca more than
+//! `CONTEST_WINDOW` late, is greeted as CA; it rejects the greeting and
+//! libca's own reconnect, greeted as PVA, continues the chain.
 
 use crate::relay::listener::Reception;
 use std::collections::HashMap;
@@ -60,6 +66,17 @@ pub const EARLY_TOLERANCE: Duration = Duration::from_millis(10);
 pub const LATE_TOLERANCE: Duration = Duration::from_millis(150);
 /// A mark older than the longest reconnect window is dropped.
 pub const HINT_LIFETIME: Duration = Duration::from_millis(8000 + 150);
+/// Two silent connections from one address accepted this close to each
+/// other, one of them when libca's reconnect was due, are both greeted as
+/// PVA: one is a PVA client, and libca (taken for the other) is late. Each
+/// greeting is right for the PVA client; libca, rejected once more, comes
+/// back at its next delay and is greeted as CA then. A PVA client greeted
+/// as CA would lose 10 s, libca loses 0.25 s. libca comes at most a few
+/// milliseconds after its delay (measured 1.5 to 9 ms on a busy host).
+pub const CONTEST_WINDOW: Duration = Duration::from_millis(40);
+/// How long a candidate waits before it is greeted: the contest window and
+/// the jitter of the classification timers.
+pub const CONTEST_WAIT: Duration = Duration::from_millis(50);
 /// Marked addresses kept at once; beyond it, the oldest mark goes.
 pub const MAX_HINTS: usize = 1024;
 
@@ -85,8 +102,29 @@ struct Mark {
     /// Rejections in a row from this address before this one: the index of
     /// libca's next delay.
     earlier_rejections: usize,
-    /// A CA greeting was given for this mark.
-    used: bool,
+    /// Where libca's reconnect after this rejection stands.
+    turn: Turn,
+}
+
+/// The connection that comes when libca's reconnect is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    /// Not come yet.
+    Open,
+    /// A silent connection accepted at `accepted` came when it was due; it
+    /// waits `CONTEST_WAIT` for another silent connection from the address.
+    Claimed { accepted: Instant, contested: bool },
+    /// Settled: the connection was greeted.
+    Taken,
+}
+
+/// What `SilentGreetings::choose` decided for a silent connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice {
+    Pva,
+    /// It came when libca's reconnect was due: wait `CONTEST_WAIT`, then
+    /// ask `SilentGreetings::settle`.
+    Candidate,
 }
 
 impl Mark {
@@ -101,6 +139,12 @@ impl Mark {
         let due = self.accepted_at + self.reconnect_delay();
         accepted + EARLY_TOLERANCE >= due && accepted <= due + LATE_TOLERANCE
     }
+}
+
+/// How far apart two instants are, either way.
+fn apart(a: Instant, b: Instant) -> Duration {
+    a.saturating_duration_since(b)
+        .max(b.saturating_duration_since(a))
 }
 
 /// Source addresses whose last silent connection rejected the PVA greeting.
@@ -123,22 +167,62 @@ impl SilentGreetings {
         }
     }
 
-    /// The greeting for a silent connection from `ip`, accepted at
-    /// `accepted`. A mark makes one CA greeting, and is dropped once old.
-    pub fn choose(&self, ip: IpAddr, accepted: Instant) -> Greeting {
+    /// The first step of the greeting for a silent connection from `ip`,
+    /// accepted at `accepted`. A mark makes at most one candidate, and is
+    /// dropped once old.
+    pub fn choose(&self, ip: IpAddr, accepted: Instant) -> Choice {
+        let mut marks = self.lock();
+        let Some(mark) = marks.get_mut(&ip) else {
+            return Choice::Pva;
+        };
+        if accepted.saturating_duration_since(mark.accepted_at) > HINT_LIFETIME {
+            marks.remove(&ip);
+            return Choice::Pva;
+        }
+        let due = mark.due(accepted);
+        match &mut mark.turn {
+            Turn::Claimed {
+                accepted: first,
+                contested,
+            } if apart(accepted, *first) <= CONTEST_WINDOW => {
+                *contested = true;
+                Choice::Pva
+            }
+            Turn::Open if due => {
+                mark.turn = Turn::Claimed {
+                    accepted,
+                    contested: false,
+                };
+                Choice::Candidate
+            }
+            _ => Choice::Pva,
+        }
+    }
+
+    /// The greeting for a candidate accepted at `accepted`, once it has
+    /// waited `CONTEST_WAIT`: CA, unless another silent connection from
+    /// its address contested it.
+    pub fn settle(&self, ip: IpAddr, accepted: Instant) -> Greeting {
         let mut marks = self.lock();
         let Some(mark) = marks.get_mut(&ip) else {
             return Greeting::Pva;
         };
-        if accepted.saturating_duration_since(mark.accepted_at) > HINT_LIFETIME {
-            marks.remove(&ip);
-            return Greeting::Pva;
+        match mark.turn {
+            Turn::Claimed {
+                accepted: claimed,
+                contested,
+            } if claimed == accepted => {
+                mark.turn = Turn::Taken;
+                if contested {
+                    Greeting::Pva
+                } else {
+                    Greeting::Ca
+                }
+            }
+            // The mark was replaced: a silent connection from the address
+            // rejected PVA meanwhile, which is a contest too.
+            _ => Greeting::Pva,
         }
-        if !mark.used && mark.due(accepted) {
-            mark.used = true;
-            return Greeting::Ca;
-        }
-        Greeting::Pva
     }
 
     /// Learns from how a silent connection from `ip` ended at `now`.
@@ -162,8 +246,8 @@ impl SilentGreetings {
             (Greeting::Ca, false) => {
                 marks.remove(&ip);
             }
-            // A PVA client took libca's turn; libca's own reconnect, greeted
-            // as PVA, continues the chain.
+            // A PVA client took libca's turn alone; libca's own reconnect,
+            // greeted as PVA, continues the chain.
             (Greeting::Ca, true) | (Greeting::Pva, false) => {}
             (Greeting::Pva, true) => {
                 let earlier_rejections = match marks.get(&ip) {
@@ -178,7 +262,7 @@ impl SilentGreetings {
                     Mark {
                         accepted_at: accepted,
                         earlier_rejections,
-                        used: false,
+                        turn: Turn::Open,
                     },
                 );
             }
@@ -246,6 +330,15 @@ mod tests {
         }
     }
 
+    /// The greeting a lone silent connection accepted at `at` gets, with no
+    /// other from its address during its wait.
+    fn greet(g: &SilentGreetings, who: IpAddr, at: Instant) -> Greeting {
+        match g.choose(who, at) {
+            Choice::Pva => Greeting::Pva,
+            Choice::Candidate => g.settle(who, at),
+        }
+    }
+
     /// A connection accepted at `at` that closed at once on its PVA greeting.
     fn reject_pva(g: &SilentGreetings, who: IpAddr, at: Instant) {
         let t = times(at);
@@ -261,7 +354,7 @@ mod tests {
     #[test]
     fn silence_is_greeted_as_pva_by_default() {
         let g = SilentGreetings::default();
-        assert_eq!(g.choose(ip(1), Instant::now()), Greeting::Pva);
+        assert_eq!(greet(&g, ip(1), Instant::now()), Greeting::Pva);
     }
 
     #[test]
@@ -271,13 +364,13 @@ mod tests {
         reject_pva(&g, ip(1), now);
         let retry = now + LIBCA_FIRST_RETRY + ms(2);
         assert_eq!(
-            g.choose(ip(2), retry),
+            greet(&g, ip(2), retry),
             Greeting::Pva,
             "other addresses are untouched"
         );
-        assert_eq!(g.choose(ip(1), retry), Greeting::Ca);
+        assert_eq!(greet(&g, ip(1), retry), Greeting::Ca);
         assert_eq!(
-            g.choose(ip(1), retry),
+            greet(&g, ip(1), retry),
             Greeting::Pva,
             "the mark is used once"
         );
@@ -292,7 +385,7 @@ mod tests {
         // came 211 ms after the rejected connection, libca 252 ms after.
         for early in [0, 100, 211, 239] {
             assert_eq!(
-                g.choose(ip(1), now + ms(early)),
+                greet(&g, ip(1), now + ms(early)),
                 Greeting::Pva,
                 "{early} ms"
             );
@@ -300,24 +393,24 @@ mod tests {
         // The later delays of libca's sequence are not due yet.
         for other in [500, 1000, 2000, 4000, 8000] {
             assert_eq!(
-                g.choose(ip(1), now + ms(other)),
+                greet(&g, ip(1), now + ms(other)),
                 Greeting::Pva,
                 "{other} ms"
             );
         }
         let g = SilentGreetings::default();
         reject_pva(&g, ip(1), now);
-        assert_eq!(g.choose(ip(1), now + ms(241)), Greeting::Ca, "timer slack");
+        assert_eq!(greet(&g, ip(1), now + ms(241)), Greeting::Ca, "timer slack");
         let g = SilentGreetings::default();
         reject_pva(&g, ip(1), now);
         assert_eq!(
-            g.choose(ip(1), now + ms(400)),
+            greet(&g, ip(1), now + ms(400)),
             Greeting::Ca,
             "a loaded host"
         );
         let g = SilentGreetings::default();
         reject_pva(&g, ip(1), now);
-        assert_eq!(g.choose(ip(1), now + ms(401)), Greeting::Pva, "too late");
+        assert_eq!(greet(&g, ip(1), now + ms(401)), Greeting::Pva, "too late");
     }
 
     #[test]
@@ -330,13 +423,13 @@ mod tests {
             for _ in 1..rejections {
                 // Silent again before any window: greeted as PVA, rejected.
                 at += ms(200);
-                assert_eq!(g.choose(ip(1), at), Greeting::Pva);
+                assert_eq!(greet(&g, ip(1), at), Greeting::Pva);
                 reject_pva(&g, ip(1), at);
             }
             let before = at + ms(delay) - ms(30);
-            assert_eq!(g.choose(ip(1), before), Greeting::Pva, "{rejections}");
+            assert_eq!(greet(&g, ip(1), before), Greeting::Pva, "{rejections}");
             let due = at + ms(delay) + ms(5);
-            assert_eq!(g.choose(ip(1), due), Greeting::Ca, "{rejections}");
+            assert_eq!(greet(&g, ip(1), due), Greeting::Ca, "{rejections}");
         }
     }
 
@@ -348,7 +441,7 @@ mod tests {
         // A PVA client from the same address lands in the window first and
         // rejects the CA greeting.
         let stolen = now + ms(245);
-        assert_eq!(g.choose(ip(1), stolen), Greeting::Ca);
+        assert_eq!(greet(&g, ip(1), stolen), Greeting::Ca);
         let t = times(stolen);
         g.learn(
             ip(1),
@@ -360,9 +453,9 @@ mod tests {
         // libca's own reconnect, a moment later, gets PVA and rejects it;
         // its next reconnect (the second 0.25 s of its sequence) gets CA.
         let libca = now + ms(252);
-        assert_eq!(g.choose(ip(1), libca), Greeting::Pva);
+        assert_eq!(greet(&g, ip(1), libca), Greeting::Pva);
         reject_pva(&g, ip(1), libca);
-        assert_eq!(g.choose(ip(1), libca + ms(255)), Greeting::Ca);
+        assert_eq!(greet(&g, ip(1), libca + ms(255)), Greeting::Ca);
     }
 
     #[test]
@@ -371,7 +464,7 @@ mod tests {
         let now = Instant::now();
         reject_pva(&g, ip(1), now);
         let retry = now + LIBCA_FIRST_RETRY;
-        assert_eq!(g.choose(ip(1), retry), Greeting::Ca);
+        assert_eq!(greet(&g, ip(1), retry), Greeting::Ca);
         let t = times(retry);
         g.learn(
             ip(1),
@@ -384,7 +477,7 @@ mod tests {
         let later = retry + ms(300);
         reject_pva(&g, ip(1), later);
         assert_eq!(
-            g.choose(ip(1), later + LIBCA_FIRST_RETRY),
+            greet(&g, ip(1), later + LIBCA_FIRST_RETRY),
             Greeting::Ca,
             "a new chain starts at libca's first delay"
         );
@@ -405,7 +498,7 @@ mod tests {
         let closed = t.greeted_at + REJECTED_WITHIN;
         g.learn(ip(1), Greeting::Pva, Reception::Silent, t, closed);
         assert!(g.is_empty());
-        assert_eq!(g.choose(ip(1), now + LIBCA_FIRST_RETRY), Greeting::Pva);
+        assert_eq!(greet(&g, ip(1), now + LIBCA_FIRST_RETRY), Greeting::Pva);
     }
 
     #[test]
@@ -413,11 +506,14 @@ mod tests {
         let g = SilentGreetings::default();
         let now = Instant::now();
         reject_pva(&g, ip(1), now);
-        assert_eq!(g.choose(ip(1), now + Duration::from_secs(9)), Greeting::Pva);
+        assert_eq!(
+            greet(&g, ip(1), now + Duration::from_secs(9)),
+            Greeting::Pva
+        );
         assert!(g.is_empty());
         reject_pva(&g, ip(1), now + Duration::from_secs(9));
         assert_eq!(
-            g.choose(ip(1), now + Duration::from_secs(9) + LIBCA_FIRST_RETRY),
+            greet(&g, ip(1), now + Duration::from_secs(9) + LIBCA_FIRST_RETRY),
             Greeting::Ca,
             "an expired chain starts again at the first delay"
         );
@@ -432,13 +528,66 @@ mod tests {
         }
         assert_eq!(g.len(), 3);
         assert_eq!(
-            g.choose(ip(1), start + ms(1) + LIBCA_FIRST_RETRY),
+            greet(&g, ip(1), start + ms(1) + LIBCA_FIRST_RETRY),
             Greeting::Pva,
             "the oldest was dropped"
         );
         assert_eq!(
-            g.choose(ip(4), start + ms(4) + LIBCA_FIRST_RETRY),
+            greet(&g, ip(4), start + ms(4) + LIBCA_FIRST_RETRY),
             Greeting::Ca
         );
+    }
+
+    #[test]
+    fn two_silent_connections_when_libcas_reconnect_is_due_are_both_greeted_as_pva() {
+        let g = SilentGreetings::default();
+        let now = Instant::now();
+        reject_pva(&g, ip(1), now);
+        // A PVA client lands in the window; libca comes 9 ms later.
+        let pva_client = now + ms(248);
+        let libca = now + ms(257);
+        assert_eq!(g.choose(ip(1), pva_client), Choice::Candidate);
+        assert_eq!(g.choose(ip(2), libca), Choice::Pva, "other addresses");
+        assert_eq!(g.choose(ip(1), libca), Choice::Pva, "contested");
+        assert_eq!(g.settle(ip(1), pva_client), Greeting::Pva);
+        // libca rejects PVA once more; its next reconnect (the second
+        // 0.25 s of its sequence) is greeted as CA.
+        reject_pva(&g, ip(1), libca);
+        assert_eq!(greet(&g, ip(1), libca + ms(253)), Greeting::Ca);
+    }
+
+    #[test]
+    fn a_connection_far_from_the_candidate_does_not_contest_it() {
+        let g = SilentGreetings::default();
+        let now = Instant::now();
+        reject_pva(&g, ip(1), now);
+        let libca = now + ms(252);
+        assert_eq!(g.choose(ip(1), libca), Choice::Candidate);
+        let later = libca + CONTEST_WINDOW + ms(1);
+        assert_eq!(g.choose(ip(1), later), Choice::Pva);
+        assert_eq!(g.settle(ip(1), libca), Greeting::Ca);
+    }
+
+    #[test]
+    fn a_connection_accepted_just_before_the_candidate_contests_it() {
+        // Its classification timer fired after the candidate's.
+        let g = SilentGreetings::default();
+        let now = Instant::now();
+        reject_pva(&g, ip(1), now);
+        let libca = now + ms(252);
+        assert_eq!(g.choose(ip(1), libca), Choice::Candidate);
+        assert_eq!(g.choose(ip(1), libca - ms(20)), Choice::Pva);
+        assert_eq!(g.settle(ip(1), libca), Greeting::Pva);
+    }
+
+    #[test]
+    fn a_candidate_whose_mark_was_replaced_meanwhile_is_greeted_as_pva() {
+        let g = SilentGreetings::default();
+        let now = Instant::now();
+        reject_pva(&g, ip(1), now);
+        let candidate = now + ms(250);
+        assert_eq!(g.choose(ip(1), candidate), Choice::Candidate);
+        reject_pva(&g, ip(1), candidate + ms(5));
+        assert_eq!(g.settle(ip(1), candidate), Greeting::Pva);
     }
 }

@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::relay::listener::{self, ConnectionLimits, FirstByte};
 use crate::relay::metrics::{BadInput, METRICS};
 use crate::{ca, pva, relay};
-use greeting::{Greeting, SilentGreetings, SilentTimes};
+use greeting::{Choice, Greeting, SilentGreetings, SilentTimes};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -128,11 +128,15 @@ async fn serve(
     http_timeout: Duration,
     services: Arc<Services>,
 ) {
-    let greetings = Arc::new(SilentGreetings::default());
-    listener::serve(port, limits, move |stream, peer| {
-        let services = services.clone();
-        let greetings = greetings.clone();
-        async move { handle(stream, peer, mode, http_timeout, &services, &greetings).await }
+    let context = Arc::new(PortContext {
+        mode,
+        http_timeout,
+        services,
+        greetings: SilentGreetings::default(),
+    });
+    listener::serve(port, limits, move |stream, peer, accepted| {
+        let context = context.clone();
+        async move { handle(stream, peer, accepted, &context).await }
     })
     .await
 }
@@ -191,16 +195,17 @@ fn start_services(config: &Config) -> io::Result<Arc<Services>> {
     Ok(Arc::new(Services { ca, pva }))
 }
 
-async fn handle(
-    stream: TcpStream,
-    peer: SocketAddr,
+/// What one port's connections share.
+struct PortContext {
     mode: PortMode,
     http_timeout: Duration,
-    services: &Services,
-    greetings: &SilentGreetings,
-) {
-    let accepted = Instant::now();
-    let classified = match mode {
+    services: Arc<Services>,
+    greetings: SilentGreetings,
+}
+
+async fn handle(stream: TcpStream, peer: SocketAddr, accepted: Instant, port: &PortContext) {
+    let services = &port.services;
+    let classified = match port.mode {
         PortMode::Shared {
             classify_window,
             http,
@@ -223,12 +228,12 @@ async fn handle(
         Protocol::Pva => {
             pva::session::serve(stream, peer, services.pva.clone()).await;
         }
-        Protocol::Silent => serve_silent(stream, peer, accepted, services, greetings).await,
+        Protocol::Silent => serve_silent(stream, peer, accepted, services, &port.greetings).await,
         Protocol::Http => {
             let state = relay::http::State {
                 ready: services.ca.resolver.is_running() && services.pva.resolver.is_running(),
             };
-            relay::http::serve(stream, peer, http_timeout, state).await
+            relay::http::serve(stream, peer, port.http_timeout, state).await
         }
         Protocol::Unknown(byte) => {
             METRICS.bad_input(BadInput::UnknownProtocol);
@@ -252,7 +257,17 @@ async fn serve_silent(
         accepted,
         greeted_at: Instant::now(),
     };
-    let greeting = greetings.choose(peer.ip(), accepted);
+    let greeting = match greetings.choose(peer.ip(), accepted) {
+        Choice::Pva => Greeting::Pva,
+        Choice::Candidate => {
+            tokio::time::sleep(greeting::CONTEST_WAIT).await;
+            let settled = greetings.settle(peer.ip(), accepted);
+            if settled == Greeting::Pva {
+                info!(target: "nameshim::relay", %peer, "greeting a silent connection as PVA: another one from this address came when libca's reconnect was due, and one of them may be a PVA client");
+            }
+            settled
+        }
+    };
     let reception = match greeting {
         Greeting::Pva => pva::session::serve(stream, peer, services.pva.clone()).await,
         Greeting::Ca => {

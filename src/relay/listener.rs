@@ -67,14 +67,15 @@ pub async fn peek_first_byte(stream: &TcpStream, window: Duration) -> io::Result
 }
 
 /// Accepts connections until the task is dropped, and runs `handler` on
-/// its own task for each one, within the limits. Accept errors are logged
+/// its own task for each one, within the limits, with the time it was
+/// accepted. Accept errors are logged
 /// and retried after a pause; they never end the listener.
 /// A connection beyond its address's limit is closed at once rather than
 /// left to wait for a place: waiting would hold a slot, which is what the
 /// limit prevents.
 pub async fn serve<H, F>(listener: TcpListener, limits: ConnectionLimits, handler: H)
 where
-    H: Fn(TcpStream, SocketAddr) -> F,
+    H: Fn(TcpStream, SocketAddr, Instant) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(limits.max_clients));
@@ -92,6 +93,8 @@ where
                 continue;
             }
         };
+        // Taken here, not in the connection's task, whose start may wait.
+        let accepted_at = Instant::now();
         let Some(host) = hosts.enter(peer.ip()) else {
             refusals.note(peer.ip(), hosts.max());
             METRICS.refused(Refusal::PerHost);
@@ -101,7 +104,7 @@ where
         let _ = stream.set_nodelay(true);
         let keepalive = socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
-        let connection = handler(stream, peer);
+        let connection = handler(stream, peer, accepted_at);
         tokio::spawn(async move {
             // Dropped with this future however it ends, a panic included.
             let _held = (slot, host);
@@ -194,7 +197,7 @@ mod tests {
             max_clients,
             max_per_host,
         };
-        tokio::spawn(serve(listener, limits, |mut stream, _| async move {
+        tokio::spawn(serve(listener, limits, |mut stream, _, _| async move {
             let _ = stream.write_all(b"+").await;
             let mut sink = [0u8; 16];
             while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
@@ -241,7 +244,7 @@ mod tests {
             max_clients: 1,
             max_per_host: 1,
         };
-        tokio::spawn(serve(listener, one, move |mut stream, _| {
+        tokio::spawn(serve(listener, one, move |mut stream, _, _| {
             let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             async move {
                 if n == 0 {
