@@ -603,3 +603,7 @@ mod tests {
         assert_eq!(options.command, ["softIoc", "--grace"]);
     }
 }
+
+/// docs/configuration.md, generated from these definitions.
+#[cfg(test)]
+mod doc;
