@@ -100,10 +100,7 @@ fn config_doc_matches_the_help_text() {
             .lines()
             .zip(expected.lines())
             .position(|(a, b)| a != b)
-            .map_or_else(
-                || found.lines().count().min(expected.lines().count()),
-                |n| n,
-            );
+            .unwrap_or_else(|| found.lines().count().min(expected.lines().count()));
         panic!(
             "{PAGE} differs from the --help text (first at line {}).\n\
              Regenerate it with: scripts/config-doc\n\
