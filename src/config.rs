@@ -37,8 +37,9 @@ Examples:
     caget MY:PV
     pvget MY:PV
 
-  pvAccessCPP clients (pvapy, C++ pvAccess tools) dial the port named in the
-  search response, so tell the shim the published port:
+  pvAccessCPP clients (pvapy, EPICS base's pvget and the other C++ pvAccess
+  tools) and Phoebus dial the port named in the search response: when the
+  published port has another number, as here, tell the shim that port:
     nameshim --listen 0.0.0.0:5066 --advertise-port 8066
 
   As the entrypoint of an IOC image: the shim starts the IOC as its child,
@@ -603,3 +604,7 @@ mod tests {
         assert_eq!(options.command, ["softIoc", "--grace"]);
     }
 }
+
+/// docs/configuration.md, generated from these definitions.
+#[cfg(test)]
+mod doc;
