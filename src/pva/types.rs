@@ -479,7 +479,9 @@ impl<'a, 'o> Walker<'a, 'o> {
                 let key = self.r.u16("cache key");
                 let code = self.r.u8("type code");
                 if matches!(code, NULL | DEFINE | REFER) {
-                    self.fail(WireError::Truncated("a plain type after a cache key"));
+                    self.fail(WireError::Malformed(
+                        "a type cache definition that holds no plain type",
+                    ));
                     return None;
                 }
                 let t = Arc::new(self.read_type(code, level)?);
@@ -498,7 +500,7 @@ impl<'a, 'o> Walker<'a, 'o> {
                 match self.registry.entries.get(&key) {
                     Some(t) => t.clone(),
                     None => {
-                        self.fail(WireError::Truncated("a type cache key never defined"));
+                        self.fail(WireError::UndefinedCacheKey(key));
                         return None;
                     }
                 }
@@ -518,7 +520,7 @@ impl<'a, 'o> Walker<'a, 'o> {
         if code & 0x80 == 0 {
             let scalar = code & !0x18;
             if scalar_width(scalar).is_none() {
-                self.fail(WireError::Truncated("a known scalar type code"));
+                self.fail(WireError::UnknownTypeCode(code));
                 return None;
             }
             let kind = match code & 0x18 {
@@ -546,7 +548,7 @@ impl<'a, 'o> Walker<'a, 'o> {
                     }
                     let name = Bytes::copy_from_slice(self.r.string("field name"));
                     let Some(t) = self.read_desc(level + 1) else {
-                        self.fail(WireError::Truncated("a member type"));
+                        self.fail(WireError::Malformed("a structure member without a type"));
                         return None;
                     };
                     nodes = nodes.saturating_add(t.nodes);
@@ -585,7 +587,7 @@ impl<'a, 'o> Walker<'a, 'o> {
             }
             0x8A => Kind::VariantArray,
             _ => {
-                self.fail(WireError::Truncated("a known type code"));
+                self.fail(WireError::UnknownTypeCode(code));
                 return None;
             }
         };
@@ -641,7 +643,10 @@ impl<'a, 'o> Walker<'a, 'o> {
                 if let Some(selector) = self.size("union selector") {
                     match fields.get(selector as usize) {
                         Some((_, member)) => self.value_at(member, depth + 1),
-                        None => self.fail(WireError::Truncated("a valid union selector")),
+                        None => self.fail(WireError::NoSuchUnionMember {
+                            selector: u64::from(selector),
+                            members: fields.len(),
+                        }),
                     }
                 }
             }
@@ -684,7 +689,7 @@ impl<'a, 'o> Walker<'a, 'o> {
                 self.copy(len as usize, "string");
             }
             Some(width) => self.copy(width, "scalar"),
-            None => self.fail(WireError::Truncated("a known scalar type code")),
+            None => self.fail(WireError::UnknownTypeCode(code)),
         }
     }
 
@@ -700,9 +705,9 @@ impl<'a, 'o> Walker<'a, 'o> {
             }
             Some(width) => match (n as usize).checked_mul(width) {
                 Some(bytes) => self.copy(bytes, "array"),
-                None => self.fail(WireError::Truncated("array length")),
+                None => self.fail(WireError::Limit("an array longer than memory can hold")),
             },
-            None => self.fail(WireError::Truncated("a known scalar type code")),
+            None => self.fail(WireError::UnknownTypeCode(code)),
         }
     }
 
@@ -805,11 +810,40 @@ mod tests {
     }
 
     #[test]
-    fn unknown_cache_key_is_an_error() {
+    fn unknown_cache_key_is_an_error_that_names_the_key() {
         let mut registry = Registry::default();
         let mut w = Walker::new(&[0xFE, 9, 0], false, &mut registry, None);
         assert_eq!(w.field_desc(), None);
-        assert!(w.finish().is_err());
+        assert_eq!(w.finish(), Err(WireError::UndefinedCacheKey(9)));
+    }
+
+    #[test]
+    fn an_unknown_type_code_is_named() {
+        for code in [0x8B, 0x05] {
+            let mut registry = Registry::default();
+            let desc = [code];
+            let mut w = Walker::new(&desc, false, &mut registry, None);
+            assert_eq!(w.field_desc(), None);
+            assert_eq!(w.finish(), Err(WireError::UnknownTypeCode(code)));
+        }
+    }
+
+    #[test]
+    fn a_union_value_selecting_no_member_says_so() {
+        // union {int a} (0x81, empty id, one member), then selector 3.
+        let desc = [0x81, 0, 1, 1, b'a', 0x22];
+        let mut registry = Registry::default();
+        let mut w = Walker::new(&desc, false, &mut registry, None);
+        let t = w.field_desc().unwrap();
+        let mut w = Walker::new(&[3], false, &mut registry, None);
+        w.value(&t);
+        assert_eq!(
+            w.finish(),
+            Err(WireError::NoSuchUnionMember {
+                selector: 3,
+                members: 1
+            })
+        );
     }
 
     // A structure {any v} whose value is a variant holding a cached

@@ -181,6 +181,17 @@ pub enum WireError {
     Truncated(&'static str),
     /// A message is well formed but exceeds one of the shim's limits.
     Limit(&'static str),
+    /// A type description refers to a cache key the sender never defined.
+    UndefinedCacheKey(u16),
+    /// A type description holds a type code pvData does not have.
+    UnknownTypeCode(u8),
+    /// A union value selects a member its type does not have.
+    NoSuchUnionMember {
+        selector: u64,
+        members: usize,
+    },
+    /// Fields are present but contradict each other or the protocol.
+    Malformed(&'static str),
 }
 
 impl fmt::Display for WireError {
@@ -195,6 +206,17 @@ impl fmt::Display for WireError {
             WireError::Segmentation => write!(f, "segmented message out of order"),
             WireError::Truncated(what) => write!(f, "message too short for {what}"),
             WireError::Limit(what) => write!(f, "limit: {what}"),
+            WireError::UndefinedCacheKey(key) => {
+                write!(f, "type cache key {key} used before it was defined")
+            }
+            WireError::UnknownTypeCode(code) => write!(f, "unknown type code {code:#04x}"),
+            WireError::NoSuchUnionMember { selector, members } => {
+                write!(
+                    f,
+                    "union member {selector} selected, its type has {members}"
+                )
+            }
+            WireError::Malformed(what) => write!(f, "malformed message: {what}"),
         }
     }
 }
