@@ -194,6 +194,46 @@ impl FieldType {
         }
     }
 
+    /// The type id of a structure or union (`epics:nt/NTScalar:1.0`).
+    pub fn type_id(&self) -> Option<&[u8]> {
+        match &self.kind {
+            Kind::Structure { id, .. } | Kind::Union { id, .. } => Some(id),
+            _ => None,
+        }
+    }
+
+    /// A structure's member `name`, with its BitSet bit counted from the
+    /// structure's own.
+    pub fn member(&self, name: &[u8]) -> Option<(usize, &FieldType)> {
+        let Kind::Structure {
+            fields, offsets, ..
+        } = &self.kind
+        else {
+            return None;
+        };
+        let index = fields.iter().position(|(n, _)| n == name)?;
+        Some((*offsets.get(index)?, &fields[index].1))
+    }
+
+    /// The shape of a value of this type, as a reader of values needs it.
+    pub fn shape(&self) -> Shape {
+        match &self.kind {
+            Kind::Scalar(code) => Shape::Scalar(*code),
+            Kind::BoundedString(_) => Shape::Scalar(0x60),
+            Kind::ScalarArray(code)
+            | Kind::SizedArray {
+                code, fixed: false, ..
+            } => Shape::Array(*code),
+            Kind::SizedArray { fixed: true, .. } => Shape::Other("fixed-size array"),
+            Kind::Structure { .. } => Shape::Other("structure"),
+            Kind::Union { .. } => Shape::Other("union"),
+            Kind::Variant => Shape::Other("any"),
+            Kind::StructureArray(_) => Shape::Other("structure array"),
+            Kind::UnionArray(_) => Shape::Other("union array"),
+            Kind::VariantArray => Shape::Other("any array"),
+        }
+    }
+
     /// The field that BitSet bit `bit` names: O(depth x log(members)).
     fn field_at_bit(&self, mut bit: usize) -> Option<&FieldType> {
         let mut t = self;
@@ -762,6 +802,78 @@ impl<'a, 'o> Walker<'a, 'o> {
             next_free = bit + field.bits;
         }
     }
+
+    /// Walks a partial value as [`Walker::partial_value`] does, and returns
+    /// the bytes of the field at BitSet bit `target` if the message holds it
+    /// (alone, or inside a structure sent whole).
+    pub fn partial_value_field(
+        &mut self,
+        t: &FieldType,
+        bits: &[usize],
+        target: usize,
+    ) -> Option<&'a [u8]> {
+        let mut next_free = 0;
+        let mut found = None;
+        for &bit in bits {
+            if bit < next_free {
+                continue;
+            }
+            let field = t.field_at_bit(bit)?;
+            if (bit..bit.saturating_add(field.bits)).contains(&target) {
+                found = self.field_within(field, bit, target);
+            } else {
+                self.value(field);
+            }
+            if self.failed() {
+                return None;
+            }
+            next_free = bit + field.bits;
+        }
+        found
+    }
+
+    /// Walks a whole value of `t` (at BitSet bit `at`), keeping the bytes
+    /// of the field at bit `target`. The recursion follows the type, whose
+    /// depth is bounded.
+    fn field_within(&mut self, t: &FieldType, at: usize, target: usize) -> Option<&'a [u8]> {
+        if at == target {
+            let before = self.r.remaining();
+            self.value(t);
+            let taken = before.len() - self.r.remaining().len();
+            return (!self.failed()).then(|| &before[..taken]);
+        }
+        let Kind::Structure {
+            fields, offsets, ..
+        } = &t.kind
+        else {
+            self.value(t);
+            return None;
+        };
+        let mut found = None;
+        for ((_, member), offset) in fields.iter().zip(offsets) {
+            let start = at + offset;
+            if (start..start.saturating_add(member.bits)).contains(&target) {
+                found = self.field_within(member, start, target);
+            } else {
+                self.value(member);
+            }
+            if self.failed() {
+                return None;
+            }
+        }
+        found
+    }
+}
+
+/// What a value of a type looks like on the wire, for readers of values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// One scalar of this type code (strings included: 0x60).
+    Scalar(u8),
+    /// A Size, then that many scalars of this code.
+    Array(u8),
+    /// Anything else, named.
+    Other(&'static str),
 }
 
 /// Bytes of one scalar; 0 for strings; None for an unknown code.
