@@ -38,6 +38,9 @@ pub fn run(args: &CheckArgs) -> u8 {
     let started = Instant::now();
     let resolved = crate::resolve::resolve(&host, port, args.timeout);
     let outcome: Outcome = match &resolved {
+        Ok(_) if host.parse::<std::net::IpAddr>().is_ok() => {
+            Ok(format!("{host} (an address: nothing to look up)"))
+        }
         Ok(addrs) => Ok(format!(
             "{host} -> {}",
             addrs

@@ -296,10 +296,15 @@ impl Connection {
                     port => ports.named = Some(port),
                 }
             }
-            if found.is_none() {
+            found = Some(found.unwrap_or(false) | answer.found);
+            if ports.named.is_some() || found == Some(false) {
+                // The port that decides the verdict is known, or the name
+                // is not found: no answer to come changes the step.
+                return Ok(found.map(|f| (f, ports)));
+            }
+            if deadline == first_by {
                 deadline = Instant::now() + MORE_ANSWERS;
             }
-            found = Some(found.unwrap_or(false) | answer.found);
         }
     }
 
