@@ -176,7 +176,7 @@ impl Circuit {
     }
 
     async fn search(&mut self, pv: &str, id: u32) -> Outcome {
-        let mut search = Message::with_name(
+        let search = Message::with_name(
             Header::new(
                 Command::Search,
                 wire::DONT_REPLY,
@@ -186,7 +186,6 @@ impl Circuit {
             ),
             pv.as_bytes(),
         );
-        search.header.data_type = wire::DONT_REPLY;
         self.send(&[wire::client_version(0, wire::MINOR_VERSION), search])
             .await?;
         let deadline = Instant::now() + self.step;

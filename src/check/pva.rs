@@ -429,8 +429,7 @@ impl Connection {
             let Some((bit, value_type)) = value_field else {
                 return Some(Ok(format!("{pv} {type_id} (no value field)")));
             };
-            let bits = walker.bitset(usize::MAX);
-            let bytes = walker.partial_value_field(&top, &bits, bit);
+            let bytes = walker.changed_value_field(&top, bit);
             if let Err(e) = walker.finish() {
                 return Some(Err(format!("{pv}: bad value in the GET answer: {e}")));
             }

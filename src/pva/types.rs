@@ -803,6 +803,13 @@ impl<'a, 'o> Walker<'a, 'o> {
         }
     }
 
+    /// A BitSet and the partial value it selects, as [`Walker::changed_value`],
+    /// returning the bytes of the field at BitSet bit `target` if sent.
+    pub fn changed_value_field(&mut self, t: &FieldType, target: usize) -> Option<&'a [u8]> {
+        let bits = self.bitset(t.bits);
+        self.partial_value_field(t, &bits, target)
+    }
+
     /// Walks a partial value as [`Walker::partial_value`] does, and returns
     /// the bytes of the field at BitSet bit `target` if the message holds it
     /// (alone, or inside a structure sent whole).
@@ -967,6 +974,50 @@ mod tests {
         w.partial_value(&t, &[2, 3, 4]);
         w.finish().unwrap();
         assert!(w.r.is_empty());
+    }
+
+    #[test]
+    fn a_field_is_found_alone_or_inside_a_structure_sent_whole() {
+        // epics:nt/NTScalar-like {double value, {int b, string c} s}:
+        // bits 0 top, 1 value, 2 s, 3 b, 4 c.
+        let desc = [
+            0x80, 1, b'T', 2, 5, b'v', b'a', b'l', b'u', b'e', 0x43, 1, b's', 0x80, 0, 2, 1, b'b',
+            0x22, 1, b'c', 0x60,
+        ];
+        let mut registry = Registry::default();
+        let mut w = Walker::new(&desc, false, &mut registry, None);
+        let t = w.field_desc().unwrap();
+        assert_eq!(t.type_id(), Some(&b"T"[..]));
+        let (bit, value) = t.member(b"value").unwrap();
+        assert_eq!((bit, value.shape()), (1, Shape::Scalar(0x43)));
+        assert_eq!(
+            t.member(b"s").map(|(bit, m)| (bit, m.shape())),
+            Some((2, Shape::Other("structure")))
+        );
+        assert!(t.member(b"nope").is_none());
+        let double = 2.5f64.to_le_bytes();
+        // Bitset {0}: the whole structure, value first.
+        let mut whole = vec![1, 0x01];
+        whole.extend_from_slice(&double);
+        whole.extend_from_slice(&[7, 0, 0, 0, 2, b'h', b'i']);
+        let mut w = Walker::new(&whole, false, &mut registry, None);
+        assert_eq!(w.changed_value_field(&t, 1), Some(&double[..]));
+        w.finish().unwrap();
+        assert!(w.r.is_empty());
+        // Bitset {1, 4}: the value, then c alone.
+        let mut parts = vec![1, 0x12];
+        parts.extend_from_slice(&double);
+        parts.extend_from_slice(&[2, b'h', b'i']);
+        let mut w = Walker::new(&parts, false, &mut registry, None);
+        assert_eq!(w.changed_value_field(&t, 1), Some(&double[..]));
+        // Bitset {4}: no value in the message.
+        let mut w = Walker::new(&[1, 0x10, 2, b'h', b'i'], false, &mut registry, None);
+        assert_eq!(w.changed_value_field(&t, 1), None);
+        w.finish().unwrap();
+        // Cut short: no bytes, and an error.
+        let mut w = Walker::new(&whole[..5], false, &mut registry, None);
+        assert_eq!(w.changed_value_field(&t, 1), None);
+        assert!(w.finish().is_err());
     }
 
     #[test]
