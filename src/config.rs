@@ -45,6 +45,9 @@ Examples:
   forwards signals to it, reaps zombies and exits with the IOC's code:
     nameshim --listen 0.0.0.0:5066 -- bash -c '${IOC}/start.sh'
 
+  From a client host, see which step fails and what to set:
+    nameshim check ioc-host:8066 MY:PV
+
   Search servers on a non-default CA port, or on more addresses:
     nameshim --ca-server-port 6064 --ca-search-addr 127.255.255.255,10.88.0.255
 
@@ -66,7 +69,9 @@ host port mapping works with no UDP published.
 With `-- COMMAND [ARGS...]` nameshim is also the container's init: it runs COMMAND \
 (the IOC) as its child on the same terminal, forwards signals to it, reaps every \
 zombie, and exits with the command's exit code while serving the port beside it.",
-    after_help = EXAMPLES
+    after_help = EXAMPLES,
+    override_usage = "nameshim [OPTIONS] [-- COMMAND [ARGS...]]\n       nameshim check [OPTIONS] HOST:PORT [PV...]",
+    disable_help_subcommand = true
 )]
 pub struct Cli {
     /// Address and TCP port to serve on; port 0 picks a free port (logged).
