@@ -468,27 +468,21 @@ fn read_status(r: &mut Reader) -> Result<(), String> {
 pub fn format_value(shape: Shape, bytes: &[u8], big_endian: bool) -> String {
     let mut r = Reader::new(bytes, big_endian);
     let text = match shape {
-        Shape::Scalar(code) => scalar(&mut r, code).map(|(v, name)| format!("{v} ({name})")),
-        Shape::Array(code) => {
+        Shape::Scalar(code) => {
+            scalar_name(code).map(|name| format!("{} ({name})", scalar(&mut r, code)))
+        }
+        Shape::Array(code) => scalar_name(code).map(|name| {
             let n = r.size("array length").unwrap_or(0);
-            let mut shown = Vec::new();
-            let mut name = "";
-            for _ in 0..(n as usize).min(SHOWN) {
-                match scalar(&mut r, code) {
-                    Some((v, element)) => {
-                        shown.push(v);
-                        name = element;
-                    }
-                    None => break,
-                }
-            }
+            let shown: Vec<String> = (0..(n as usize).min(SHOWN))
+                .map(|_| scalar(&mut r, code))
+                .collect();
             let more = if n as usize > shown.len() {
                 ", ..."
             } else {
                 ""
             };
-            Some(format!("[{}{more}] ({n} x {name})", shown.join(", ")))
-        }
+            format!("[{}{more}] ({n} x {name})", shown.join(", "))
+        }),
         Shape::Other(kind) => Some(format!("a {kind} of {} bytes", bytes.len())),
     };
     match (text, r.finish()) {
@@ -497,26 +491,42 @@ pub fn format_value(shape: Shape, bytes: &[u8], big_endian: bool) -> String {
     }
 }
 
-/// One scalar and its type's name; None for an unknown code.
-fn scalar(r: &mut Reader, code: u8) -> Option<(String, &'static str)> {
+/// The pvData name of a scalar type code; None for an unknown code.
+fn scalar_name(code: u8) -> Option<&'static str> {
     Some(match code {
-        0x00 => ((r.u8("boolean") != 0).to_string(), "boolean"),
-        0x20 => ((r.u8("byte") as i8).to_string(), "byte"),
-        0x21 => ((r.u16("short") as i16).to_string(), "short"),
-        0x22 => ((r.u32("int") as i32).to_string(), "int"),
-        0x23 => ((r.u64("long") as i64).to_string(), "long"),
-        0x24 => (r.u8("ubyte").to_string(), "ubyte"),
-        0x25 => (r.u16("ushort").to_string(), "ushort"),
-        0x26 => (r.u32("uint").to_string(), "uint"),
-        0x27 => (r.u64("ulong").to_string(), "ulong"),
-        0x42 => (f32::from_bits(r.u32("float")).to_string(), "float"),
-        0x43 => (f64::from_bits(r.u64("double")).to_string(), "double"),
-        0x60 => (
-            format!("{:?}", String::from_utf8_lossy(r.string("string"))),
-            "string",
-        ),
+        0x00 => "boolean",
+        0x20 => "byte",
+        0x21 => "short",
+        0x22 => "int",
+        0x23 => "long",
+        0x24 => "ubyte",
+        0x25 => "ushort",
+        0x26 => "uint",
+        0x27 => "ulong",
+        0x42 => "float",
+        0x43 => "double",
+        0x60 => "string",
         _ => return None,
     })
+}
+
+/// One scalar of a code `scalar_name` knows. A short read shows as 0 and
+/// leaves the reader failed, which the caller checks.
+fn scalar(r: &mut Reader, code: u8) -> String {
+    match code {
+        0x00 => (r.u8("boolean") != 0).to_string(),
+        0x20 => (r.u8("byte") as i8).to_string(),
+        0x21 => (r.u16("short") as i16).to_string(),
+        0x22 => (r.u32("int") as i32).to_string(),
+        0x23 => (r.u64("long") as i64).to_string(),
+        0x24 => r.u8("ubyte").to_string(),
+        0x25 => r.u16("ushort").to_string(),
+        0x26 => r.u32("uint").to_string(),
+        0x27 => r.u64("ulong").to_string(),
+        0x42 => f32::from_bits(r.u32("float")).to_string(),
+        0x43 => f64::from_bits(r.u64("double")).to_string(),
+        _ => format!("{:?}", String::from_utf8_lossy(r.string("string"))),
+    }
 }
 
 #[cfg(test)]
@@ -552,6 +562,18 @@ mod tests {
         assert_eq!(
             format_value(Shape::Array(0x21), &bytes, false),
             "[0, 1, 2, 3, 4, ...] (7 x short)"
+        );
+    }
+
+    #[test]
+    fn an_empty_array_still_names_its_element_type() {
+        assert_eq!(
+            format_value(Shape::Array(0x43), &[0], false),
+            "[] (0 x double)"
+        );
+        assert_eq!(
+            format_value(Shape::Array(0x60), &[1, 2, b'o', b'k'], false),
+            "[\"ok\"] (1 x string)"
         );
     }
 

@@ -88,13 +88,13 @@ def step_line(out: str, protocol: str, step: str, status: str, pv: str = "") -> 
 
 def test_check_through_remapped_port_reads_every_pv_with_both_protocols(site, shim_bin):
     target = f"{site.remote.host_addr}:{PUBLISHED_PORT}"
-    got = check(site.remote, shim_bin, target, "QSRV2:VAL", "QSRV1:ID")
+    got = check(site.remote, shim_bin, target, "QSRV2:VAL", "QSRV1:ID", "QSRV2:WAVE")
     out = got.stdout
     assert got.returncode == 0, out
     for protocol in ("CA", "PVA"):
         step_line(out, protocol, "connect", "ok", target)
         step_line(out, protocol, "greeting", "ok")
-        for pv in ("QSRV2:VAL", "QSRV1:ID"):
+        for pv in ("QSRV2:VAL", "QSRV1:ID", "QSRV2:WAVE"):
             for step in ("search", "create", "get"):
                 step_line(out, protocol, step, "ok", pv)
     assert step_line(out, "CA", "get", "ok", "QSRV2:VAL").endswith("QSRV2:VAL = 2")
@@ -105,6 +105,15 @@ def test_check_through_remapped_port_reads_every_pv_with_both_protocols(site, sh
     )
     assert step_line(out, "PVA", "get", "ok", "QSRV1:ID").endswith(
         'QSRV1:ID epics:nt/NTScalar:1.0 value = "QSRV1:" (string)'
+    )
+    # The waveform holds no element yet (NORD 0): CA reads the first 16 of
+    # its 100000 as zeros, PVA gets an empty array.
+    assert step_line(out, "CA", "create", "ok", "QSRV2:WAVE").endswith("DBR_DOUBLE[100000], read/write")
+    assert step_line(out, "CA", "get", "ok", "QSRV2:WAVE").endswith(
+        "QSRV2:WAVE = [0, 0, 0, 0, 0, ...] (first 16 of 100000 read)"
+    )
+    assert step_line(out, "PVA", "get", "ok", "QSRV2:WAVE").endswith(
+        "QSRV2:WAVE epics:nt/NTScalarArray:1.0 value = [] (0 x double)"
     )
     assert "  QSRV2:VAL: CA ok, PVA ok" in out
     assert f"  export EPICS_CA_NAME_SERVERS={target}" in out
