@@ -10,7 +10,7 @@
 //! circuit on NOT_FOUND), so "not found" is silence until the timeout.
 
 use super::report::{Outcome, Report};
-use super::{next_before, step, step_with};
+use super::{next_before, step, step_with, Failure};
 use crate::ca::wire::{self, Command, Header, Message};
 use crate::ca::CaDecoder;
 use crate::relay::framing::FrameReader;
@@ -46,6 +46,8 @@ struct Circuit {
     reader: FrameReader<OwnedReadHalf, CaDecoder>,
     writer: OwnedWriteHalf,
     step: Duration,
+    /// The circuit failed (closed, bad bytes): no further step can use it.
+    broken: bool,
 }
 
 pub async fn check(
@@ -83,6 +85,7 @@ pub async fn check(
         ),
         writer,
         step: step_time,
+        broken: false,
     };
     let greeting = step(PROTOCOL, "greeting", report, circuit.greet()).await;
     if greeting.is_err() {
@@ -90,31 +93,41 @@ pub async fn check(
     }
     result.greeted = true;
     for (index, pv) in pvs.iter().enumerate() {
-        let id = index as u32 + 1;
-        if step(PROTOCOL, "search", report, circuit.search(pv, id))
-            .await
-            .is_err()
-        {
+        if circuit.broken {
+            report.line(&format!(
+                "  {PROTOCOL:<4} {pv}: not checked, the circuit failed above"
+            ));
             continue;
         }
-        let Ok((data_type, count, sid)) =
-            step_with(PROTOCOL, "create", report, circuit.create(pv, id)).await
-        else {
-            continue;
-        };
-        let got = step(
-            PROTOCOL,
-            "get",
-            report,
-            circuit.get(pv, sid, id, data_type, count),
-        )
-        .await;
-        result.reached[index] = got.is_ok();
+        result.reached[index] = circuit.check_pv(pv, index as u32 + 1, report).await;
     }
     result
 }
 
 impl Circuit {
+    /// Search, create and get `pv`; whether its value was read.
+    async fn check_pv(&mut self, pv: &str, id: u32, report: &mut Report) -> bool {
+        if step(PROTOCOL, "search", report, self.search(pv, id))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        let Ok((data_type, count, sid)) =
+            step_with(PROTOCOL, "create", report, self.create(pv, id)).await
+        else {
+            return false;
+        };
+        step(
+            PROTOCOL,
+            "get",
+            report,
+            self.get(pv, sid, id, data_type, count),
+        )
+        .await
+        .is_ok()
+    }
+
     async fn send(&mut self, messages: &[Message]) -> Result<(), String> {
         let mut out = BytesMut::new();
         for m in messages {
@@ -132,11 +145,17 @@ impl Circuit {
         deadline: Instant,
         what: &str,
         mut want: impl FnMut(&Message) -> Option<Result<T, String>>,
-    ) -> Result<T, String> {
+    ) -> Result<T, Failure> {
         loop {
-            let message = next_before(&mut self.reader, deadline, what).await?;
+            let message = match next_before(&mut self.reader, deadline, what).await {
+                Ok(message) => message,
+                Err(failure) => {
+                    self.broken |= matches!(failure, Failure::Connection(_));
+                    return Err(failure);
+                }
+            };
             if let Some(answer) = want(&message) {
-                return answer;
+                return answer.map_err(Failure::Answer);
             }
         }
     }
@@ -379,6 +398,42 @@ mod tests {
     fn arrays_show_their_first_elements() {
         let payload: Vec<u8> = (0..8).flat_map(|n| (n as f64).to_be_bytes()).collect();
         assert_eq!(format_value(6, 8, &payload), "[0, 1, 2, 3, 4, ...]");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_breaks_the_circuit_fails_that_step_and_skips_the_rest() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut peer, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 512];
+            let _ = peer.read(&mut buf).await; // VERSION, CLIENT_NAME, HOST_NAME
+            let mut out = BytesMut::new();
+            wire::server_version().encode(&mut out);
+            peer.write_all(&out).await.unwrap();
+            let _ = peer.read(&mut buf).await; // the search
+                                               // An extended header announcing a 256 MiB search reply.
+            let huge = [
+                0, 6, 0xFF, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0x10, 0, 0, 0, 0, 0, 0, 0,
+            ];
+            peer.write_all(&huge).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let mut report = Report::to_sink();
+        let pvs = ["A".to_string(), "B".to_string()];
+        let result = check(addr, &pvs, Duration::from_secs(2), &mut report).await;
+        assert!(result.greeted);
+        assert_eq!(result.reached, [false, false]);
+        let lines = report.lines.join("\n");
+        assert!(
+            lines.contains("search    FAILED") && lines.contains("exceeds the limit of 65536"),
+            "{lines}"
+        );
+        assert!(
+            lines.contains("B: not checked, the circuit failed above"),
+            "{lines}"
+        );
     }
 
     #[test]

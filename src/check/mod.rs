@@ -226,23 +226,44 @@ async fn connect(addr: SocketAddr, step: Duration) -> Result<TcpStream, String> 
     }
 }
 
+/// Why a wait for a message ended without the message.
+#[derive(Debug)]
+pub enum Failure {
+    /// Nothing came in time; the connection may still be used.
+    TimedOut(String),
+    /// Closed, unreadable or broken: the connection is of no further use.
+    Connection(String),
+    /// The peer answered, and the answer is a failure (refused, not found).
+    Answer(String),
+}
+
+impl From<Failure> for String {
+    fn from(failure: Failure) -> String {
+        match failure {
+            Failure::TimedOut(text) | Failure::Connection(text) | Failure::Answer(text) => text,
+        }
+    }
+}
+
 /// The next message before `deadline`; `what` names what was awaited.
 async fn next_before<R, D>(
     reader: &mut FrameReader<R, D>,
     deadline: Instant,
     what: &str,
-) -> Result<D::Item, String>
+) -> Result<D::Item, Failure>
 where
     R: AsyncRead + Unpin,
     D: Decoder,
 {
     match tokio::time::timeout_at(deadline, reader.next()).await {
         Ok(Ok(Some(message))) => Ok(message),
-        Ok(Ok(None)) => Err(format!(
+        Ok(Ok(None)) => Err(Failure::Connection(format!(
             "the shim closed the connection while this check waited for {what}"
-        )),
-        Ok(Err(e)) => Err(format!("{e}, while this check waited for {what}")),
-        Err(_) => Err(format!("timed out waiting for {what}")),
+        ))),
+        Ok(Err(e)) => Err(Failure::Connection(format!(
+            "{e}, while this check waited for {what}"
+        ))),
+        Err(_) => Err(Failure::TimedOut(format!("timed out waiting for {what}"))),
     }
 }
 

@@ -14,7 +14,7 @@
 //! kept, and a name found without any non-zero port is searched once more.
 
 use super::report::{Outcome, ReplyPorts, Report};
-use super::{next_before, step, step_with};
+use super::{next_before, step, step_with, Failure};
 use crate::pva::types::{Registry, Shape, Walker};
 use crate::pva::wire::{self, Command, Message, Reader, Writer};
 use crate::relay::framing::FrameReader;
@@ -61,6 +61,8 @@ struct Connection {
     types: Registry,
     sequence: u32,
     ports: Option<ReplyPorts>,
+    /// The connection failed (closed, bad bytes): no further step can use it.
+    broken: bool,
 }
 
 pub async fn check(
@@ -102,6 +104,7 @@ pub async fn check(
         types: Registry::default(),
         sequence: 0,
         ports: None,
+        broken: false,
     };
     let greeting = conn.greet().await;
     report.step(PROTOCOL, "greeting", started.elapsed(), &greeting);
@@ -110,18 +113,13 @@ pub async fn check(
     }
     result.greeted = true;
     for (index, pv) in pvs.iter().enumerate() {
-        let id = index as u32 + 1;
-        if step(PROTOCOL, "search", report, conn.search(pv, id))
-            .await
-            .is_err()
-        {
+        if conn.broken {
+            report.line(&format!(
+                "  {PROTOCOL:<4} {pv}: not checked, the connection failed above"
+            ));
             continue;
         }
-        let Ok(sid) = step_with(PROTOCOL, "create", report, conn.create(pv, id)).await else {
-            continue;
-        };
-        let got = step(PROTOCOL, "get", report, conn.get(pv, sid, id)).await;
-        result.reached[index] = got.is_ok();
+        result.reached[index] = conn.check_pv(pv, index as u32 + 1, report).await;
     }
     result.ports = conn.ports;
     result
@@ -152,6 +150,22 @@ async fn first_byte_is_pva(
 }
 
 impl Connection {
+    /// Search, create and get `pv`; whether its value was read.
+    async fn check_pv(&mut self, pv: &str, id: u32, report: &mut Report) -> bool {
+        if step(PROTOCOL, "search", report, self.search(pv, id))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        let Ok(sid) = step_with(PROTOCOL, "create", report, self.create(pv, id)).await else {
+            return false;
+        };
+        step(PROTOCOL, "get", report, self.get(pv, sid, id))
+            .await
+            .is_ok()
+    }
+
     async fn send(&mut self, message: Message) -> Result<(), String> {
         let mut out = BytesMut::with_capacity(message.wire_len());
         message.encode(&mut out);
@@ -171,28 +185,32 @@ impl Connection {
         deadline: Instant,
         what: &str,
         mut want: impl FnMut(&Message, &mut Registry) -> Option<Result<T, String>>,
-    ) -> Result<T, String> {
+    ) -> Result<T, Failure> {
         loop {
-            let message = next_before(&mut self.reader, deadline, what).await?;
+            let message = self.next(deadline, what).await?;
             if message.header.is_control() {
                 continue;
             }
             if let Some(answer) = want(&message, &mut self.types) {
-                return answer;
+                return answer.map_err(Failure::Answer);
             }
         }
+    }
+
+    /// The next message, noting a connection that can no longer be used.
+    async fn next(&mut self, deadline: Instant, what: &str) -> Result<Message, Failure> {
+        let next = next_before(&mut self.reader, deadline, what).await;
+        self.broken |= matches!(next, Err(Failure::Connection(_)));
+        next
     }
 
     async fn greet(&mut self) -> Outcome {
         let deadline = Instant::now() + self.step;
         let mut order = None;
         let methods = loop {
-            let message = next_before(
-                &mut self.reader,
-                deadline,
-                "the server's CONNECTION_VALIDATION",
-            )
-            .await?;
+            let message = self
+                .next(deadline, "the server's CONNECTION_VALIDATION")
+                .await?;
             if message.header.is_control() && message.header.command == wire::CONTROL_SET_BYTE_ORDER
             {
                 order = Some(message.header.is_big_endian());
@@ -287,8 +305,8 @@ impl Connection {
                 Ok(answer) => answer,
                 // Only the wait for more answers may end without one.
                 Err(_) if found.is_some() => return Ok(found.map(|f| (f, ports))),
-                Err(why) if why.starts_with("timed out") => return Ok(None),
-                Err(why) => return Err(why),
+                Err(Failure::TimedOut(_)) => return Ok(None),
+                Err(failure) => return Err(failure.into()),
             };
             if answer.found {
                 match answer.port {
@@ -416,30 +434,32 @@ impl Connection {
             type_id
         };
         let value_field = top.member(b"value");
-        self.expect(deadline, &what, |m, types| {
-            if !is_answer(m, SUBCMD_GET) {
-                return None;
-            }
-            let big_endian = m.header.is_big_endian();
-            let mut walker = Walker::new(&m.payload, big_endian, types, None);
-            walker.r.bytes(5, "ioid and subcommand");
-            if let Err(why) = read_status(&mut walker.r) {
-                return Some(Err(format!("{pv}: GET failed: {why}")));
-            }
-            let Some((bit, value_type)) = value_field else {
-                return Some(Ok(format!("{pv} {type_id} (no value field)")));
-            };
-            let bytes = walker.changed_value_field(&top, bit);
-            if let Err(e) = walker.finish() {
-                return Some(Err(format!("{pv}: bad value in the GET answer: {e}")));
-            }
-            let shown = match bytes {
-                Some(bytes) => format_value(value_type.shape(), bytes, big_endian),
-                None => "not sent".to_string(),
-            };
-            Some(Ok(format!("{pv} {type_id} value = {shown}")))
-        })
-        .await
+        let value = self
+            .expect(deadline, &what, |m, types| {
+                if !is_answer(m, SUBCMD_GET) {
+                    return None;
+                }
+                let big_endian = m.header.is_big_endian();
+                let mut walker = Walker::new(&m.payload, big_endian, types, None);
+                walker.r.bytes(5, "ioid and subcommand");
+                if let Err(why) = read_status(&mut walker.r) {
+                    return Some(Err(format!("{pv}: GET failed: {why}")));
+                }
+                let Some((bit, value_type)) = value_field else {
+                    return Some(Ok(format!("{pv} {type_id} (no value field)")));
+                };
+                let bytes = walker.changed_value_field(&top, bit);
+                if let Err(e) = walker.finish() {
+                    return Some(Err(format!("{pv}: bad value in the GET answer: {e}")));
+                }
+                let shown = match bytes {
+                    Some(bytes) => format_value(value_type.shape(), bytes, big_endian),
+                    None => "not sent".to_string(),
+                };
+                Some(Ok(format!("{pv} {type_id} value = {shown}")))
+            })
+            .await?;
+        Ok(value)
     }
 }
 
@@ -574,6 +594,43 @@ mod tests {
         assert_eq!(
             format_value(Shape::Array(0x60), &[1, 2, b'o', b'k'], false),
             "[\"ok\"] (1 x string)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_sends_no_pva_message_fails_that_step_and_skips_the_rest() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut peer, _) = listener.accept().await.unwrap();
+            let mut out = BytesMut::new();
+            wire::set_byte_order(true, false).encode(&mut out);
+            wire::server_validation(false).encode(&mut out);
+            peer.write_all(&out).await.unwrap();
+            let mut buf = [0u8; 512];
+            let _ = peer.read(&mut buf).await; // the client's validation
+            let mut out = BytesMut::new();
+            wire::connection_validated_ok(false).encode(&mut out);
+            peer.write_all(&out).await.unwrap();
+            let _ = peer.read(&mut buf).await; // the search
+            peer.write_all(&[0x47; 8]).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let mut report = Report::to_sink();
+        let pvs = ["A".to_string(), "B".to_string()];
+        let result = check(addr, &pvs, Duration::from_secs(2), &mut report).await;
+        assert!(result.greeted);
+        assert_eq!(result.reached, [false, false]);
+        assert_eq!(result.ports, None);
+        let lines = report.lines.join("\n");
+        assert!(
+            lines.contains("search    FAILED") && lines.contains("not the PVA magic"),
+            "{lines}"
+        );
+        assert!(
+            lines.contains("B: not checked, the connection failed above"),
+            "{lines}"
         );
     }
 
