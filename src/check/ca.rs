@@ -75,7 +75,12 @@ pub async fn check(
         return result;
     };
     result.connected = true;
-    let (read, writer) = stream.into_split();
+    let (mut read, mut writer) = stream.into_split();
+    let started = Instant::now();
+    if let Err(why) = hello(&mut writer, &mut read, step_time).await {
+        report.step(PROTOCOL, "greeting", started.elapsed(), &Err(why));
+        return result;
+    }
     let mut circuit = Circuit {
         reader: FrameReader::new(
             read,
@@ -87,7 +92,8 @@ pub async fn check(
         step: step_time,
         broken: false,
     };
-    let greeting = step(PROTOCOL, "greeting", report, circuit.greet()).await;
+    let greeting = circuit.server_version().await;
+    report.step(PROTOCOL, "greeting", started.elapsed(), &greeting);
     if greeting.is_err() {
         return result;
     }
@@ -102,6 +108,42 @@ pub async fn check(
         result.reached[index] = circuit.check_pv(pv, index as u32 + 1, report).await;
     }
     result
+}
+
+/// What libca sends first (VERSION, CLIENT_NAME, HOST_NAME), then a look
+/// at the first byte of the answer without taking it: a PVA-only port
+/// greets with the PVA magic 0xCA, which no CA message starts with.
+async fn hello(
+    writer: &mut OwnedWriteHalf,
+    read: &mut OwnedReadHalf,
+    step_time: Duration,
+) -> Result<(), String> {
+    let host = super::host_name();
+    let mut out = BytesMut::new();
+    for message in [
+        wire::client_version(0, wire::MINOR_VERSION),
+        Message::with_name(
+            Header::new(Command::ClientName, 0, 0, 0, 0),
+            b"nameshim-check",
+        ),
+        Message::with_name(Header::new(Command::HostName, 0, 0, 0, 0), host.as_bytes()),
+    ] {
+        message.encode(&mut out);
+    }
+    writer
+        .write_all(&out)
+        .await
+        .map_err(|e| format!("send failed: {e}"))?;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(step_time, read.peek(&mut first)).await {
+        Err(_) => Err(format!("no answer within {step_time:?}: not a CA server?")),
+        Ok(Ok(0)) => Err("the shim closed the connection without an answer".into()),
+        Ok(Ok(_)) if first[0] == crate::pva::wire::MAGIC => {
+            Err("the port greeted with PV Access bytes: a PVA-only port (--pva-listen)?".into())
+        }
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("read failed: {e}")),
+    }
 }
 
 impl Circuit {
@@ -160,29 +202,12 @@ impl Circuit {
         }
     }
 
-    async fn greet(&mut self) -> Outcome {
-        let host = super::host_name();
-        self.send(&[
-            wire::client_version(0, wire::MINOR_VERSION),
-            Message::with_name(
-                Header::new(Command::ClientName, 0, 0, 0, 0),
-                b"nameshim-check",
-            ),
-            Message::with_name(Header::new(Command::HostName, 0, 0, 0, 0), host.as_bytes()),
-        ])
-        .await?;
+    /// The server's VERSION, the end of the greeting.
+    async fn server_version(&mut self) -> Outcome {
         let deadline = Instant::now() + self.step;
         let version = self
             .expect(deadline, "the server's VERSION", |m| {
-                match m.header.command() {
-                    Ok(Command::Version) => Some(Ok(m.header.count)),
-                    // A PVA message read as CA: its first bytes are 0xCA 0x02.
-                    _ if m.header.command >> 8 == 0xCA => Some(Err(
-                        "the port greeted with PV Access bytes: a PVA-only port (--pva-listen)?"
-                            .into(),
-                    )),
-                    _ => None,
-                }
+                (m.header.command() == Ok(Command::Version)).then_some(Ok(m.header.count))
             })
             .await?;
         if version < 12 {

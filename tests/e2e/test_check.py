@@ -8,6 +8,8 @@ epicscorelibs softIoc (CA + QSRV1, pvAccessCPP), and two shims:
 | 5066      | 18066        | (none)           |
 | 5067      | 18067        | 18067            |
 
+The first shim also has a CA-only port (5068) and a PVA-only port (5069).
+
 `check` runs from another machine on the host's network (the `remote`
 namespace), through the published ports, as a user would. The last tests run
 the static binary chrooted into an EMPTY root (the binary, etc/hosts and
@@ -32,6 +34,8 @@ PUBLISHED_PORT = 18066
 ADVERTISING_PORT = 5067
 PUBLISHED_ADV_PORT = 18067
 CLOSED_PORT = 18099  # published nowhere
+CA_ONLY_PORT = 5068  # --ca-listen of the first shim
+PVA_ONLY_PORT = 5069  # --pva-listen of the first shim
 STATIC_BIN_DEFAULT = h.REPO / "target" / "x86_64-unknown-linux-gnu" / "release" / "nameshim"
 DNS_NAME = "ioc.example.test"
 HOSTS_NAME = "ioc-from-hosts.test"
@@ -49,7 +53,8 @@ def site(netns_ok, shim_bin, shim_help, tmp_path_factory):
         # The pvxs IOC first: it takes TCP 5075 and CA 5064.
         h.SoftIoc(ctr, "QSRV2:", work, "pvxslibs", 2.0, env).start()
         h.SoftIoc(ctr, "QSRV1:", work, "epicscorelibs", 1.0, env).start()
-        for port, extra in ((SHIM_PORT, []), (ADVERTISING_PORT, ["--advertise-port", PUBLISHED_ADV_PORT])):
+        single = ["--ca-listen", f"0.0.0.0:{CA_ONLY_PORT}", "--pva-listen", f"0.0.0.0:{PVA_ONLY_PORT}"]
+        for port, extra in ((SHIM_PORT, single), (ADVERTISING_PORT, ["--advertise-port", PUBLISHED_ADV_PORT])):
             shim_dir = work / f"shim-{port}"
             shim_dir.mkdir()
             shim = h.Shim(ctr, ["--listen", f"0.0.0.0:{port}", *extra], shim_dir)
@@ -171,6 +176,24 @@ def test_check_without_pvs_checks_connect_and_greeting_of_both(site, shim_bin):
         step_line(out, protocol, "greeting", "ok")
     assert "server VERSION, minor 13" in out
     assert 'validated with "ca"' in out
+
+
+def test_check_on_single_protocol_ports_names_the_kind_of_port(site, shim_bin):
+    got = check(site.ctr, shim_bin, f"127.0.0.1:{PVA_ONLY_PORT}", "QSRV2:VAL")
+    out = got.stdout
+    assert got.returncode == 0, out
+    assert "a PVA-only port (--pva-listen)" in step_line(out, "CA", "greeting", "FAILED")
+    step_line(out, "PVA", "get", "ok", "QSRV2:VAL")
+    assert f"export EPICS_PVA_NAME_SERVERS=127.0.0.1:{PVA_ONLY_PORT}" in out
+    assert "EPICS_CA_NAME_SERVERS" not in out
+    got = check(site.ctr, shim_bin, f"127.0.0.1:{CA_ONLY_PORT}", "QSRV2:VAL")
+    out = got.stdout
+    assert got.returncode == 0, out
+    assert "a CA-only port (--ca-listen)" in step_line(out, "PVA", "greeting", "FAILED")
+    step_line(out, "CA", "get", "ok", "QSRV2:VAL")
+    assert "EPICS_PVA_NAME_SERVERS" not in out
+    # With no PV, a protocol that does not greet makes the exit code 1.
+    assert check(site.ctr, shim_bin, f"127.0.0.1:{CA_ONLY_PORT}").returncode == 1
 
 
 def test_check_of_a_closed_port_exits_2_and_says_refused(site, shim_bin):
