@@ -261,7 +261,7 @@ impl Connection {
         ))
     }
 
-    async fn send_search(&mut self, pv: &str, id: u32) -> Result<u32, String> {
+    async fn send_search(&mut self, pv: &str, id: u32) -> Result<(), String> {
         self.sequence += 1;
         let mut w = self.writer();
         w.u32(self.sequence)
@@ -274,12 +274,11 @@ impl Connection {
             .u16(1)
             .u32(id)
             .string(pv.as_bytes());
-        self.send(w.into_message(Command::Search, false)).await?;
-        Ok(self.sequence)
+        self.send(w.into_message(Command::Search, false)).await
     }
 
-    /// Answers to search `id` until `until`: (found, ports), or None if
-    /// none came.
+    /// Answers to search `id`, the first by `first_by`, more for
+    /// `MORE_ANSWERS` after it: (found, ports), or None if none came.
     async fn answers(
         &mut self,
         id: u32,
