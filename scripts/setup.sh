@@ -27,7 +27,8 @@ pins=(
 # touch the package index (one apt-get update for all of them): namespace and
 # NAT tools; buildah (builds the FROM scratch image without a daemon or a
 # registry), file and strace for the release-artefact tests; curl scrapes
-# /metrics and /healthz as probes and Prometheus would.
+# /metrics and /healthz as probes and Prometheus would; dnsmasq answers
+# DNS for the resolver test.
 install_system_tools() {
     local missing=()
     command -v nft >/dev/null 2>&1 || missing+=(nftables)
@@ -36,6 +37,11 @@ install_system_tools() {
     command -v file >/dev/null 2>&1 || missing+=(file)
     command -v strace >/dev/null 2>&1 || missing+=(strace)
     command -v curl >/dev/null 2>&1 || missing+=(curl)
+    # A real DNS server for the `nameshim check` resolver test, run only
+    # inside a test's own network namespace. dnsmasq-base is the program
+    # alone: the dnsmasq package would also install (and may start) a
+    # system service on the machine's own interfaces.
+    command -v dnsmasq >/dev/null 2>&1 || [[ -x /usr/sbin/dnsmasq ]] || missing+=(dnsmasq-base)
     if ((${#missing[@]} == 0)); then
         return
     fi

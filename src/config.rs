@@ -46,6 +46,9 @@ Examples:
   forwards signals to it, reaps zombies and exits with the IOC's code:
     nameshim --listen 0.0.0.0:5066 -- bash -c '${IOC}/start.sh'
 
+  From a client host, see which step fails and what to set:
+    nameshim check ioc-host:8066 MY:PV
+
   Search servers on a non-default CA port, or on more addresses:
     nameshim --ca-server-port 6064 --ca-search-addr 127.255.255.255,10.88.0.255
 
@@ -67,7 +70,9 @@ host port mapping works with no UDP published.
 With `-- COMMAND [ARGS...]` nameshim is also the container's init: it runs COMMAND \
 (the IOC) as its child on the same terminal, forwards signals to it, reaps every \
 zombie, and exits with the command's exit code while serving the port beside it.",
-    after_help = EXAMPLES
+    after_help = EXAMPLES,
+    override_usage = "nameshim [OPTIONS] [-- COMMAND [ARGS...]]\n       nameshim check [OPTIONS] HOST:PORT [PV...]",
+    disable_help_subcommand = true
 )]
 pub struct Cli {
     /// Address and TCP port to serve on; port 0 picks a free port (logged).
@@ -275,6 +280,10 @@ pub struct Cli {
           value_parser = clap::builder::BoolishValueParser::new())]
     pub signal_group: bool,
 
+    /// Client-side diagnosis instead of serving: see `nameshim check --help`.
+    #[command(subcommand)]
+    pub subcommand: Option<Subcommand>,
+
     /// Wrapper mode: run COMMAND as the child of the shim, which forwards
     /// SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 and SIGWINCH to
     /// it, reaps every zombie (as PID 1, or as child subreaper), and exits
@@ -284,6 +293,65 @@ pub struct Cli {
     /// on.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Subcommand {
+    /// Connect to a shim as CA and PVA clients do, and print each step.
+    #[command(long_about = CHECK_ABOUT, after_help = CHECK_EXAMPLES)]
+    Check(CheckArgs),
+}
+
+const CHECK_ABOUT: &str = "\
+Connects to HOST:PORT as libca (EPICS_CA_NAME_SERVERS) and pvxs \
+(EPICS_PVA_NAME_SERVERS) clients do, and prints each step with its time: TCP \
+connect, greeting, then for each PV a search, create channel and get. For PVA \
+it tells which clients (pvxs, pvAccessCPP, Phoebus) can use the port the \
+shim's search answers name, compared with the port dialed here: run it where \
+the clients are. It ends with the environment lines to set on clients.
+
+HOST may be a name: it is looked up in /etc/hosts, then by DNS with the \
+name servers of /etc/resolv.conf (no NSS modules are loaded).
+
+Exit code: 0 = every PV was read by at least one protocol (with no PV: every \
+protocol checked greeted); 1 = some PV was not (with no PV: some protocol did \
+not greet); 2 = the name did not resolve, no protocol could connect, or a \
+usage error.";
+
+const CHECK_EXAMPLES: &str = "\
+Examples:
+  nameshim check ioc-host:8066
+  nameshim check ioc-host:8066 MY:PV MY:OTHER
+  nameshim check --protocol pva --timeout 10s 10.0.0.5:8066 MY:PV";
+
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// The shim as clients reach it: HOST:PORT, [IPV6]:PORT, or HOST (port 5066).
+    #[arg(value_name = "HOST:PORT")]
+    pub target: String,
+
+    /// PV names to search for, create and read with each protocol.
+    #[arg(value_name = "PV")]
+    pub pvs: Vec<String>,
+
+    /// Time each step may take (resolve, connect, greeting, search, create, get).
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_timeout)]
+    pub timeout: Duration,
+
+    /// Which protocols to check.
+    #[arg(long, value_name = "PROTOCOL", default_value = "both",
+          value_parser = ["ca", "pva", "both"])]
+    pub protocol: String,
+}
+
+impl CheckArgs {
+    pub fn ca(&self) -> bool {
+        self.protocol != "pva"
+    }
+
+    pub fn pva(&self) -> bool {
+        self.protocol != "ca"
+    }
 }
 
 /// The wrapper's settings, when a command follows `--`.
@@ -563,6 +631,53 @@ mod tests {
         assert_eq!(config.max_clients_per_host, 3);
         assert_eq!(config.max_client_payload, 1 << 20);
         assert_eq!(config.max_total_channels, 10);
+    }
+
+    #[test]
+    fn check_is_a_subcommand_with_target_pvs_and_options() {
+        let cli = Cli::parse_from([
+            "nameshim",
+            "check",
+            "ioc:8066",
+            "A:B",
+            "C:D",
+            "--timeout",
+            "1s",
+        ]);
+        let Some(Subcommand::Check(args)) = &cli.subcommand else {
+            panic!("not parsed as check: {cli:?}");
+        };
+        assert_eq!(args.target, "ioc:8066");
+        assert_eq!(args.pvs, ["A:B", "C:D"]);
+        assert_eq!(args.timeout, Duration::from_secs(1));
+        assert!(args.ca() && args.pva());
+        let cli = Cli::parse_from(["nameshim", "check", "--protocol", "pva", "ioc"]);
+        let Some(Subcommand::Check(args)) = &cli.subcommand else {
+            panic!("not parsed as check");
+        };
+        assert!(!args.ca() && args.pva());
+        assert!(Cli::try_parse_from(["nameshim", "check"]).is_err());
+        assert!(Cli::try_parse_from(["nameshim", "check", "ioc", "--protocol", "http"]).is_err());
+    }
+
+    #[test]
+    fn serving_invocations_still_parse_without_a_subcommand() {
+        let cli = Cli::parse_from(["nameshim"]);
+        assert!(cli.subcommand.is_none() && cli.command.is_empty());
+        let cli = Cli::parse_from(["nameshim", "--listen", "0.0.0.0:5067"]);
+        assert!(cli.subcommand.is_none());
+        assert_eq!(cli.listen.port(), 5067);
+        let cli = Cli::parse_from(["nameshim", "--", "softIoc", "-d", "x.db"]);
+        assert!(cli.subcommand.is_none());
+        assert_eq!(cli.command, ["softIoc", "-d", "x.db"]);
+        let cli = Cli::parse_from(["nameshim", "--listen", "0.0.0.0:5067", "--", "check", "x"]);
+        assert!(
+            cli.subcommand.is_none(),
+            "after -- the words are the command's"
+        );
+        assert_eq!(cli.command, ["check", "x"]);
+        // A command must still come after `--`.
+        assert!(Cli::try_parse_from(["nameshim", "softIoc"]).is_err());
     }
 
     #[test]

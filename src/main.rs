@@ -4,10 +4,12 @@
 //! code.
 
 mod ca;
+mod check;
 mod config;
 mod ports;
 mod pva;
 mod relay;
+mod resolve;
 mod wrapper;
 
 use clap::Parser;
@@ -18,6 +20,9 @@ use tracing::{error, info};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(config::Subcommand::Check(args)) = &cli.subcommand {
+        return ExitCode::from(check::run(args));
+    }
     init_logging(&cli.log, cli.log_format == "json");
     let config = Config::from_cli(&cli);
     match config::wrapper_options(&cli) {

@@ -210,7 +210,6 @@ impl Message {
         self.header.encoded_len() + self.payload.len()
     }
 
-    #[cfg(test)]
     pub fn encode(&self, out: &mut BytesMut) {
         self.header.encode(out);
         out.put_slice(&self.payload);

@@ -194,6 +194,46 @@ impl FieldType {
         }
     }
 
+    /// The type id of a structure or union (`epics:nt/NTScalar:1.0`).
+    pub fn type_id(&self) -> Option<&[u8]> {
+        match &self.kind {
+            Kind::Structure { id, .. } | Kind::Union { id, .. } => Some(id),
+            _ => None,
+        }
+    }
+
+    /// A structure's member `name`, with its BitSet bit counted from the
+    /// structure's own.
+    pub fn member(&self, name: &[u8]) -> Option<(usize, &FieldType)> {
+        let Kind::Structure {
+            fields, offsets, ..
+        } = &self.kind
+        else {
+            return None;
+        };
+        let index = fields.iter().position(|(n, _)| n == name)?;
+        Some((*offsets.get(index)?, &fields[index].1))
+    }
+
+    /// The shape of a value of this type, as a reader of values needs it.
+    pub fn shape(&self) -> Shape {
+        match &self.kind {
+            Kind::Scalar(code) => Shape::Scalar(*code),
+            Kind::BoundedString(_) => Shape::Scalar(0x60),
+            Kind::ScalarArray(code)
+            | Kind::SizedArray {
+                code, fixed: false, ..
+            } => Shape::Array(*code),
+            Kind::SizedArray { fixed: true, .. } => Shape::Other("fixed-size array"),
+            Kind::Structure { .. } => Shape::Other("structure"),
+            Kind::Union { .. } => Shape::Other("union"),
+            Kind::Variant => Shape::Other("any"),
+            Kind::StructureArray(_) => Shape::Other("structure array"),
+            Kind::UnionArray(_) => Shape::Other("union array"),
+            Kind::VariantArray => Shape::Other("any array"),
+        }
+    }
+
     /// The field that BitSet bit `bit` names: O(depth x log(members)).
     fn field_at_bit(&self, mut bit: usize) -> Option<&FieldType> {
         let mut t = self;
@@ -767,6 +807,85 @@ impl<'a, 'o> Walker<'a, 'o> {
             next_free = bit + field.bits;
         }
     }
+
+    /// A BitSet and the partial value it selects, as [`Walker::changed_value`],
+    /// returning the bytes of the field at BitSet bit `target` if sent.
+    pub fn changed_value_field(&mut self, t: &FieldType, target: usize) -> Option<&'a [u8]> {
+        let bits = self.bitset(t.bits);
+        self.partial_value_field(t, &bits, target)
+    }
+
+    /// Walks a partial value as [`Walker::partial_value`] does, and returns
+    /// the bytes of the field at BitSet bit `target` if the message holds it
+    /// (alone, or inside a structure sent whole).
+    pub fn partial_value_field(
+        &mut self,
+        t: &FieldType,
+        bits: &[usize],
+        target: usize,
+    ) -> Option<&'a [u8]> {
+        let mut next_free = 0;
+        let mut found = None;
+        for &bit in bits {
+            if bit < next_free {
+                continue;
+            }
+            let field = t.field_at_bit(bit)?;
+            if (bit..bit.saturating_add(field.bits)).contains(&target) {
+                found = self.field_within(field, bit, target);
+            } else {
+                self.value(field);
+            }
+            if self.failed() {
+                return None;
+            }
+            next_free = bit + field.bits;
+        }
+        found
+    }
+
+    /// Walks a whole value of `t` (at BitSet bit `at`), keeping the bytes
+    /// of the field at bit `target`. The recursion follows the type, whose
+    /// depth is bounded.
+    fn field_within(&mut self, t: &FieldType, at: usize, target: usize) -> Option<&'a [u8]> {
+        if at == target {
+            let before = self.r.remaining();
+            self.value(t);
+            let taken = before.len() - self.r.remaining().len();
+            return (!self.failed()).then(|| &before[..taken]);
+        }
+        let Kind::Structure {
+            fields, offsets, ..
+        } = &t.kind
+        else {
+            self.value(t);
+            return None;
+        };
+        let mut found = None;
+        for ((_, member), offset) in fields.iter().zip(offsets) {
+            let start = at + offset;
+            if (start..start.saturating_add(member.bits)).contains(&target) {
+                found = self.field_within(member, start, target);
+            } else {
+                self.value(member);
+            }
+            if self.failed() {
+                return None;
+            }
+        }
+        found
+    }
+}
+
+/// What a value of a type looks like on the wire, for readers of values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// One scalar of this type code (strings included: 0x60).
+    Scalar(u8),
+    /// A Size, then that many scalars of this code.
+    Array(u8),
+    /// Anything else, named.
+    Other(&'static str),
 }
 
 /// Bytes of one scalar; 0 for strings; None for an unknown code.
@@ -889,6 +1008,50 @@ mod tests {
         w.partial_value(&t, &[2, 3, 4]);
         w.finish().unwrap();
         assert!(w.r.is_empty());
+    }
+
+    #[test]
+    fn a_field_is_found_alone_or_inside_a_structure_sent_whole() {
+        // epics:nt/NTScalar-like {double value, {int b, string c} s}:
+        // bits 0 top, 1 value, 2 s, 3 b, 4 c.
+        let desc = [
+            0x80, 1, b'T', 2, 5, b'v', b'a', b'l', b'u', b'e', 0x43, 1, b's', 0x80, 0, 2, 1, b'b',
+            0x22, 1, b'c', 0x60,
+        ];
+        let mut registry = Registry::default();
+        let mut w = Walker::new(&desc, false, &mut registry, None);
+        let t = w.field_desc().unwrap();
+        assert_eq!(t.type_id(), Some(&b"T"[..]));
+        let (bit, value) = t.member(b"value").unwrap();
+        assert_eq!((bit, value.shape()), (1, Shape::Scalar(0x43)));
+        assert_eq!(
+            t.member(b"s").map(|(bit, m)| (bit, m.shape())),
+            Some((2, Shape::Other("structure")))
+        );
+        assert!(t.member(b"nope").is_none());
+        let double = 2.5f64.to_le_bytes();
+        // Bitset {0}: the whole structure, value first.
+        let mut whole = vec![1, 0x01];
+        whole.extend_from_slice(&double);
+        whole.extend_from_slice(&[7, 0, 0, 0, 2, b'h', b'i']);
+        let mut w = Walker::new(&whole, false, &mut registry, None);
+        assert_eq!(w.changed_value_field(&t, 1), Some(&double[..]));
+        w.finish().unwrap();
+        assert!(w.r.is_empty());
+        // Bitset {1, 4}: the value, then c alone.
+        let mut parts = vec![1, 0x12];
+        parts.extend_from_slice(&double);
+        parts.extend_from_slice(&[2, b'h', b'i']);
+        let mut w = Walker::new(&parts, false, &mut registry, None);
+        assert_eq!(w.changed_value_field(&t, 1), Some(&double[..]));
+        // Bitset {4}: no value in the message.
+        let mut w = Walker::new(&[1, 0x10, 2, b'h', b'i'], false, &mut registry, None);
+        assert_eq!(w.changed_value_field(&t, 1), None);
+        w.finish().unwrap();
+        // Cut short: no bytes, and an error.
+        let mut w = Walker::new(&whole[..5], false, &mut registry, None);
+        assert_eq!(w.changed_value_field(&t, 1), None);
+        assert!(w.finish().is_err());
     }
 
     #[test]

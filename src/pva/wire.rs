@@ -158,7 +158,6 @@ impl Message {
         HEADER_LEN + self.payload.len()
     }
 
-    #[cfg(test)]
     pub fn encode(&self, out: &mut BytesMut) {
         self.header.encode(out);
         out.put_slice(&self.payload);
@@ -409,6 +408,16 @@ impl<'a> Reader<'a> {
             u32::from_be_bytes(b)
         } else {
             u32::from_le_bytes(b)
+        }
+    }
+
+    pub fn u64(&mut self, what: &'static str) -> u64 {
+        let b = self.take(8, what);
+        let b: [u8; 8] = b.try_into().unwrap_or([0; 8]);
+        if self.big_endian {
+            u64::from_be_bytes(b)
+        } else {
+            u64::from_le_bytes(b)
         }
     }
 
