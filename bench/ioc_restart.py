@@ -38,6 +38,7 @@ import argparse
 import ipaddress
 import os
 import platform
+import random
 import shutil
 import signal
 import statistics
@@ -110,6 +111,7 @@ def fmt(x):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--restarts", type=int, default=3, help="restarts of each IOC (default 3)")
+    ap.add_argument("--seed", type=int, default=5066, help="seed of the pauses between restarts (default 5066)")
     ap.add_argument("--shim-log", default="info", help="nameshim log level (default info)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory and logs")
     args = ap.parse_args()
@@ -165,16 +167,22 @@ def main():
     print("  clients: CA = pyepics auto_monitor polling libca, PVA = p4p monitor; one process each")
     print(f"  paths:   shim = on the host via {name_server}; direct = in the container, "
           f"UDP search on {broadcast}")
-    print(f"  {args.restarts} restarts of each IOC (SIGKILL, start again once its monitors saw the loss)")
+    print(f"  {args.restarts} restarts of each IOC, in turn, after a random pause of 1-11 s (seed {args.seed}):")
+    print("  SIGKILL, then start again once its monitors saw the loss")
     sys.stdout.flush()
 
+    rng = random.Random(args.seed)
     resume = {k: [] for k in watches}  # seconds from IOC ready to first update
     lost = {k: [] for k in watches}  # seconds from kill to the disconnect event
     starts = []  # seconds from spawn to "IOC Running"
     for n in range(args.restarts):
         for prefix, ioc in iocs.items():
             mine = {k: w for k, w in watches.items() if k[1] == prefix}
-            time.sleep(1.0)  # every monitor updating steadily
+            # A random pause, so the kills do not fall at a fixed phase of
+            # the clients' free-running timers (libca's 10 s disconnect
+            # governor): a steady rhythm would lock every restart to one
+            # point of that period.
+            time.sleep(rng.uniform(1.0, 11.0))
             for w in mine.values():
                 w.drain()
             t_kill = kill_ioc(ioc)
