@@ -13,8 +13,8 @@ softIoc (QSRV1, which implements PROCESS but answers ARRAY and PUT_GET with
 implements all three), and the shim on 0.0.0.0:5066 published on the
 host as 18066, run with `--advertise-port 18066` as docs/clients.md says for
 pvAccessCPP clients behind a remapped port. The client is
-tests/e2e/pvacpp_ops.cpp, compiled once per session against epicscorelibs'
-pvAccessCPP: on the host it uses EPICS_PVA_NAME_SERVERS=127.0.0.1:18066
+tests/e2e/pvacpp_ops.cpp, compiled once per session against pvAccessCPP
+(see the pvacpp_ops fixture for why pvapy's library): on the host it uses EPICS_PVA_NAME_SERVERS=127.0.0.1:18066
 only; the direct path runs it in the container with a UDP search on the
 container's broadcast address and no name server.
 """
