@@ -229,9 +229,11 @@ def main():
     print(f"  IOC start, spawn to \"IOC Running\": median {statistics.median(starts):.2f} s, "
           f"max {max(starts):.2f} s")
     text = shim.log.read_text(errors="replace")
-    warns = sum(1 for line in text.splitlines() if " WARN " in line or " ERROR " in line)
+    warns = [h._ANSI.sub("", line) for line in text.splitlines() if " WARN " in line or " ERROR " in line]
     print(f"  nameshim still running: {'yes' if shim.alive() else 'NO'}; "
-          f"log lines at WARN or ERROR: {warns}")
+          f"log lines at WARN or ERROR: {len(warns)}")
+    for line in warns[:5]:
+        print(f"    {line[:300]}")
     print(f"  whole run: {time.monotonic() - t_begin:.0f} s")
 
     for w in watches.values():
