@@ -436,7 +436,10 @@ def test_monitor_reconnects_after_ioc_restart(site, prefix, record_property):
         watch.wait_for(lambda e: e["event"] == "conn" and not e["connected"], 15)
         site.servers[prefix].start()
         t0 = time.monotonic()
-        watch.wait_for(lambda e: e["event"] == "conn" and e["connected"], 45)
+        # The client's first search after the loss is held by the shim,
+        # which resends it at most 1 s apart and answers when the IOC does
+        # (about 0.5 s measured, docs/clients.md); 10 s is generous.
+        watch.wait_for(lambda e: e["event"] == "conn" and e["connected"], 10)
         seconds = round(time.monotonic() - t0, 2)
         record_property("reconnect_seconds", seconds)
         print(f"reconnected {seconds:.2f}s after IOC restart")
