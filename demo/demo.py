@@ -15,8 +15,10 @@ server set (no UDP search):
   EPICS_PVA_NAME_SERVERS=127.0.0.1:8066, get PVs of both PVA servers.
 For contrast, the IOC's own CA port published the usual way
 (-p 127.0.0.1:8064:5064) reaches only the server that owns TCP 5064.
+Last, `nameshim check` diagnoses the published port from the client side.
 """
 
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -98,7 +100,13 @@ def main() -> int:
         show(f"for contrast, get with pyepics and the IOC's own port as name server (EPICS_CA_NAME_SERVERS={direct}):",
              [f"{pv:10} {'connected' if r['connected'] else 'not connected':14}" for pv, r in got.items()])
         ca_ok = all(r["connected"] for r in h.ca_get(host, via_shim, pvs).values())
-        ok = ca_ok and pva_ok
+
+        # The client-side diagnosis a user runs when a PV does not show up.
+        check = subprocess.run(host.exec_argv([h.shim_binary(), "check", via_shim, *pvs]),
+                               capture_output=True, text=True, timeout=120)
+        show(f"nameshim check {via_shim} {' '.join(pvs)} (exit {check.returncode}):",
+             (check.stdout + check.stderr).rstrip().splitlines())
+        ok = ca_ok and pva_ok and check.returncode == 0
         print("\nresult:", "every server reached over CA and PVA through one remapped port" if ok else
               f"FAILED (CA {'ok' if ca_ok else 'failed'}, PVA {'ok' if pva_ok else 'failed'})")
         return 0 if ok else 1

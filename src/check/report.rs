@@ -88,10 +88,10 @@ pub fn reply_port_verdict(ports: ReplyPorts, dialed: u16) -> Vec<String> {
     // connection; another port is dialed.
     let pvxs_ok = ports.zero || ports.named == Some(dialed);
     lines.push(if pvxs_ok {
-        "  pvxs (p4p, pvget, pvxslibs): works (channels on this connection)".to_string()
+        "  pvxs (p4p, pvxget, pvxslibs): works (channels on this connection)".to_string()
     } else {
         format!(
-            "  pvxs (p4p, pvget, pvxslibs): FAILS: it dials port {} (start the shim with --advertise-port {dialed})",
+            "  pvxs (p4p, pvxget, pvxslibs): FAILS: it dials port {} (start the shim with --advertise-port {dialed})",
             ports.named.unwrap_or(0)
         )
     });
@@ -139,7 +139,7 @@ mod tests {
         };
         let lines = reply_port_verdict(ports, 8066).join("\n");
         assert!(
-            lines.contains("pvxs (p4p, pvget, pvxslibs): works"),
+            lines.contains("pvxs (p4p, pvxget, pvxslibs): works"),
             "{lines}"
         );
         assert!(lines.contains("FAIL: they dial port 5066"), "{lines}");
@@ -168,7 +168,7 @@ mod tests {
         };
         let lines = reply_port_verdict(ports, 5066).join("\n");
         assert!(
-            lines.contains("pvxs (p4p, pvget, pvxslibs): works"),
+            lines.contains("pvxs (p4p, pvxget, pvxslibs): works"),
             "{lines}"
         );
         assert!(lines.contains("FAIL: no answer names a port"), "{lines}");

@@ -129,7 +129,7 @@ def test_check_through_remapped_port_tells_pvaccesscpp_and_phoebus_to_set_advert
     got = check(site.remote, shim_bin, f"{site.remote.host_addr}:{PUBLISHED_PORT}", "QSRV2:VAL")
     out = got.stdout
     assert got.returncode == 0, out
-    assert "pvxs (p4p, pvget, pvxslibs): works" in out
+    assert "pvxs (p4p, pvxget, pvxslibs): works" in out
     assert (
         f"pvAccessCPP (pvapy, C++ tools) and Phoebus: FAIL: they dial port {SHIM_PORT}, "
         f"but clients here reach the shim at port {PUBLISHED_PORT}: start the shim with --advertise-port {PUBLISHED_PORT}"

@@ -23,4 +23,7 @@ def test_demo_reads_ca_and_pva_values_through_one_remapped_port(netns_ok):
         pva = out.split(f"get with {client} through nameshim", 1)[1].split("\n\n", 1)[0]
         for pv in ("IOCA:ID", "PVXS:ID"):
             assert f"{pv}    ok     '{pv[:5]}'" in pva, pva
+    check = out.split("nameshim check 127.0.0.1:8066", 1)[1].split("\nresult:", 1)[0]
+    assert "(exit 0)" in check, check
+    assert "export EPICS_PVA_NAME_SERVERS=127.0.0.1:8066" in check, check
     assert "result: every server reached over CA and PVA through one remapped port" in out
