@@ -442,10 +442,10 @@ pub struct Config {
     pub max_clients: usize,
     pub max_clients_per_host: usize,
     pub deadlines: ClientDeadlines,
-    /// Largest message from a server.
-    pub max_payload: u32,
-    /// Largest message from a client.
-    pub max_client_payload: u32,
+    /// Largest message from a server (--max-message).
+    pub max_server_message: u32,
+    /// Largest message from a client (--max-client-message).
+    pub max_client_message: u32,
     pub queue_bytes: usize,
     pub max_channels: usize,
     pub max_total_channels: usize,
@@ -505,8 +505,8 @@ impl Config {
                 idle: cli.idle_timeout,
                 stall: cli.stall_timeout,
             },
-            max_payload: cli.max_message.min(u64::from(u32::MAX)) as u32,
-            max_client_payload: cli.max_client_message.min(u64::from(u32::MAX)) as u32,
+            max_server_message: cli.max_message.min(u64::from(u32::MAX)) as u32,
+            max_client_message: cli.max_client_message.min(u64::from(u32::MAX)) as u32,
             queue_bytes: cli.queue_bytes.min(usize::MAX as u64) as usize,
             max_channels: cli.max_channels,
             max_total_channels: cli.max_total_channels,
@@ -597,8 +597,8 @@ mod tests {
         assert_eq!(config.deadlines.idle, Duration::from_secs(180));
         assert_eq!(config.deadlines.stall, Duration::from_secs(30));
         assert_eq!(config.max_clients_per_host, 256);
-        assert_eq!(config.max_client_payload, 16 << 20);
-        assert_eq!(config.max_payload, 64 << 20);
+        assert_eq!(config.max_client_message, 16 << 20);
+        assert_eq!(config.max_server_message, 64 << 20);
         assert_eq!(config.max_total_channels, 200_000);
     }
 
@@ -629,7 +629,7 @@ mod tests {
             }
         );
         assert_eq!(config.max_clients_per_host, 3);
-        assert_eq!(config.max_client_payload, 1 << 20);
+        assert_eq!(config.max_client_message, 1 << 20);
         assert_eq!(config.max_total_channels, 10);
     }
 

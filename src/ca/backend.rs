@@ -22,7 +22,8 @@ use tokio::sync::mpsc;
 pub type BackendEvent = crate::relay::upstream::BackendEvent<Message>;
 
 pub struct BackendConfig {
-    pub max_payload: u32,
+    /// Largest payload accepted from a server (--max-message).
+    pub max_server_message: u32,
     pub queue_bytes: usize,
     pub connect_timeout: Duration,
     /// The address circuits leave from (see `relay::upstream::connect`).
@@ -42,7 +43,7 @@ pub fn open(
     let task = tokio::spawn(run(
         server,
         id,
-        config.max_payload,
+        config.max_server_message,
         config.connect_timeout,
         config.source,
         queue,

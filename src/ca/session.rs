@@ -51,7 +51,7 @@ pub struct CaContext {
     pub resolver: Resolver,
     pub backend: BackendConfig,
     /// Largest payload accepted from a client (--max-client-message).
-    pub max_payload: u32,
+    pub max_client_message: u32,
     /// Hello, idle and stall deadlines of a client connection.
     pub deadlines: ClientDeadlines,
     /// Channels held by all client connections together.
@@ -136,7 +136,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<CaContext>) -> 
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
     let _counted = crate::relay::metrics::ClientGauge::enter(crate::relay::metrics::Proto::Ca);
     let decoder = CaDecoder {
-        max_payload: ctx.max_payload,
+        max_payload: ctx.max_client_message,
     };
     let (mut reader, client, writer) =
         limits::client_io(stream, decoder, ctx.queue_bytes, ctx.deadlines);
@@ -717,12 +717,12 @@ pub(crate) fn context_for_tests(
         })
         .expect("a search relay on the loopback"),
         backend: BackendConfig {
-            max_payload: 1 << 24,
+            max_server_message: 1 << 24,
             queue_bytes: 1 << 16,
             connect_timeout: Duration::from_secs(2),
             source: crate::relay::upstream::DEFAULT_SOURCE,
         },
-        max_payload: 1 << 24,
+        max_client_message: 1 << 24,
         deadlines: crate::relay::limits::ClientDeadlines::default(),
         channels_in_all,
         queue_bytes: 4 << 20,

@@ -163,12 +163,12 @@ fn start_services(config: &Config) -> io::Result<Arc<Services>> {
     let ca = Arc::new(ca::session::CaContext {
         resolver: ca::search::start(config.ca_search.clone())?,
         backend: ca::backend::BackendConfig {
-            max_payload: config.max_payload,
+            max_server_message: config.max_server_message,
             queue_bytes: config.queue_bytes,
             connect_timeout: SERVER_CONNECT_TIMEOUT,
             source,
         },
-        max_payload: config.max_client_payload,
+        max_client_message: config.max_client_message,
         deadlines: config.deadlines,
         channels_in_all: channels_in_all.clone(),
         queue_bytes: config.queue_bytes,
@@ -178,13 +178,13 @@ fn start_services(config: &Config) -> io::Result<Arc<Services>> {
     let pva = Arc::new(pva::session::PvaContext {
         resolver: pva::search::start(config.pva_search.clone())?,
         backend: pva::backend::BackendConfig {
-            max_message: config.max_payload,
+            max_server_message: config.max_server_message,
             queue_bytes: config.queue_bytes,
             connect_timeout: SERVER_CONNECT_TIMEOUT,
             big_endian: pva::session::BIG_ENDIAN,
             source,
         },
-        max_message: config.max_client_payload,
+        max_client_message: config.max_client_message,
         queue_bytes: config.queue_bytes,
         deadlines: config.deadlines,
         max_channels: config.max_channels,

@@ -27,7 +27,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub type BackendEvent = crate::relay::upstream::BackendEvent<Message>;
 
 pub struct BackendConfig {
-    pub max_message: u32,
+    /// Largest message accepted from a server (--max-message).
+    pub max_server_message: u32,
     pub queue_bytes: usize,
     pub connect_timeout: Duration,
     /// The byte order the client connection uses; a server must match it,
@@ -50,7 +51,7 @@ pub fn open(
         server,
         id,
         Settings {
-            max_message: config.max_message,
+            max_message: config.max_server_message,
             connect_timeout: config.connect_timeout,
             big_endian: config.big_endian,
             source: config.source,

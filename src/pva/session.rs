@@ -58,7 +58,7 @@ pub struct PvaContext {
     pub resolver: Resolver,
     pub backend: BackendConfig,
     /// Largest message accepted from a client (--max-client-message).
-    pub max_message: u32,
+    pub max_client_message: u32,
     pub queue_bytes: usize,
     /// The client must validate within the hello deadline (5 s by
     /// default, pvAccessCPP's own limit).
@@ -149,7 +149,7 @@ impl From<wire::WireError> for SessionError {
 pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) -> Reception {
     let _counted = crate::relay::metrics::ClientGauge::enter(crate::relay::metrics::Proto::Pva);
     let listen_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
-    let decoder = wire::Decoder::new(ctx.max_message, false);
+    let decoder = wire::Decoder::new(ctx.max_client_message, false);
     let (mut reader, client, writer) =
         limits::client_io(stream, decoder, ctx.queue_bytes, ctx.deadlines);
     let outcome = match validate(&client, &mut reader, ctx.deadlines.hello).await {
@@ -1174,13 +1174,13 @@ mod tests {
             })
             .unwrap(),
             backend: BackendConfig {
-                max_message: 1 << 20,
+                max_server_message: 1 << 20,
                 queue_bytes: 1 << 20,
                 connect_timeout: WAIT,
                 big_endian: BIG_ENDIAN,
                 source: crate::relay::upstream::DEFAULT_SOURCE,
             },
-            max_message: 1 << 20,
+            max_client_message: 1 << 20,
             queue_bytes: 1 << 20,
             deadlines: crate::relay::limits::ClientDeadlines::default(),
             channels_in_all: crate::relay::limits::ChannelBudget::new(1000),
