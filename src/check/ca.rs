@@ -60,18 +60,7 @@ pub async fn check(
         reached: vec![false; pvs.len()],
         ..CaResult::default()
     };
-    let started = Instant::now();
-    let stream = super::connect(addr, step_time).await;
-    report.step(
-        PROTOCOL,
-        "connect",
-        started.elapsed(),
-        &stream
-            .as_ref()
-            .map(|_| addr.to_string())
-            .map_err(Clone::clone),
-    );
-    let Ok(stream) = stream else {
+    let Some(stream) = super::connect_step(PROTOCOL, addr, step_time, report).await else {
         return result;
     };
     result.connected = true;

@@ -210,6 +210,23 @@ pub fn split_target(target: &str) -> Result<(String, u16), String> {
 }
 
 /// A TCP connection within `step`, with the failure said plainly.
+/// The "connect" step of `protocol`: connects and reports how it went.
+async fn connect_step(
+    protocol: &str,
+    addr: SocketAddr,
+    step: Duration,
+    report: &mut Report,
+) -> Option<TcpStream> {
+    let started = std::time::Instant::now();
+    let stream = connect(addr, step).await;
+    let outcome = stream
+        .as_ref()
+        .map(|_| addr.to_string())
+        .map_err(Clone::clone);
+    report.step(protocol, "connect", started.elapsed(), &outcome);
+    stream.ok()
+}
+
 async fn connect(addr: SocketAddr, step: Duration) -> Result<TcpStream, String> {
     match tokio::time::timeout(step, TcpStream::connect(addr)).await {
         Ok(Ok(stream)) => {

@@ -294,16 +294,8 @@ pub async fn classify(stream: &TcpStream, window: Duration, http: bool) -> io::R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::relay::listener::tests::pair;
     use tokio::io::AsyncWriteExt;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        (client, server)
-    }
 
     async fn classify_sent(bytes: &[u8], http: bool) -> Protocol {
         let (mut client, server) = pair().await;

@@ -158,11 +158,12 @@ pub fn bind(addr: SocketAddr, protocols: &str) -> io::Result<TcpListener> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    async fn pair() -> (TcpStream, TcpStream) {
+    /// A client socket and the server's end of it, over the loopback.
+    pub(crate) async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
