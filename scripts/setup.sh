@@ -28,7 +28,7 @@ pins=(
 # NAT tools; buildah (builds the FROM scratch image without a daemon or a
 # registry), file and strace for the release-artefact tests; curl scrapes
 # /metrics and /healthz as probes and Prometheus would; dnsmasq answers
-# DNS for the resolver test.
+# DNS for the resolver test; g++ builds the pvAccessCPP test client.
 install_system_tools() {
     local missing=()
     command -v nft >/dev/null 2>&1 || missing+=(nftables)
@@ -42,6 +42,9 @@ install_system_tools() {
     # alone: the dnsmasq package would also install (and may start) a
     # system service on the machine's own interfaces.
     command -v dnsmasq >/dev/null 2>&1 || [[ -x /usr/sbin/dnsmasq ]] || missing+=(dnsmasq-base)
+    # The pvAccessCPP client of tests/e2e/test_pva_operations.py is C++,
+    # compiled by the test itself.
+    command -v g++ >/dev/null 2>&1 || missing+=(g++)
     if ((${#missing[@]} == 0)); then
         return
     fi
