@@ -10,6 +10,7 @@ mod ports;
 mod pva;
 mod relay;
 mod resolve;
+mod session;
 mod wrapper;
 
 use clap::Parser;

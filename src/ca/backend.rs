@@ -10,19 +10,16 @@
 use super::wire::Message;
 use super::CaDecoder;
 use crate::relay::framing::FrameReader;
+use crate::relay::metrics::{Proto, ServerLinkCount};
 use crate::relay::outbox::{Outbox, OutboxReceiver};
-use crate::relay::upstream::{self, BackendLink};
+use crate::relay::upstream::{self, BackendLink, LinkError};
+use crate::session::Events;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
-
-/// What a backend circuit reports to its session. `link` tells apart
-/// successive circuits to the same server.
-pub type BackendEvent = crate::relay::upstream::BackendEvent<Message>;
 
 pub struct BackendConfig {
-    /// Largest payload accepted from a server (--max-message).
+    /// Largest payload accepted from a server (--max-server-message).
     pub max_server_message: u32,
     pub queue_bytes: usize,
     pub connect_timeout: Duration,
@@ -37,48 +34,28 @@ pub fn open(
     id: u64,
     config: &BackendConfig,
     client: Outbox,
-    events: mpsc::UnboundedSender<BackendEvent>,
+    events: Events<Message>,
 ) -> BackendLink {
-    let (outbox, queue) = Outbox::new(config.queue_bytes);
-    let task = tokio::spawn(run(
-        server,
-        id,
+    let (max_payload, timeout, source) = (
         config.max_server_message,
         config.connect_timeout,
         config.source,
-        queue,
-        client,
-        events,
-    ));
-    BackendLink::new(id, outbox, task.abort_handle())
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn run(
-    server: SocketAddrV4,
-    link: u64,
-    max_payload: u32,
-    connect_timeout: Duration,
-    source: Ipv4Addr,
-    queue: OutboxReceiver,
-    client: Outbox,
-    events: mpsc::UnboundedSender<BackendEvent>,
-) {
-    let connecting = upstream::connect(server, source);
-    let reason = match tokio::time::timeout(connect_timeout, connecting).await {
-        Err(_) => "connect timed out".to_string(),
-        Ok(Err(e)) => format!("connect failed: {e}"),
-        Ok(Ok(stream)) => {
-            let _counted =
-                crate::relay::metrics::ServerLinkCount::opened(crate::relay::metrics::Proto::Ca);
-            relay(stream, link, server, max_payload, queue, client, &events).await
-        }
-    };
-    let _ = events.send(BackendEvent::Closed {
+    );
+    let reports = events.clone();
+    BackendLink::spawn(
         server,
-        link,
-        reason,
-    });
+        id,
+        config.queue_bytes,
+        events,
+        move |queue, _| async move {
+            let stream = match upstream::connect_within(server, source, timeout).await {
+                Ok(stream) => stream,
+                Err(e) => return e,
+            };
+            let _counted = ServerLinkCount::opened(Proto::Ca);
+            relay(stream, id, server, max_payload, queue, client, &reports).await
+        },
+    )
 }
 
 /// Runs the circuit until either direction ends; returns why it ended.
@@ -89,17 +66,17 @@ async fn relay(
     max_payload: u32,
     queue: OutboxReceiver,
     client: Outbox,
-    events: &mpsc::UnboundedSender<BackendEvent>,
-) -> String {
-    let _ = stream.set_nodelay(true);
+    events: &Events<Message>,
+) -> LinkError {
     let (read, write) = stream.into_split();
     let mut reader = FrameReader::new(read, CaDecoder { max_payload });
     let read_loop = upstream::pump(&mut reader, server, link, &client, events);
     tokio::select! {
-        reason = read_loop => reason,
+        error = read_loop => error,
         written = queue.drain_into(write) => match written {
-            Ok(()) => "session closed the circuit".to_string(),
-            Err(e) => format!("write failed: {e}"),
+            // Every sender is gone: the session dropped the link.
+            Ok(()) => LinkError::ClientGone,
+            Err(e) => LinkError::Write(e),
         },
     }
 }

@@ -20,6 +20,7 @@ pub mod greeting;
 use crate::config::Config;
 use crate::relay::listener::{self, ConnectionLimits, FirstByte};
 use crate::relay::metrics::{BadInput, METRICS};
+use crate::session::SessionSettings;
 use crate::{ca, pva, relay};
 use greeting::{Choice, Greeting, SilentGreetings, SilentTimes};
 use std::io;
@@ -160,23 +161,26 @@ fn start_services(config: &Config) -> io::Result<Arc<Services>> {
     }
     // One budget for both protocols: a channel is a channel.
     let channels_in_all = relay::limits::ChannelBudget::new(config.max_total_channels);
+    let settings = |resolver| SessionSettings {
+        resolver,
+        max_client_message: config.max_client_message,
+        queue_bytes: config.queue_bytes,
+        deadlines: config.deadlines,
+        max_channels: config.max_channels,
+        channels_in_all: channels_in_all.clone(),
+        max_searches: MAX_SEARCHES_PER_CLIENT,
+    };
     let ca = Arc::new(ca::session::CaContext {
-        resolver: ca::search::start(config.ca_search.clone())?,
+        session: settings(ca::search::start(config.ca_search.clone())?),
         backend: ca::backend::BackendConfig {
             max_server_message: config.max_server_message,
             queue_bytes: config.queue_bytes,
             connect_timeout: SERVER_CONNECT_TIMEOUT,
             source,
         },
-        max_client_message: config.max_client_message,
-        deadlines: config.deadlines,
-        channels_in_all: channels_in_all.clone(),
-        queue_bytes: config.queue_bytes,
-        max_channels: config.max_channels,
-        max_searches: MAX_SEARCHES_PER_CLIENT,
     });
     let pva = Arc::new(pva::session::PvaContext {
-        resolver: pva::search::start(config.pva_search.clone())?,
+        session: settings(pva::search::start(config.pva_search.clone())?),
         backend: pva::backend::BackendConfig {
             max_server_message: config.max_server_message,
             queue_bytes: config.queue_bytes,
@@ -184,12 +188,6 @@ fn start_services(config: &Config) -> io::Result<Arc<Services>> {
             big_endian: pva::session::BIG_ENDIAN,
             source,
         },
-        max_client_message: config.max_client_message,
-        queue_bytes: config.queue_bytes,
-        deadlines: config.deadlines,
-        max_channels: config.max_channels,
-        channels_in_all,
-        max_searches: MAX_SEARCHES_PER_CLIENT,
         advertise_port: config.advertise_port,
     });
     Ok(Arc::new(Services { ca, pva }))
@@ -231,7 +229,8 @@ async fn handle(stream: TcpStream, peer: SocketAddr, accepted: Instant, port: &P
         Protocol::Silent => serve_silent(stream, peer, accepted, services, &port.greetings).await,
         Protocol::Http => {
             let state = relay::http::State {
-                ready: services.ca.resolver.is_running() && services.pva.resolver.is_running(),
+                ready: services.ca.session.resolver.is_running()
+                    && services.pva.session.resolver.is_running(),
             };
             relay::http::serve(stream, peer, port.http_timeout, state).await
         }

@@ -12,19 +12,18 @@
 use super::frame;
 use super::wire::{self, Command, Message};
 use crate::relay::framing::FrameReader;
+use crate::relay::metrics::{Proto, ServerLinkCount};
 use crate::relay::outbox::{Outbox, OutboxReceiver};
-use crate::relay::upstream::{self, BackendLink};
+use crate::relay::upstream::{self, BackendLink, LinkError};
+use crate::session::Events;
 use bytes::BytesMut;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
-use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::mpsc;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 const ECHO_INTERVAL: Duration = Duration::from_secs(15);
 /// pvAccessCPP gives up on a handshake after 5 s; so does the shim.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-
-pub type BackendEvent = crate::relay::upstream::BackendEvent<Message>;
 
 pub struct BackendConfig {
     /// Largest message accepted from a server (--max-message).
@@ -44,25 +43,48 @@ pub fn open(
     config: &BackendConfig,
     validation: wire::ClientValidation,
     client: Outbox,
-    events: mpsc::UnboundedSender<BackendEvent>,
+    events: Events<Message>,
 ) -> BackendLink {
-    let (outbox, queue) = Outbox::new(config.queue_bytes);
-    let task = tokio::spawn(run(
+    let settings = Settings {
+        max_message: config.max_server_message,
+        connect_timeout: config.connect_timeout,
+        big_endian: config.big_endian,
+        source: config.source,
+    };
+    let reports = events.clone();
+    BackendLink::spawn(
         server,
         id,
-        Settings {
-            max_message: config.max_server_message,
-            connect_timeout: config.connect_timeout,
-            big_endian: config.big_endian,
-            source: config.source,
-        },
-        validation,
-        queue,
-        outbox.clone(),
-        client,
+        config.queue_bytes,
         events,
-    ));
-    BackendLink::new(id, outbox, task.abort_handle())
+        move |queue, own| async move {
+            let stream =
+                match upstream::connect_within(server, settings.source, settings.connect_timeout)
+                    .await
+                {
+                    Ok(stream) => stream,
+                    Err(e) => return e,
+                };
+            let _counted = ServerLinkCount::opened(Proto::Pva);
+            let (read, mut write) = stream.into_split();
+            let mut reader = FrameReader::new(read, wire::Decoder::new(settings.max_message, true));
+            let shaking = handshake(&mut reader, &mut write, &validation, settings.big_endian);
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, shaking).await {
+                Err(_) => LinkError::HandshakeTimeout(HANDSHAKE_TIMEOUT),
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => {
+                    let link = Relay {
+                        server,
+                        id,
+                        queue,
+                        own,
+                        client,
+                    };
+                    link.run(reader, write, &reports).await
+                }
+            }
+        },
+    )
 }
 
 struct Settings {
@@ -72,52 +94,12 @@ struct Settings {
     source: Ipv4Addr,
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run(
-    server: SocketAddrV4,
-    link: u64,
-    settings: Settings,
-    validation: wire::ClientValidation,
-    queue: OutboxReceiver,
-    own: Outbox,
-    client: Outbox,
-    events: mpsc::UnboundedSender<BackendEvent>,
-) {
-    let connecting = upstream::connect(server, settings.source);
-    let reason = match tokio::time::timeout(settings.connect_timeout, connecting).await {
-        Err(_) => "connect timed out".to_string(),
-        Ok(Err(e)) => format!("connect failed: {e}"),
-        Ok(Ok(stream)) => {
-            let _counted =
-                crate::relay::metrics::ServerLinkCount::opened(crate::relay::metrics::Proto::Pva);
-            let _ = stream.set_nodelay(true);
-            let (read, mut write) = stream.into_split();
-            let mut reader = FrameReader::new(read, wire::Decoder::new(settings.max_message, true));
-            match tokio::time::timeout(
-                HANDSHAKE_TIMEOUT,
-                handshake(&mut reader, &mut write, &validation, settings.big_endian),
-            )
-            .await
-            {
-                Err(_) => "handshake timed out".to_string(),
-                Ok(Err(reason)) => reason,
-                Ok(Ok(())) => relay(reader, write, link, server, queue, own, client, &events).await,
-            }
-        }
-    };
-    let _ = events.send(BackendEvent::Closed {
-        server,
-        link,
-        reason,
-    });
-}
-
 async fn handshake(
     reader: &mut FrameReader<OwnedReadHalf, wire::Decoder>,
-    write: &mut tokio::net::tcp::OwnedWriteHalf,
+    write: &mut OwnedWriteHalf,
     validation: &wire::ClientValidation,
     big_endian: bool,
-) -> Result<(), String> {
+) -> Result<(), LinkError> {
     use tokio::io::AsyncWriteExt;
     let mut server_big_endian = None;
     let methods = loop {
@@ -129,11 +111,14 @@ async fn handshake(
             continue;
         }
         if message.header.command() == Ok(Command::ConnectionValidation) {
-            break wire::parse_server_methods(&message).map_err(|e| e.to_string())?;
+            break wire::parse_server_methods(&message)
+                .map_err(|e| LinkError::Handshake(e.to_string()))?;
         }
     };
     if server_big_endian.unwrap_or(big_endian) != big_endian {
-        return Err("the server's byte order differs from the client's".to_string());
+        return Err(LinkError::Handshake(
+            "the server's byte order differs from the client's".to_string(),
+        ));
     }
     let mut ours = validation.clone();
     if !methods.contains(&validation.method) {
@@ -146,10 +131,7 @@ async fn handshake(
     let message = wire::client_validation(big_endian, &ours);
     message.header.encode(&mut out);
     out.extend_from_slice(&message.payload);
-    write
-        .write_all(&out)
-        .await
-        .map_err(|e| format!("write failed: {e}"))?;
+    write.write_all(&out).await.map_err(LinkError::Write)?;
     loop {
         let message = next(reader).await?;
         if message.header.command() == Ok(Command::ConnectionValidated)
@@ -163,44 +145,67 @@ async fn handshake(
     }
 }
 
-async fn next(reader: &mut FrameReader<OwnedReadHalf, wire::Decoder>) -> Result<Message, String> {
+async fn next(
+    reader: &mut FrameReader<OwnedReadHalf, wire::Decoder>,
+) -> Result<Message, LinkError> {
     match reader.next().await {
         Ok(Some(message)) => Ok(message),
-        Ok(None) => Err("server closed the connection during the handshake".to_string()),
-        Err(e) => Err(e.to_string()),
+        Ok(None) => Err(LinkError::Handshake(
+            "server closed the connection".to_string(),
+        )),
+        Err(e) => Err(LinkError::Read(e)),
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn relay(
-    mut reader: FrameReader<OwnedReadHalf, wire::Decoder>,
-    write: tokio::net::tcp::OwnedWriteHalf,
-    link: u64,
+/// A link past its handshake.
+struct Relay {
     server: SocketAddrV4,
+    id: u64,
+    /// Frames for the server.
     queue: OutboxReceiver,
+    /// A sender into `queue`, for the keepalive.
     own: Outbox,
+    /// Towards the client, whose budget bounds what is in flight.
     client: Outbox,
-    events: &mpsc::UnboundedSender<BackendEvent>,
-) -> String {
-    let read_loop = upstream::pump(&mut reader, server, link, &client, events);
-    let keepalive = async {
-        let mut ticks = tokio::time::interval(ECHO_INTERVAL);
-        ticks.tick().await;
-        loop {
-            ticks.tick().await;
-            let echo =
-                wire::Writer::new(cfg!(target_endian = "big")).into_message(Command::Echo, false);
-            if own.send(frame(&echo)).await.is_err() {
-                return "session closed the connection".to_string();
-            }
+}
+
+impl Relay {
+    /// Runs until either direction ends; returns why it ended.
+    async fn run(
+        self,
+        mut reader: FrameReader<OwnedReadHalf, wire::Decoder>,
+        write: OwnedWriteHalf,
+        events: &Events<Message>,
+    ) -> LinkError {
+        let Relay {
+            server,
+            id,
+            queue,
+            own,
+            client,
+        } = self;
+        let read_loop = upstream::pump(&mut reader, server, id, &client, events);
+        tokio::select! {
+            error = read_loop => error,
+            error = keepalive(own) => error,
+            written = queue.drain_into(write) => match written {
+                Ok(()) => LinkError::ClientGone,
+                Err(e) => LinkError::Write(e),
+            },
         }
-    };
-    tokio::select! {
-        reason = read_loop => reason,
-        reason = keepalive => reason,
-        written = queue.drain_into(write) => match written {
-            Ok(()) => "session closed the connection".to_string(),
-            Err(e) => format!("write failed: {e}"),
-        },
+    }
+}
+
+/// Sends an ECHO every `ECHO_INTERVAL` until the link's queue is gone.
+async fn keepalive(own: Outbox) -> LinkError {
+    let mut ticks = tokio::time::interval(ECHO_INTERVAL);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let echo =
+            wire::Writer::new(cfg!(target_endian = "big")).into_message(Command::Echo, false);
+        if own.send(frame(&echo)).await.is_err() {
+            return LinkError::ClientGone;
+        }
     }
 }

@@ -1,4 +1,5 @@
-//! The shim's side of one PVA client connection.
+//! The shim's side of one PVA client connection: what is particular to
+//! PVA on top of the session core (`crate::session`).
 //!
 //! Towards the client the shim is a PVA server and name server: it greets
 //! (SET_BYTE_ORDER, CONNECTION_VALIDATION offering "anonymous" and "ca"),
@@ -27,26 +28,28 @@
 //! confirmation goes back to the client with the client's sid. A server's
 //! DESTROY_CHANNEL must name the channel by both its own sid and the cid.
 
-use super::backend::{self, BackendConfig, BackendEvent};
+use super::backend::{self, BackendConfig};
 use super::frame;
 use super::reply_port::ReplyPorts;
 use super::translate::Translator;
 use super::unanswered::{self, Unanswered, Verdict};
-use super::wire::{self, Command, Message};
-use crate::relay::discovery::{Answer, Awaiting, Resolver};
-use crate::relay::framing::{FrameReader, ReadError};
-use crate::relay::limits::{self, ChannelBudget, ChannelShare, ClientDeadlines};
+use super::wire::{self, Command, Message, WireError};
+use crate::relay::framing::FrameReader;
 use crate::relay::listener::Reception;
-use crate::relay::outbox::{Closed, ControlError, Frame, Outbox, Permit};
+use crate::relay::metrics::Proto;
+use crate::relay::outbox::{Frame, Outbox, Permit};
+use crate::relay::upstream::{BackendLink, LinkError};
+use crate::session::{
+    self, Channel, ClientReader, Core, Events, Route, SessionError, SessionSettings,
+};
 use bytes::{BufMut, Bytes, BytesMut};
-use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tokio::time::Instant;
+use tracing::{debug, warn};
 
 /// The byte order the shim announces and uses: the host's, like both
 /// reference implementations.
@@ -55,91 +58,41 @@ pub const BIG_ENDIAN: bool = cfg!(target_endian = "big");
 const NO_SID: u32 = 0xFFFF_FFFF;
 
 pub struct PvaContext {
-    pub resolver: Resolver,
+    pub session: SessionSettings,
     pub backend: BackendConfig,
-    /// Largest message accepted from a client (--max-client-message).
-    pub max_client_message: u32,
-    pub queue_bytes: usize,
-    /// The client must validate within the hello deadline (5 s by
-    /// default, pvAccessCPP's own limit).
-    pub deadlines: ClientDeadlines,
-    pub max_channels: usize,
-    /// Channels held by all client connections together.
-    pub channels_in_all: Arc<ChannelBudget>,
-    pub max_searches: usize,
     /// Port put in search responses; None means 0 ("this connection").
     pub advertise_port: Option<u16>,
 }
 
+/// How a PVA client broke the protocol.
 #[derive(Debug)]
-enum SessionError {
-    Read(ReadError),
-    Wire(wire::WireError),
-    /// A message the shim could not follow (malformed, or using a
-    /// type-cache key the client never defined).
-    Untranslatable(wire::WireError),
-    NotValidated(std::time::Duration),
-    TooManyChannels(usize),
-    TooManyChannelsInAll(usize),
-    Refused(ControlError),
-    ClientGone,
+pub enum PvaFault {
+    Malformed(WireError),
+    /// A message the shim could not follow (a type-cache key the client
+    /// never defined, or a limit).
+    Untranslatable(WireError),
 }
 
-impl fmt::Display for SessionError {
+impl fmt::Display for PvaFault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SessionError::Read(e) => write!(f, "{e}"),
-            SessionError::Wire(e) => write!(f, "{e}"),
-            SessionError::Untranslatable(e) => write!(f, "cannot follow a client message: {e}"),
-            SessionError::NotValidated(d) => {
-                write!(f, "client did not validate the connection within {d:?}")
-            }
-            SessionError::TooManyChannels(n) => write!(f, "client exceeds {n} channels"),
-            SessionError::TooManyChannelsInAll(n) => {
-                write!(f, "all clients together would exceed {n} channels")
-            }
-            SessionError::Refused(e) => write!(f, "{e}"),
-            SessionError::ClientGone => write!(f, "client connection closed"),
+            PvaFault::Malformed(e) => write!(f, "{e}"),
+            PvaFault::Untranslatable(e) => write!(f, "cannot follow a client message: {e}"),
         }
     }
 }
 
-impl SessionError {
-    /// Counts a close for bad input or a limit in the metrics.
-    fn count(&self) {
-        use crate::relay::metrics::{BadInput, Refusal, METRICS};
-        match self {
-            SessionError::Read(e) => e.bad_input().into_iter().for_each(|k| METRICS.bad_input(k)),
-            SessionError::TooManyChannels(_) => METRICS.refused(Refusal::ChannelsPerClient),
-            SessionError::TooManyChannelsInAll(_) => METRICS.refused(Refusal::ChannelsInAll),
-            SessionError::Refused(_) => METRICS.bad_input(BadInput::TooLarge),
-            SessionError::ClientGone => {}
-            SessionError::NotValidated(_) => METRICS.bad_input(BadInput::Timeout),
-            SessionError::Wire(_) | SessionError::Untranslatable(_) => {
-                METRICS.bad_input(BadInput::Protocol)
-            }
-        }
+impl std::error::Error for PvaFault {}
+
+impl From<PvaFault> for SessionError {
+    fn from(fault: PvaFault) -> Self {
+        SessionError::Protocol(Box::new(fault))
     }
 }
 
-impl From<Closed> for SessionError {
-    fn from(_: Closed) -> Self {
-        SessionError::ClientGone
-    }
-}
-
-impl From<ControlError> for SessionError {
-    fn from(e: ControlError) -> Self {
-        match e {
-            ControlError::Closed => SessionError::ClientGone,
-            e => SessionError::Refused(e),
-        }
-    }
-}
-
-impl From<wire::WireError> for SessionError {
-    fn from(e: wire::WireError) -> Self {
-        SessionError::Wire(e)
+impl From<WireError> for SessionError {
+    fn from(e: WireError) -> Self {
+        PvaFault::Malformed(e).into()
     }
 }
 
@@ -147,62 +100,7 @@ impl From<wire::WireError> for SessionError {
 /// Says whether the client sent anything, for the shared port's choice of
 /// greeting (`ports::greeting`).
 pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<PvaContext>) -> Reception {
-    let _counted = crate::relay::metrics::ClientGauge::enter(crate::relay::metrics::Proto::Pva);
-    let listen_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
-    let decoder = wire::Decoder::new(ctx.max_client_message, false);
-    let (mut reader, client, writer) =
-        limits::client_io(stream, decoder, ctx.queue_bytes, ctx.deadlines);
-    let outcome = match validate(&client, &mut reader, ctx.deadlines.hello).await {
-        Ok((validation, translator, plain_credentials)) => {
-            let (backend_tx, backend_rx) = mpsc::unbounded_channel();
-            let (answer_tx, answer_rx) = mpsc::unbounded_channel();
-            let awaiting = Awaiting::new(ctx.max_searches, peer.ip());
-            let share = ChannelShare::new(
-                ctx.channels_in_all.clone(),
-                crate::relay::metrics::Proto::Pva,
-            );
-            let reply_ports = ReplyPorts::new(listen_port, ctx.advertise_port);
-            let mut session = Session {
-                peer,
-                unanswered: Unanswered::default(),
-                reply_ports,
-                ctx,
-                client: client.clone(),
-                validation,
-                plain_credentials,
-                translator,
-                backend_tx,
-                backend_rx,
-                failed: None,
-                answer_tx,
-                links: HashMap::new(),
-                channels: HashMap::new(),
-                routes: HashMap::new(),
-                awaiting,
-                next_sid: 1,
-                next_link: 1,
-                share,
-            };
-            session.run(&mut reader, answer_rx).await
-        }
-        Err(e) => Err(e),
-    };
-    drop(client);
-    match outcome {
-        Ok(()) | Err(SessionError::ClientGone) => {
-            info!(target: "nameshim::pva::session", %peer, "PVA client disconnected")
-        }
-        Err(e) => {
-            e.count();
-            warn!(target: "nameshim::pva::session", %peer, cause = %e, "closing PVA client connection")
-        }
-    }
-    let _ = writer.await;
-    if reader.received_any() {
-        Reception::Spoke
-    } else {
-        Reception::Silent
-    }
+    session::serve::<PvaSession>(stream, peer, ctx).await
 }
 
 /// The server side of the handshake; returns the client's credentials as
@@ -239,45 +137,11 @@ async fn validate(
     let mut translator = Translator::default();
     let plain_credentials = translator
         .credentials(&validation.credentials, answer.header.is_big_endian())
-        .map_err(SessionError::Untranslatable)?;
+        .map_err(PvaFault::Untranslatable)?;
     client
         .send_control(frame(&wire::connection_validated_ok(BIG_ENDIAN)))
         .await?;
     Ok((validation, translator, plain_credentials))
-}
-
-enum Channel {
-    Resolving,
-    Creating {
-        server: SocketAddrV4,
-    },
-    Connected {
-        server: SocketAddrV4,
-        sid: u32,
-        server_sid: u32,
-    },
-    /// The client gave it up while its CREATE_CHANNEL was on the way: the
-    /// server's answer is not passed on, and a channel it made is destroyed.
-    Abandoned {
-        server: SocketAddrV4,
-    },
-    /// The client destroyed it; the server's confirmation (or the loss of
-    /// the server) ends it, and goes back to the client, which waits for it.
-    Destroying {
-        server: SocketAddrV4,
-        sid: u32,
-        server_sid: u32,
-    },
-}
-
-/// Where a request for a connected channel goes.
-#[derive(Clone, Copy)]
-struct Route {
-    cid: u32,
-    /// The sid the client was given, and the server's own.
-    sid: u32,
-    server: SocketAddrV4,
-    server_sid: u32,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -292,7 +156,7 @@ enum Waiter {
     },
 }
 
-impl crate::relay::discovery::Waiter for Waiter {
+impl session::Waiter for Waiter {
     fn wants_prompt_answer(&self) -> bool {
         matches!(
             self,
@@ -304,182 +168,218 @@ impl crate::relay::discovery::Waiter for Waiter {
     }
 }
 
-struct Link {
-    backend: crate::relay::upstream::BackendLink,
-    cids: HashSet<u32>,
-    /// The shim decided to close it: what the server sent meanwhile is
-    /// not passed on.
-    closing: bool,
-}
-
-struct Session {
-    peer: SocketAddr,
+/// What PVA adds to the session core for one client connection.
+struct PvaSession {
+    ctx: Arc<PvaContext>,
     /// INITs of operations a server may lack, waiting for its answer.
     unanswered: Unanswered,
     /// Which port "found" answers name.
     reply_ports: ReplyPorts,
-    ctx: Arc<PvaContext>,
-    client: Outbox,
     validation: wire::ClientValidation,
     plain_credentials: Bytes,
     translator: Translator,
-    backend_tx: mpsc::UnboundedSender<BackendEvent>,
-    backend_rx: mpsc::UnboundedReceiver<BackendEvent>,
-    /// An error met while the session waited for a server's queue.
-    failed: Option<SessionError>,
-    answer_tx: mpsc::UnboundedSender<Answer>,
-    links: HashMap<SocketAddrV4, Link>,
-    /// Channels by client channel id.
-    channels: HashMap<u32, Channel>,
-    /// Client channel id by the sid the client was given.
-    routes: HashMap<u32, u32>,
-    awaiting: Awaiting<Waiter>,
-    next_sid: u32,
-    next_link: u64,
-    /// This connection's part of the channels of all clients.
-    share: ChannelShare,
 }
 
-impl Session {
-    async fn run(
+impl session::Protocol for PvaSession {
+    type Context = PvaContext;
+    type Decoder = wire::Decoder;
+    type Message = Message;
+    type Waiter = Waiter;
+    const PROTO: Proto = Proto::Pva;
+    const RESERVED_SID: Option<u32> = Some(NO_SID);
+
+    fn settings(ctx: &PvaContext) -> &SessionSettings {
+        &ctx.session
+    }
+
+    fn decoder(ctx: &PvaContext) -> wire::Decoder {
+        wire::Decoder::new(ctx.session.max_client_message, false)
+    }
+
+    /// The client must validate within the hello deadline (5 s by default,
+    /// pvAccessCPP's own limit).
+    async fn greet(
+        ctx: Arc<PvaContext>,
+        client: &Outbox,
+        reader: &mut ClientReader<wire::Decoder>,
+        listen_port: u16,
+    ) -> Result<Self, SessionError> {
+        let within = ctx.session.deadlines.hello;
+        let (validation, translator, plain_credentials) = validate(client, reader, within).await?;
+        Ok(PvaSession {
+            reply_ports: ReplyPorts::new(listen_port, ctx.advertise_port),
+            ctx,
+            unanswered: Unanswered::default(),
+            validation,
+            plain_credentials,
+            translator,
+        })
+    }
+
+    async fn on_client(
         &mut self,
-        reader: &mut FrameReader<OwnedReadHalf, wire::Decoder>,
-        mut answer_rx: mpsc::UnboundedReceiver<Answer>,
+        core: &mut Core<Self>,
+        message: Message,
     ) -> Result<(), SessionError> {
-        loop {
-            tokio::select! {
-                message = reader.next() => match message.map_err(SessionError::Read)? {
-                    Some(message) => self.on_client(message).await?,
-                    None => return Ok(()),
-                },
-                Some(event) = self.backend_rx.recv() => self.on_backend(event).await?,
-                Some(answer) = answer_rx.recv() => self.on_answer(answer).await?,
-                _ = self.awaiting.prompt_due() => self.on_prompt_due().await?,
-                _ = until(self.unanswered.next_due()) => self.on_unanswered().await?,
-            }
-            self.share.fit(self.channels.len());
-            if let Some(e) = self.failed.take() {
-                return Err(e);
-            }
-        }
-    }
-
-    /// Queues a frame for `server`. While that server's queue is full, the
-    /// session goes on passing server messages to the client: the server may
-    /// be waiting for exactly that (its own sends blocked) before it reads
-    /// again, and only the session can pass them on.
-    async fn send_to_server(&mut self, server: SocketAddrV4, frame: Frame) {
-        let Some(outbox) = self.links.get(&server).map(|l| l.backend.outbox.clone()) else {
-            return;
-        };
-        let len = frame.len();
-        let mut frame = Some(frame);
-        loop {
-            tokio::select! {
-                permit = outbox.reserve(len) => {
-                    // A closed link reports itself as an event.
-                    if let (Ok(permit), Some(frame)) = (permit, frame.take()) {
-                        let _ = outbox.send_reserved(frame, permit);
-                    }
-                    return;
-                }
-                Some(event) = self.backend_rx.recv() => {
-                    if let Err(e) = self.on_backend(event).await {
-                        self.failed.get_or_insert(e);
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Sends a message the shim made itself (see `Outbox::send_control`).
-    async fn to_client(&self, message: &Message) -> Result<(), ControlError> {
-        self.client.send_control(frame(message)).await
-    }
-
-    // ----- client to shim -----
-
-    async fn on_client(&mut self, message: Message) -> Result<(), SessionError> {
         if message.header.is_control() {
             return Ok(());
         }
         let Ok(command) = message.header.command() else {
-            debug!(target: "nameshim::pva::session", peer = %self.peer, cmd = message.header.command, "unknown command ignored");
+            debug!(cmd = message.header.command, "unknown command ignored");
             return Ok(());
         };
         match command {
             Command::Echo => {
                 let mut reply = message.clone();
                 reply.header.flags |= wire::FLAG_FROM_SERVER;
-                self.to_client(&reply).await?;
+                core.to_client(frame(&reply)).await?;
             }
-            Command::Search => self.on_search(&message).await?,
-            Command::CreateChannel => self.on_create(&message).await?,
-            Command::DestroyChannel => {
-                // sid, cid: the client is done with the channel. It stays
-                // (its sid taken, requests dropped) until the server confirms.
-                let Some(route) = self.connected_route(&message) else {
-                    self.abandon(&message);
-                    return Ok(());
-                };
-                self.channels.insert(
-                    route.cid,
-                    Channel::Destroying {
-                        server: route.server,
-                        sid: route.sid,
-                        server_sid: route.server_sid,
-                    },
-                );
-                self.translator.forget_channel(route.sid);
-                self.forward(route, message).await;
+            Command::Search => self.on_search(core, &message).await?,
+            Command::CreateChannel => self.on_create(core, &message).await?,
+            Command::DestroyChannel => self.on_destroy(core, &message),
+            command if command.is_channel_request() => {
+                self.on_request(core, command, message).await?
             }
-            Command::Get
-            | Command::Put
-            | Command::PutGet
-            | Command::Monitor
-            | Command::Array
-            | Command::DestroyRequest
-            | Command::Process
-            | Command::GetField
-            | Command::Rpc
-            | Command::CancelRequest => {
-                // Route first: a request for no channel costs no translation.
-                let Some(route) = self.connected_route(&message) else {
-                    return Ok(());
-                };
-                // sid, ioid, subcommand
-                let mut r = wire::Reader::new(&message.payload, message.header.is_big_endian());
-                let (_, ioid, subcommand) = (r.u32("sid"), r.u32("ioid"), r.u8("subcommand"));
-                if r.finish().is_ok() {
-                    if command == Command::DestroyRequest {
-                        self.unanswered.destroyed(ioid);
-                    }
-                    let now = tokio::time::Instant::now();
-                    let verdict =
-                        self.unanswered
-                            .on_request(route.server, command, ioid, subcommand, now);
-                    if verdict == Verdict::Refuse {
-                        let error = unanswered::init_error(command, ioid, BIG_ENDIAN);
-                        self.to_client(&error).await?;
-                        return Ok(());
-                    }
-                }
-                let message = self
-                    .translator
-                    .client_message(route.server, &message)
-                    .and_then(|payload| with_payload(message, payload))
-                    .map_err(SessionError::Untranslatable)?;
-                self.forward(route, message).await
-            }
-            other => {
-                debug!(target: "nameshim::pva::session", peer = %self.peer, cmd = ?other, "client message not relayed")
-            }
+            other => debug!(cmd = ?other, "client message not relayed"),
         }
         Ok(())
     }
 
-    async fn on_search(&mut self, message: &Message) -> Result<(), SessionError> {
+    fn on_server(
+        &mut self,
+        core: &mut Core<Self>,
+        server: SocketAddrV4,
+        message: Message,
+        permit: Permit,
+    ) -> Result<(), SessionError> {
+        if message.header.is_control() {
+            return Ok(());
+        }
+        let Ok(command) = message.header.command() else {
+            return Ok(());
+        };
+        let relayed = match command {
+            Command::CreateChannel => self.on_created(core, server, message),
+            Command::DestroyChannel => self.on_destroyed(core, server, message),
+            command if command.is_ioid_response() => self.on_response(core, server, message),
+            Command::Message => Some(message),
+            // ECHO answers the shim's own keepalive.
+            _ => None,
+        };
+        match relayed {
+            Some(message) => core.relay_to_client(frame(&message), permit),
+            None => Ok(()),
+        }
+    }
+
+    async fn settle(
+        &mut self,
+        core: &mut Core<Self>,
+        waiter: Waiter,
+        name: &Bytes,
+        server: Option<SocketAddrV4>,
+    ) -> Result<(), SessionError> {
+        match waiter {
+            Waiter::Search {
+                id,
+                sequence,
+                must_reply,
+            } => {
+                let ports = match server {
+                    Some(_) => self.found_ports(core, name),
+                    None if must_reply => vec![0],
+                    None => vec![],
+                };
+                for port in ports {
+                    let found = server.is_some();
+                    let reply = wire::search_response(BIG_ENDIAN, sequence, port, found, &[id]);
+                    core.to_client(frame(&reply)).await?;
+                }
+            }
+            Waiter::Create { cid } => match server {
+                Some(server) if core.channels.is_resolving(cid) => {
+                    let mut w = wire::Writer::new(BIG_ENDIAN);
+                    w.u16(1).u32(cid).string(name);
+                    let request = w.into_message(Command::CreateChannel, false);
+                    core.create_on(self, server, cid, frame(&request));
+                }
+                Some(_) => {}
+                None => {
+                    if core.channels.not_found(cid) {
+                        let failed = create_failed(cid, b"channel not found");
+                        core.to_client(frame(&failed)).await?;
+                    }
+                }
+            },
+        }
+        Ok(())
+    }
+
+    fn open_link(
+        &mut self,
+        server: SocketAddrV4,
+        id: u64,
+        client: Outbox,
+        events: Events<Message>,
+    ) -> BackendLink {
+        // From the second server connection on, whether the first is still
+        // open or was replaced (an IOC restart): the client's type cache no
+        // longer matches any one server's.
+        if id > 1 && !self.translator.active {
+            debug!(%server, "client connection spans several server connections: translating type descriptions");
+            self.translator.active = true;
+        }
+        let mut validation = self.validation.clone();
+        if self.translator.active {
+            validation.credentials = self.plain_credentials.clone();
+        }
+        backend::open(server, id, &self.ctx.backend, validation, client, events)
+    }
+
+    fn lost_channel_notice(&self, cid: u32, channel: Channel) -> Option<Frame> {
+        let notice = match channel {
+            // For a channel being destroyed, this is the confirmation.
+            Channel::Connected(c) | Channel::Destroying(c) => {
+                let mut w = wire::Writer::new(BIG_ENDIAN);
+                w.u32(c.sid).u32(cid);
+                w.into_message(Command::DestroyChannel, true)
+            }
+            Channel::Creating { .. } => create_failed(cid, b"server connection lost"),
+            Channel::Abandoned { .. } | Channel::Resolving => return None,
+        };
+        Some(frame(&notice))
+    }
+
+    fn forget_server(&mut self, server: SocketAddrV4) {
+        self.translator.forget_server(server);
+        self.unanswered.forget_server(server);
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.unanswered.next_due()
+    }
+
+    /// INITs their servers did not answer get the shim's error reply.
+    async fn on_due(&mut self, core: &mut Core<Self>) -> Result<(), SessionError> {
+        for (ioid, command) in self.unanswered.take_overdue(Instant::now()) {
+            warn!(
+                ioid,
+                ?command,
+                "server did not answer the request's INIT; answering the client with an error"
+            );
+            let error = unanswered::init_error(command, ioid, BIG_ENDIAN);
+            core.to_client(frame(&error)).await?;
+        }
+        Ok(())
+    }
+}
+
+impl PvaSession {
+    async fn on_search(
+        &mut self,
+        core: &mut Core<Self>,
+        message: &Message,
+    ) -> Result<(), SessionError> {
         let search = wire::parse_search(message)?;
         let must_reply = search.flags & wire::SEARCH_MUST_REPLY != 0;
         for (id, name) in search.names {
@@ -491,12 +391,16 @@ impl Session {
                 sequence: search.sequence,
                 must_reply,
             };
-            self.await_name(name, waiter).await?;
+            core.await_name(self, name, waiter).await?;
         }
         Ok(())
     }
 
-    async fn on_create(&mut self, message: &Message) -> Result<(), SessionError> {
+    async fn on_create(
+        &mut self,
+        core: &mut Core<Self>,
+        message: &Message,
+    ) -> Result<(), SessionError> {
         let mut r = wire::Reader::new(&message.payload, message.header.is_big_endian());
         let count = r.u16("channel count");
         let mut requests = Vec::new();
@@ -507,462 +411,197 @@ impl Session {
             requests.push((cid, message.payload.slice_ref(name)));
         }
         for (cid, name) in requests {
-            if name.is_empty() || self.channels.contains_key(&cid) {
+            if name.is_empty() || !core.channels.begin_create(cid)? {
                 continue;
             }
-            if self.channels.len() >= self.ctx.max_channels {
-                return Err(SessionError::TooManyChannels(self.ctx.max_channels));
-            }
-            if !self.share.fit(self.channels.len() + 1) {
-                return Err(SessionError::TooManyChannelsInAll(self.share.cap()));
-            }
-            self.channels.insert(cid, Channel::Resolving);
             self.reply_ports.created_here(&name);
-            self.await_name(name, Waiter::Create { cid }).await?;
+            core.await_name(self, name, Waiter::Create { cid }).await?;
         }
         Ok(())
     }
 
-    async fn await_name(&mut self, name: Bytes, waiter: Waiter) -> Result<(), SessionError> {
-        let refused = self
-            .awaiting
-            .add(name.clone(), waiter, &self.ctx.resolver, &self.answer_tx);
-        match refused {
-            Some(waiter) => {
-                debug!(target: "nameshim::pva::session", peer = %self.peer, "search refused (limit)");
-                self.settle(waiter, &name, None).await
+    /// sid, cid: the client is done with the channel. It stays (its sid
+    /// taken, requests dropped) until the server confirms. A channel not
+    /// created yet has no sid the client knows, so the cid alone names it.
+    fn on_destroy(&mut self, core: &mut Core<Self>, message: &Message) {
+        let Some(route) = connected_route(core, message) else {
+            let mut r = wire::Reader::new(&message.payload, message.header.is_big_endian());
+            let (_, cid) = (r.u32("sid"), r.u32("cid"));
+            if r.finish().is_ok() {
+                core.channels.abandon(cid);
             }
-            None => Ok(()),
-        }
-    }
-
-    async fn on_answer(&mut self, answer: Answer) -> Result<(), SessionError> {
-        for waiter in self.awaiting.take(&answer.name) {
-            self.settle(waiter, &answer.name, answer.server).await?;
-        }
-        Ok(())
-    }
-
-    /// Must-reply searches not answered in time are told "not found",
-    /// while the names are still searched for the others.
-    async fn on_prompt_due(&mut self) -> Result<(), SessionError> {
-        for (name, waiter) in self.awaiting.take_prompted(tokio::time::Instant::now()) {
-            self.settle(waiter, &name, None).await?;
-        }
-        Ok(())
-    }
-
-    async fn settle(
-        &mut self,
-        waiter: Waiter,
-        name: &Bytes,
-        server: Option<SocketAddrV4>,
-    ) -> Result<(), SessionError> {
-        match waiter {
-            Waiter::Search {
-                id,
-                sequence,
-                must_reply,
-            } => {
-                let reply = match server {
-                    Some(_) => Some(self.found_ports(name)),
-                    None if must_reply => Some((0, None)),
-                    None => None,
-                };
-                if let Some((port, then)) = reply {
-                    let found = server.is_some();
-                    for port in std::iter::once(port).chain(then) {
-                        let reply = wire::search_response(BIG_ENDIAN, sequence, port, found, &[id]);
-                        self.to_client(&reply).await?;
-                    }
-                }
-            }
-            Waiter::Create { cid } => match server {
-                Some(server) if matches!(self.channels.get(&cid), Some(Channel::Resolving)) => {
-                    self.create_on(server, cid, name).await
-                }
-                Some(_) => {}
-                None => {
-                    if self.channels.remove(&cid).is_some() {
-                        self.to_client(&create_failed(cid, b"channel not found"))
-                            .await?;
-                    }
-                }
-            },
-        }
-        Ok(())
-    }
-
-    /// A DESTROY_CHANNEL for a channel not created yet: the client has no
-    /// sid for it, so the cid alone names it. Still resolving, it is
-    /// forgotten; already asked of a server, the server's answer ends it.
-    fn abandon(&mut self, message: &Message) {
-        let mut r = wire::Reader::new(&message.payload, message.header.is_big_endian());
-        let (_, cid) = (r.u32("sid"), r.u32("cid"));
-        if r.finish().is_err() {
             return;
-        }
-        match self.channels.get(&cid) {
-            Some(Channel::Resolving) => {
-                self.channels.remove(&cid);
+        };
+        core.channels.destroying(route);
+        self.translator.forget_channel(route.connection.sid);
+        forward(core, route, message.clone());
+    }
+
+    /// A request on a connected channel: GET, PUT, MONITOR and the others.
+    async fn on_request(
+        &mut self,
+        core: &mut Core<Self>,
+        command: Command,
+        message: Message,
+    ) -> Result<(), SessionError> {
+        // Route first: a request for no channel costs no translation.
+        let Some(route) = connected_route(core, &message) else {
+            return Ok(());
+        };
+        let server = route.connection.server;
+        // sid, ioid, subcommand
+        let mut r = wire::Reader::new(&message.payload, message.header.is_big_endian());
+        let (_, ioid, subcommand) = (r.u32("sid"), r.u32("ioid"), r.u8("subcommand"));
+        if r.finish().is_ok() {
+            if command == Command::DestroyRequest {
+                self.unanswered.destroyed(ioid);
             }
-            Some(&Channel::Creating { server }) => {
-                self.channels.insert(cid, Channel::Abandoned { server });
+            let verdict =
+                self.unanswered
+                    .on_request(server, command, ioid, subcommand, Instant::now());
+            if verdict == Verdict::Refuse {
+                let error = unanswered::init_error(command, ioid, BIG_ENDIAN);
+                core.to_client(frame(&error)).await?;
+                return Ok(());
             }
-            _ => {}
         }
+        let message = self
+            .translator
+            .client_message(server, &message)
+            .and_then(|payload| with_payload(message, payload))
+            .map_err(PvaFault::Untranslatable)?;
+        forward(core, route, message);
+        Ok(())
     }
 
     /// The ports for a "found" answer, in order (see `reply_port`).
-    fn found_ports(&mut self, name: &Bytes) -> (u16, Option<u16>) {
+    fn found_ports(&mut self, core: &Core<Self>, name: &Bytes) -> Vec<u16> {
         let reply = self.reply_ports.found(name);
         if reply.warn {
             let listen = self.reply_ports.listen_port();
             warn!(
-                target: "nameshim::pva::session",
-                peer = %self.peer,
+                peer = %core.peer,
                 name = %String::from_utf8_lossy(name),
                 "PVA client searched again for a name it was told is found on this connection, without creating it here: \
                  it dials the port in the answer (pvAccessCPP, Phoebus), port {listen}. \
                  If this port is published under another number, start nameshim with --advertise-port <that number>"
             );
         }
-        (reply.port, reply.then)
+        std::iter::once(reply.port).chain(reply.then).collect()
     }
 
-    async fn create_on(&mut self, server: SocketAddrV4, cid: u32, name: &[u8]) {
-        let mut w = wire::Writer::new(BIG_ENDIAN);
-        w.u16(1).u32(cid).string(name);
-        let request = w.into_message(Command::CreateChannel, false);
-        self.channels.insert(cid, Channel::Creating { server });
-        self.link(server).cids.insert(cid);
-        self.send_to_server(server, frame(&request)).await;
-    }
-
-    fn link(&mut self, server: SocketAddrV4) -> &mut Link {
-        if !self.links.contains_key(&server) {
-            let id = self.next_link;
-            self.next_link += 1;
-            // From the second server connection on, whether the first is
-            // still open or was replaced (an IOC restart): the client's
-            // type cache no longer matches any one server's.
-            if id > 1 && !self.translator.active {
-                debug!(target: "nameshim::pva::session", peer = %self.peer, %server, "client connection spans several server connections: translating type descriptions");
-                self.translator.active = true;
-            }
-            let mut validation = self.validation.clone();
-            if self.translator.active {
-                validation.credentials = self.plain_credentials.clone();
-            }
-            let backend = backend::open(
-                server,
-                id,
-                &self.ctx.backend,
-                validation,
-                self.client.clone(),
-                self.backend_tx.clone(),
-            );
-            debug!(target: "nameshim::pva::session", peer = %self.peer, %server, "opening server connection");
-            self.links.insert(
-                server,
-                Link {
-                    backend,
-                    cids: HashSet::new(),
-                    closing: false,
-                },
-            );
-        }
-        self.links
-            .get_mut(&server)
-            .expect("inserted above when missing")
-    }
-
-    /// The connected channel whose sid the client put first in `message`.
-    fn connected_route(&self, message: &Message) -> Option<Route> {
-        let mut r = wire::Reader::new(&message.payload, message.header.is_big_endian());
-        let sid = r.u32("sid");
-        let channel = r
-            .finish()
-            .ok()
-            .and_then(|()| self.routes.get(&sid))
-            .and_then(|cid| Some((*cid, self.channels.get(cid)?)));
-        match channel {
-            Some((
-                cid,
-                &Channel::Connected {
-                    server, server_sid, ..
-                },
-            )) => Some(Route {
-                cid,
-                sid,
-                server,
-                server_sid,
-            }),
-            _ => {
-                // pvxs clients destroy a channel the server already dropped.
-                debug!(target: "nameshim::pva::session", peer = %self.peer, cmd = message.header.command, "request for an unknown channel dropped");
-                None
-            }
-        }
-    }
-
-    /// Forwards a request that starts with a sid to its channel's server,
-    /// with the server's own sid; the rest of the payload is not copied.
-    async fn forward(&mut self, route: Route, message: Message) {
-        let Route {
-            server, server_sid, ..
-        } = route;
-        let big_endian = message.header.is_big_endian();
-        let body = message.payload.slice(4..);
-        let header = message.header;
-        let rewritten = Frame::new(
-            |head| {
-                header.encode(head);
-                if big_endian {
-                    head.put_u32(server_sid)
-                } else {
-                    head.put_u32_le(server_sid)
-                }
-            },
-            body,
-        );
-        self.send_to_server(server, rewritten).await;
-    }
-
-    // ----- server to shim -----
-
-    async fn on_backend(&mut self, event: BackendEvent) -> Result<(), SessionError> {
-        match event {
-            BackendEvent::Message {
-                server,
-                link,
-                message,
-                permit,
-            } => {
-                let open = |l: &Link| l.backend.id == link && !l.closing;
-                if self.links.get(&server).is_some_and(open) {
-                    if let Some(reply) = self.on_server_message(server, message, permit)? {
-                        // A control frame: it waits for no relayed message.
-                        if let Some(outbox) =
-                            self.links.get(&server).map(|l| l.backend.outbox.clone())
-                        {
-                            let _ = outbox.send_control(frame(&reply)).await;
-                        }
-                    }
-                }
-                Ok(())
-            }
-            BackendEvent::Closed {
-                server,
-                link,
-                reason,
-            } => self.on_server_closed(server, link, &reason).await,
-        }
-    }
-
-    fn on_server_message(
+    /// cid, sid, status: the server's answer to a CREATE_CHANNEL.
+    fn on_created(
         &mut self,
+        core: &mut Core<Self>,
         server: SocketAddrV4,
         message: Message,
-        permit: Permit,
-    ) -> Result<Option<Message>, SessionError> {
-        if message.header.is_control() {
-            return Ok(None);
+    ) -> Option<Message> {
+        let mut r = wire::Reader::new(&message.payload, message.header.is_big_endian());
+        let (cid, server_sid) = (r.u32("cid"), r.u32("sid"));
+        r.finish().ok()?;
+        if core.channels.is_abandoned_on(cid, server) {
+            core.channels.forget(server, cid);
+            if server_sid != NO_SID {
+                let mut w = wire::Writer::new(BIG_ENDIAN);
+                w.u32(server_sid).u32(cid);
+                let destroy = w.into_message(Command::DestroyChannel, false);
+                core.control_to_server(server, frame(&destroy));
+            }
+            return None;
         }
-        let Ok(command) = message.header.command() else {
-            return Ok(None);
-        };
-        let big_endian = message.header.is_big_endian();
-        let forwarded = match command {
-            Command::CreateChannel => {
-                // cid, sid, status
-                let mut r = wire::Reader::new(&message.payload, big_endian);
-                let cid = r.u32("cid");
-                let server_sid = r.u32("sid");
-                if r.finish().is_err() {
-                    return Ok(None);
-                }
-                if matches!(self.channels.get(&cid), Some(Channel::Abandoned { server: s }) if *s == server)
-                {
-                    self.channels.remove(&cid);
-                    self.forget_route(server, cid);
-                    if server_sid == NO_SID {
-                        return Ok(None);
-                    }
-                    let mut w = wire::Writer::new(BIG_ENDIAN);
-                    w.u32(server_sid).u32(cid);
-                    return Ok(Some(w.into_message(Command::DestroyChannel, false)));
-                }
-                if !matches!(self.channels.get(&cid), Some(Channel::Creating { server: s }) if *s == server)
-                {
-                    return Ok(None);
-                }
-                if server_sid == NO_SID {
-                    self.channels.remove(&cid);
-                    self.forget_route(server, cid);
-                    message
-                } else {
-                    let sid = self.allocate_sid();
-                    self.channels.insert(
-                        cid,
-                        Channel::Connected {
-                            server,
-                            sid,
-                            server_sid,
-                        },
-                    );
-                    self.routes.insert(sid, cid);
-                    with_u32_at(&message, 4, sid)
-                }
-            }
-            Command::DestroyChannel => {
-                // sid, cid: the server dropped the channel, or confirms the
-                // client's destroy. Both ids must name this server's channel.
-                let mut r = wire::Reader::new(&message.payload, big_endian);
-                let message_sid = r.u32("sid");
-                let cid = r.u32("cid");
-                if r.finish().is_err() {
-                    return Ok(None);
-                }
-                match self.channels.get(&cid) {
-                    Some(
-                        &Channel::Connected {
-                            server: s,
-                            sid,
-                            server_sid,
-                        }
-                        | &Channel::Destroying {
-                            server: s,
-                            sid,
-                            server_sid,
-                        },
-                    ) if s == server && server_sid == message_sid => {
-                        self.channels.remove(&cid);
-                        self.routes.remove(&sid);
-                        self.forget_route(server, cid);
-                        self.translator.forget_channel(sid);
-                        with_u32_at(&message, 0, sid)
-                    }
-                    _ => return Ok(None),
-                }
-            }
-            Command::Get
-            | Command::Put
-            | Command::PutGet
-            | Command::Monitor
-            | Command::Array
-            | Command::Process
-            | Command::GetField
-            | Command::Rpc => {
-                let mut r = wire::Reader::new(&message.payload, big_endian);
-                let ioid = r.u32("ioid");
-                if r.finish().is_ok() && !self.unanswered.answered(ioid) {
-                    return Ok(None);
-                }
-                match self
-                    .translator
-                    .server_message(server, &message)
-                    .and_then(|payload| with_payload(message, payload))
-                {
-                    Ok(message) => message,
-                    Err(e) => {
-                        // The shim can no longer follow this server's types:
-                        // drop the connection, so its channels start afresh.
-                        warn!(target: "nameshim::pva::session", %server, cause = %e, "cannot follow a server message; closing that server connection");
-                        if let Some(link) = self.links.get_mut(&server) {
-                            link.closing = true;
-                            let _ = self.backend_tx.send(BackendEvent::Closed {
-                                server,
-                                link: link.backend.id,
-                                reason: format!("untranslatable message: {e}"),
-                            });
-                        }
-                        return Ok(None);
-                    }
-                }
-            }
-            Command::Message => message,
-            // ECHO answers the shim's own keepalive.
-            _ => return Ok(None),
-        };
-        self.client.send_reserved(frame(&forwarded), permit)?;
-        Ok(None)
+        if !core.channels.is_creating_on(cid, server) {
+            return None;
+        }
+        if server_sid == NO_SID {
+            core.channels.forget(server, cid);
+            return Some(message);
+        }
+        let sid = core.channels.connect(cid, server, server_sid)?;
+        Some(with_u32_at(&message, 4, sid))
     }
 
-    /// INITs their servers did not answer get the shim's error reply.
-    async fn on_unanswered(&mut self) -> Result<(), SessionError> {
-        let now = tokio::time::Instant::now();
-        for (ioid, command) in self.unanswered.take_overdue(now) {
-            warn!(target: "nameshim::pva::session", peer = %self.peer, ioid, ?command, "server did not answer the request's INIT; answering the client with an error");
-            self.to_client(&unanswered::init_error(command, ioid, BIG_ENDIAN))
-                .await?;
-        }
-        Ok(())
-    }
-
-    fn forget_route(&mut self, server: SocketAddrV4, cid: u32) {
-        if let Some(link) = self.links.get_mut(&server) {
-            link.cids.remove(&cid);
-        }
-    }
-
-    /// Every channel of a lost server is destroyed towards the client, which
-    /// then searches again and reconnects when the server is back.
-    async fn on_server_closed(
+    /// sid, cid: the server dropped the channel, or confirms the client's
+    /// destroy. Both ids must name this server's channel.
+    fn on_destroyed(
         &mut self,
+        core: &mut Core<Self>,
         server: SocketAddrV4,
-        link: u64,
-        reason: &str,
-    ) -> Result<(), SessionError> {
-        if self.links.get(&server).map(|l| l.backend.id) != Some(link) {
-            return Ok(());
-        }
-        let Some(lost) = self.links.remove(&server) else {
-            return Ok(());
-        };
-        self.ctx.resolver.forget(server);
-        self.translator.forget_server(server);
-        self.unanswered.forget_server(server);
-        info!(target: "nameshim::pva::session", peer = %self.peer, %server, channels = lost.cids.len(), cause = reason, "server connection closed");
-        for cid in lost.cids {
-            let notice = match self.channels.remove(&cid) {
-                // For a channel being destroyed, this is the confirmation.
-                Some(Channel::Connected { sid, .. } | Channel::Destroying { sid, .. }) => {
-                    self.routes.remove(&sid);
-                    let mut w = wire::Writer::new(BIG_ENDIAN);
-                    w.u32(sid).u32(cid);
-                    w.into_message(Command::DestroyChannel, true)
-                }
-                Some(Channel::Creating { .. }) => create_failed(cid, b"server connection lost"),
-                Some(Channel::Abandoned { .. }) => continue,
-                Some(other) => {
-                    self.channels.insert(cid, other);
-                    continue;
-                }
-                None => continue,
-            };
-            self.to_client(&notice).await?;
-        }
-        Ok(())
+        message: Message,
+    ) -> Option<Message> {
+        let mut r = wire::Reader::new(&message.payload, message.header.is_big_endian());
+        let (server_sid, cid) = (r.u32("sid"), r.u32("cid"));
+        r.finish().ok()?;
+        let sid = core.channels.forget_named(server, cid, server_sid)?;
+        self.translator.forget_channel(sid);
+        Some(with_u32_at(&message, 0, sid))
     }
 
-    fn allocate_sid(&mut self) -> u32 {
-        loop {
-            let sid = self.next_sid;
-            self.next_sid = self.next_sid.wrapping_add(1);
-            if sid != NO_SID && !self.routes.contains_key(&sid) {
-                return sid;
+    /// A response to an operation: passed on, with its types translated
+    /// when they must be.
+    fn on_response(
+        &mut self,
+        core: &mut Core<Self>,
+        server: SocketAddrV4,
+        message: Message,
+    ) -> Option<Message> {
+        let mut r = wire::Reader::new(&message.payload, message.header.is_big_endian());
+        let ioid = r.u32("ioid");
+        if r.finish().is_ok() && !self.unanswered.answered(ioid) {
+            return None;
+        }
+        let translated = self
+            .translator
+            .server_message(server, &message)
+            .and_then(|payload| with_payload(message, payload));
+        match translated {
+            Ok(message) => Some(message),
+            Err(e) => {
+                // The shim can no longer follow this server's types: drop
+                // the connection, so its channels start afresh.
+                warn!(%server, cause = %e, "cannot follow a server message; closing that server connection");
+                core.close_link(server, LinkError::Protocol(e.to_string()));
+                None
             }
         }
     }
 }
 
-/// Sleeps until `at`, or for ever without one.
-async fn until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+/// The connected channel whose sid the client put first in `message`.
+fn connected_route(core: &Core<PvaSession>, message: &Message) -> Option<Route> {
+    let mut r = wire::Reader::new(&message.payload, message.header.is_big_endian());
+    let sid = r.u32("sid");
+    let route = r.finish().ok().and_then(|()| core.channels.route(sid));
+    if route.is_none() {
+        // pvxs clients destroy a channel the server already dropped.
+        debug!(
+            sid,
+            cmd = message.header.command,
+            "request for an unknown channel dropped"
+        );
     }
+    route
+}
+
+/// Forwards a request that starts with a sid to its channel's server,
+/// with the server's own sid; the rest of the payload is not copied.
+fn forward(core: &mut Core<PvaSession>, route: Route, message: Message) {
+    let connection = route.connection;
+    let big_endian = message.header.is_big_endian();
+    let body = message.payload.slice(4..);
+    let header = message.header;
+    let rewritten = Frame::new(
+        |head| {
+            header.encode(head);
+            if big_endian {
+                head.put_u32(connection.server_sid)
+            } else {
+                head.put_u32_le(connection.server_sid)
+            }
+        },
+        body,
+    );
+    core.send_to_server(connection.server, rewritten);
 }
 
 /// A failed CREATE_CHANNEL response: cid, no sid, an error status.
@@ -978,13 +617,13 @@ fn create_failed(cid: u32, why: &[u8]) -> Message {
 
 /// The message with its payload replaced by `rewritten`, if any. A size
 /// the header cannot hold is an error, never a truncated header.
-fn with_payload(message: Message, rewritten: Option<Bytes>) -> Result<Message, wire::WireError> {
+fn with_payload(message: Message, rewritten: Option<Bytes>) -> Result<Message, WireError> {
     let Some(payload) = rewritten else {
         return Ok(message);
     };
     let mut header = message.header;
     header.size = u32::try_from(payload.len())
-        .map_err(|_| wire::WireError::Limit("a translated message over 4 GiB"))?;
+        .map_err(|_| WireError::Limit("a translated message over 4 GiB"))?;
     Ok(Message { header, payload })
 }
 
@@ -1013,6 +652,7 @@ mod tests {
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, UdpSocket};
+    use tokio::sync::mpsc;
 
     const WAIT: Duration = Duration::from_secs(2);
 
@@ -1164,15 +804,23 @@ mod tests {
     /// A shim port whose one session searches `search_addr` for `timeout`.
     async fn shim_port(search_addr: SocketAddrV4, timeout: Duration) -> SocketAddr {
         let ctx = Arc::new(PvaContext {
-            resolver: search::start(SearchConfig {
-                targets: vec![search_addr],
-                timeout,
-                cache_ttl: Duration::from_secs(5),
-                max_pending: 100,
-                max_pending_per_address: 100,
-                max_cached: 100,
-            })
-            .unwrap(),
+            session: SessionSettings {
+                resolver: search::start(SearchConfig {
+                    targets: vec![search_addr],
+                    timeout,
+                    cache_ttl: Duration::from_secs(5),
+                    max_pending: 100,
+                    max_pending_per_address: 100,
+                    max_cached: 100,
+                })
+                .unwrap(),
+                max_client_message: 1 << 20,
+                queue_bytes: 1 << 20,
+                deadlines: crate::relay::limits::ClientDeadlines::default(),
+                channels_in_all: crate::relay::limits::ChannelBudget::new(1000),
+                max_channels: 100,
+                max_searches: 100,
+            },
             backend: BackendConfig {
                 max_server_message: 1 << 20,
                 queue_bytes: 1 << 20,
@@ -1180,12 +828,6 @@ mod tests {
                 big_endian: BIG_ENDIAN,
                 source: crate::relay::upstream::DEFAULT_SOURCE,
             },
-            max_client_message: 1 << 20,
-            queue_bytes: 1 << 20,
-            deadlines: crate::relay::limits::ClientDeadlines::default(),
-            channels_in_all: crate::relay::limits::ChannelBudget::new(1000),
-            max_channels: 100,
-            max_searches: 100,
             advertise_port: None,
         });
         let front = TcpListener::bind("127.0.0.1:0").await.unwrap();

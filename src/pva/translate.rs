@@ -169,13 +169,7 @@ impl Translator {
                 self.end_op(ioid);
                 return Ok(None);
             }
-            Command::Get
-            | Command::Put
-            | Command::PutGet
-            | Command::Monitor
-            | Command::Array
-            | Command::Process
-            | Command::Rpc => {}
+            command if command.is_operation() => {}
             _ => return Ok(None),
         }
         let subcmd = w.u8("subcommand");
@@ -259,16 +253,7 @@ impl Translator {
             w.finish()?;
             return Ok(active.then(|| out.freeze()));
         }
-        if !matches!(
-            command,
-            Command::Get
-                | Command::Put
-                | Command::PutGet
-                | Command::Monitor
-                | Command::Array
-                | Command::Process
-                | Command::Rpc
-        ) {
+        if !command.is_operation() {
             return Ok(None);
         }
         // Only this server's operations: a server cannot touch another's.

@@ -88,6 +88,28 @@ impl TryFrom<u8> for Command {
     }
 }
 
+impl Command {
+    /// An operation on a channel, with an INIT and an ioid for its life
+    /// (pvxs `serverchan.cpp` and `servermon.cpp`, pvAccessCPP
+    /// `serverContext.cpp`).
+    pub fn is_operation(self) -> bool {
+        use Command::*;
+        matches!(self, Get | Put | PutGet | Monitor | Array | Process | Rpc)
+    }
+
+    /// A client request that names its channel by sid, first in its
+    /// payload: the operations and the requests about them.
+    pub fn is_channel_request(self) -> bool {
+        use Command::*;
+        self.is_operation() || matches!(self, DestroyRequest | GetField | CancelRequest)
+    }
+
+    /// A server's answer to a channel request, named by its ioid.
+    pub fn is_ioid_response(self) -> bool {
+        self.is_operation() || self == Command::GetField
+    }
+}
+
 pub const HEADER_LEN: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

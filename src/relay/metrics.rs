@@ -16,7 +16,7 @@ pub enum Proto {
 impl Proto {
     const ALL: [Proto; 2] = [Proto::Ca, Proto::Pva];
 
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Proto::Ca => "ca",
             Proto::Pva => "pva",

@@ -8,14 +8,18 @@
 //! host group holding `localhost` or `127.0.0.1`) does not reach a remote
 //! client through the shim. See docs/security.md.
 
-use super::framing::{Decoder, FrameReader};
-use super::outbox::{Outbox, Permit};
+use super::framing::{Decoder, FrameReader, ReadError};
+use super::outbox::{Outbox, OutboxReceiver, Permit};
+use std::fmt;
+use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::Duration;
 use tokio::io::AsyncRead;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
+use tracing::Instrument;
 
 /// The default source address of server connections: on the loopback, so it
 /// works with servers bound to 127.0.0.1 as well as to the wildcard, but
@@ -67,6 +71,57 @@ pub trait WireLen {
     fn wire_len(&self) -> usize;
 }
 
+/// Why a link to a server ended. The event that carries it names the
+/// server.
+#[derive(Debug)]
+pub enum LinkError {
+    ConnectTimeout(Duration),
+    Connect(io::Error),
+    HandshakeTimeout(Duration),
+    /// The server's side of the handshake went wrong.
+    Handshake(String),
+    Read(ReadError),
+    /// The server closed the connection.
+    ServerClosed,
+    Write(io::Error),
+    /// The server sent something the shim cannot follow.
+    Protocol(String),
+    /// The client connection ended, so the link has no one to serve.
+    ClientGone,
+}
+
+impl fmt::Display for LinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LinkError::ConnectTimeout(d) => write!(f, "connect timed out after {d:?}"),
+            LinkError::Connect(e) => write!(f, "connect failed: {e}"),
+            LinkError::HandshakeTimeout(d) => write!(f, "handshake timed out after {d:?}"),
+            LinkError::Handshake(why) => write!(f, "handshake failed: {why}"),
+            LinkError::Read(e) => write!(f, "read failed: {e}"),
+            LinkError::ServerClosed => write!(f, "server closed the connection"),
+            LinkError::Write(e) => write!(f, "write failed: {e}"),
+            LinkError::Protocol(why) => write!(f, "cannot follow the server: {why}"),
+            LinkError::ClientGone => write!(f, "client connection ended"),
+        }
+    }
+}
+
+/// Connects to `server` from `source` within `timeout`.
+pub async fn connect_within(
+    server: SocketAddrV4,
+    source: Ipv4Addr,
+    timeout: Duration,
+) -> Result<TcpStream, LinkError> {
+    match tokio::time::timeout(timeout, connect(server, source)).await {
+        Err(_) => Err(LinkError::ConnectTimeout(timeout)),
+        Ok(Err(e)) => Err(LinkError::Connect(e)),
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+    }
+}
+
 /// A server connection's report. `link` tells apart successive connections
 /// to the same server.
 pub enum BackendEvent<M> {
@@ -79,7 +134,7 @@ pub enum BackendEvent<M> {
     Closed {
         server: SocketAddrV4,
         link: u64,
-        reason: String,
+        error: LinkError,
     },
 }
 
@@ -93,8 +148,40 @@ pub struct BackendLink {
 }
 
 impl BackendLink {
-    pub fn new(id: u64, outbox: Outbox, task: AbortHandle) -> BackendLink {
-        BackendLink { id, outbox, task }
+    /// Starts link `id` to `server`: `run` gets the queue of frames for the
+    /// server and a sender into that queue (for the link's own messages),
+    /// and returns why the link ended, which goes to the session. The task
+    /// logs in the span of the client connection that opened it.
+    pub fn spawn<M, F, Fut>(
+        server: SocketAddrV4,
+        id: u64,
+        queue_bytes: usize,
+        events: mpsc::UnboundedSender<BackendEvent<M>>,
+        run: F,
+    ) -> BackendLink
+    where
+        M: Send + 'static,
+        F: FnOnce(OutboxReceiver, Outbox) -> Fut,
+        Fut: Future<Output = LinkError> + Send + 'static,
+    {
+        let (outbox, queue) = Outbox::new(queue_bytes);
+        let ended = run(queue, outbox.clone());
+        let task = tokio::spawn(
+            async move {
+                let error = ended.await;
+                let _ = events.send(BackendEvent::Closed {
+                    server,
+                    link: id,
+                    error,
+                });
+            }
+            .in_current_span(),
+        );
+        BackendLink {
+            id,
+            outbox,
+            task: task.abort_handle(),
+        }
     }
 }
 
@@ -114,7 +201,7 @@ pub async fn pump<R, D>(
     link: u64,
     client: &Outbox,
     events: &mpsc::UnboundedSender<BackendEvent<D::Item>>,
-) -> String
+) -> LinkError
 where
     R: AsyncRead + Unpin,
     D: Decoder,
@@ -123,11 +210,11 @@ where
     loop {
         let message = match reader.next().await {
             Ok(Some(message)) => message,
-            Ok(None) => return "server closed the connection".to_string(),
-            Err(e) => return e.to_string(),
+            Ok(None) => return LinkError::ServerClosed,
+            Err(e) => return LinkError::Read(e),
         };
         let Ok(permit) = client.reserve(message.wire_len()).await else {
-            return "client gone".to_string();
+            return LinkError::ClientGone;
         };
         let event = BackendEvent::Message {
             server,
@@ -136,7 +223,7 @@ where
             permit,
         };
         if events.send(event).is_err() {
-            return "session ended".to_string();
+            return LinkError::ClientGone;
         }
     }
 }
