@@ -457,6 +457,7 @@ mod tests {
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, UdpSocket};
+    use tokio::sync::mpsc;
 
     #[test]
     fn a_kept_user_name_does_not_pin_the_message_it_came_in() {
@@ -689,6 +690,99 @@ mod tests {
             while s.write_all(&update).await.is_ok() {}
         });
         udp_addr
+    }
+
+    /// A server that creates channel 1, writes `updates` 1 MB updates to
+    /// it without reading anything, and then reads everything; the
+    /// returned receiver gets the number of bytes it read.
+    async fn server_busy_writing(updates: usize) -> (SocketAddrV4, mpsc::UnboundedReceiver<usize>) {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let udp_addr = answering_searches(tcp.local_addr().unwrap().port()).await;
+        let (read_tx, read_rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (mut s, _) = tcp.accept().await.unwrap();
+            let mut buf = BytesMut::new();
+            next_of(&mut s, &mut buf, Command::CreateChan).await;
+            let created = Message::new(Header::new(Command::CreateChan, 6, 1, 1, 99));
+            s.write_all(&bytes_of(&created)).await.unwrap();
+            let update = Message::with_payload(
+                Header::new(Command::EventAdd, 6, 25, 1, 7),
+                &vec![0u8; 1_000_000],
+            );
+            let update = bytes_of(&update);
+            for _ in 0..updates {
+                s.write_all(&update).await.unwrap();
+            }
+            let mut chunk = vec![0u8; 1 << 16];
+            while let Ok(n) = s.read(&mut chunk).await {
+                if n == 0 || read_tx.send(n).is_err() {
+                    break;
+                }
+            }
+        });
+        (udp_addr, read_rx)
+    }
+
+    // A server that reads only after it has written (as rsrv does while its
+    // send queue is full) fills its link's queue. The session must go on
+    // passing that server's updates to the client meanwhile, or the server
+    // never gets to reading, and both wait for ever.
+    #[tokio::test]
+    async fn requests_to_a_server_busy_writing_do_not_stall_its_updates() {
+        let (search_addr, mut server_read) = server_busy_writing(40).await;
+        let client = shim_session(search_addr).await;
+        let (mut reading, mut writing) = client.into_split();
+        writing
+            .write_all(&bytes_of(&wire::client_version(0, 13)))
+            .await
+            .unwrap();
+        let create = Message::with_name(Header::new(Command::CreateChan, 0, 0, 1, 13), b"X");
+        writing.write_all(&bytes_of(&create)).await.unwrap();
+        let mut buf = BytesMut::new();
+        let mut first = Vec::new();
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(3), reading.read_buf(&mut buf))
+                .await
+                .expect("the channel within 3 s")
+                .unwrap();
+            assert!(n > 0);
+            let mut needed = 0;
+            let m = wire::decode(&mut buf, 1 << 24, &mut needed).unwrap();
+            if let Some(m) = m.filter(|m| m.header.command() == Ok(Command::CreateChan)) {
+                first.push(m.header.p2);
+                break;
+            }
+        }
+        // 24 MB of writes: more than the link's queue and the sockets on the
+        // way to a server that does not read.
+        let write = bytes_of(&Message::with_payload(
+            Header::new(Command::Write, 6, 1, first[0], 1),
+            &vec![0u8; 64_000],
+        ));
+        let writer = tokio::spawn(async move {
+            for _ in 0..384 {
+                writing.write_all(&write).await.unwrap();
+            }
+            writing
+        });
+        let mut received = buf.len();
+        let mut chunk = vec![0u8; 1 << 16];
+        while received < 40_000_000 {
+            match tokio::time::timeout(Duration::from_secs(3), reading.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => received += n,
+                other => panic!("updates stalled after {received} bytes: {other:?}"),
+            }
+        }
+        let _writing = tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the client's writes all taken within 5 s");
+        let mut taken = 0;
+        while taken < 384 * 64_000 {
+            match tokio::time::timeout(Duration::from_secs(3), server_read.recv()).await {
+                Ok(Some(n)) => taken += n,
+                other => panic!("server read {taken} bytes, then {other:?}"),
+            }
+        }
     }
 
     // Relayed updates take the client's queue budget before the session

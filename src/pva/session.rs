@@ -707,18 +707,8 @@ mod tests {
     const SLOW_CIDS: u32 = 100;
     const SLOW_CREATE: Duration = Duration::from_millis(400);
 
-    /// A PVA server on the loopback: answers every search, accepts one
-    /// connection, creates every channel with server sid 1000 + cid (after
-    /// `SLOW_CREATE` from cid `SLOW_CIDS` on),
-    /// confirms each DESTROY_CHANNEL, and reports what it receives.
-    /// Messages sent on the returned sender go to the shim.
-    async fn fake_server() -> (
-        SocketAddrV4,
-        mpsc::UnboundedReceiver<Message>,
-        mpsc::UnboundedSender<Message>,
-    ) {
-        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let tcp_port = tcp.local_addr().unwrap().port();
+    /// Answers every PVA search with `tcp_port`; returns the search address.
+    async fn answering_searches(tcp_port: u16) -> SocketAddrV4 {
         let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let SocketAddr::V4(udp_addr) = udp.local_addr().unwrap() else {
             unreachable!()
@@ -748,6 +738,143 @@ mod tests {
                 }
             }
         });
+        udp_addr
+    }
+
+    /// A PVA server that answers every search, validates the shim's
+    /// connection, creates one channel, and then writes `updates` MONITOR
+    /// updates of 1 MiB each (for ever if None) before it reads anything
+    /// more; then it reads everything. The receiver gets the number of
+    /// bytes it read.
+    async fn flooding_server(
+        updates: Option<usize>,
+    ) -> (SocketAddrV4, mpsc::UnboundedReceiver<usize>) {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let udp_addr = answering_searches(tcp.local_addr().unwrap().port()).await;
+        let (read_tx, read_rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (s, _) = tcp.accept().await.unwrap();
+            let mut shim = Peer::new(s, false);
+            shim.send(&wire::set_byte_order(true, false)).await;
+            shim.send(&wire::server_validation(false)).await;
+            let cid = loop {
+                let m = shim.next().await.expect("the shim's requests");
+                match m.header.command() {
+                    Ok(Command::ConnectionValidation) => {
+                        shim.send(&wire::connection_validated_ok(false)).await
+                    }
+                    Ok(Command::CreateChannel) => {
+                        let mut r = wire::Reader::new(&m.payload, false);
+                        r.u16("count");
+                        break r.u32("cid");
+                    }
+                    _ => {}
+                }
+            };
+            let mut w = wire::Writer::new(false);
+            w.u32(cid).u32(1000 + cid).u8(wire::STATUS_OK);
+            shim.send(&w.into_message(Command::CreateChannel, true))
+                .await;
+            // Each update fills a whole queue of the test's shim (1 MiB):
+            // header, ioid, subcommand and the rest.
+            let mut w = wire::Writer::new(false);
+            w.u32(1).u8(0).bytes(&vec![0u8; (1 << 20) - 13]);
+            let mut update = BytesMut::new();
+            w.into_message(Command::Monitor, true).encode(&mut update);
+            for _ in 0..updates.unwrap_or(usize::MAX) {
+                if shim.stream.write_all(&update).await.is_err() {
+                    return;
+                }
+            }
+            let mut chunk = vec![0u8; 1 << 16];
+            while let Ok(n) = shim.stream.read(&mut chunk).await {
+                if n == 0 || read_tx.send(n).is_err() {
+                    break;
+                }
+            }
+        });
+        (udp_addr, read_rx)
+    }
+
+    /// Reads from `client` until `bytes` have come, each read within 3 s.
+    async fn read_at_least(client: &mut tokio::net::tcp::OwnedReadHalf, bytes: usize) {
+        let mut total = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        while total < bytes {
+            match tokio::time::timeout(Duration::from_secs(3), client.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => total += n,
+                other => panic!("relay stalled after {total} bytes: {other:?}"),
+            }
+        }
+    }
+
+    // A server that reads only after it has written fills its link's
+    // queue. The session must go on passing that server's updates to the
+    // client meanwhile, or the server never gets to reading, and both wait
+    // for ever. (The CA session's test of the same rule: the core runs
+    // flow control for both.)
+    #[tokio::test]
+    async fn requests_to_a_server_busy_writing_do_not_stall_its_updates() {
+        let (search_addr, mut server_read) = flooding_server(Some(40)).await;
+        let mut client = client_of_shim(search_addr).await;
+        let sid = create(&mut client, 1).await;
+        let (mut reading, mut writing) = client.stream.into_split();
+        // 24 MB of PUTs: more than the link's queue and the sockets on the
+        // way to a server that does not read.
+        let mut w = wire::Writer::new(false);
+        w.u32(sid).u32(5).u8(0).bytes(&vec![0u8; 64_000]);
+        let mut put = BytesMut::new();
+        w.into_message(Command::Put, false).encode(&mut put);
+        let writer = tokio::spawn(async move {
+            for _ in 0..384 {
+                writing.write_all(&put).await.unwrap();
+            }
+            writing
+        });
+        read_at_least(&mut reading, 40 << 20).await;
+        let _writing = tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the client's requests all taken within 5 s");
+        let mut taken = 0;
+        while taken < 384 * 64_000 {
+            match tokio::time::timeout(Duration::from_secs(3), server_read.recv()).await {
+                Ok(Some(n)) => taken += n,
+                other => panic!("server read {taken} bytes, then {other:?}"),
+            }
+        }
+    }
+
+    // Relayed updates take the client's queue budget before the session
+    // passes them on; the session's own ECHO reply must not wait for that
+    // budget, or the session waits for itself forever. (The same rule as
+    // the CA session's test: the core runs flow control for both.)
+    #[tokio::test]
+    async fn echo_reply_does_not_stall_a_client_behind_large_updates() {
+        let (search_addr, _) = flooding_server(None).await;
+        let mut client = client_of_shim(search_addr).await;
+        create(&mut client, 1).await;
+        // Stop reading until every buffer on the way is full, then ask.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        client
+            .send(&wire::Writer::new(false).into_message(Command::Echo, false))
+            .await;
+        let (mut reading, _writing) = client.stream.into_split();
+        read_at_least(&mut reading, 100_000_000).await;
+    }
+
+    /// A PVA server on the loopback: answers every search, accepts one
+    /// connection, creates every channel with server sid 1000 + cid (after
+    /// `SLOW_CREATE` from cid `SLOW_CIDS` on),
+    /// confirms each DESTROY_CHANNEL, and reports what it receives.
+    /// Messages sent on the returned sender go to the shim.
+    async fn fake_server() -> (
+        SocketAddrV4,
+        mpsc::UnboundedReceiver<Message>,
+        mpsc::UnboundedSender<Message>,
+    ) {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp_port = tcp.local_addr().unwrap().port();
+        let udp_addr = answering_searches(tcp_port).await;
         let (got_tx, got_rx) = mpsc::unbounded_channel();
         let (inject_tx, mut inject_rx) = mpsc::unbounded_channel::<Message>();
         tokio::spawn(async move {
