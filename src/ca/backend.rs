@@ -41,13 +41,12 @@ pub fn open(
         config.connect_timeout,
         config.source,
     );
-    let reports = events.clone();
     BackendLink::spawn(
         server,
         id,
         config.queue_bytes,
         events,
-        move |queue, _| async move {
+        move |queue, _, reports| async move {
             let stream = match upstream::connect_within(server, source, timeout).await {
                 Ok(stream) => stream,
                 Err(e) => return e,

@@ -453,6 +453,7 @@ pub(crate) fn context_for_tests(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session::test_support::{read_at_least, server_read_at_least};
     use bytes::BytesMut;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -765,24 +766,11 @@ mod tests {
             }
             writing
         });
-        let mut received = buf.len();
-        let mut chunk = vec![0u8; 1 << 16];
-        while received < 40_000_000 {
-            match tokio::time::timeout(Duration::from_secs(3), reading.read(&mut chunk)).await {
-                Ok(Ok(n)) if n > 0 => received += n,
-                other => panic!("updates stalled after {received} bytes: {other:?}"),
-            }
-        }
+        read_at_least(&mut reading, 40_000_000 - buf.len()).await;
         let _writing = tokio::time::timeout(Duration::from_secs(5), writer)
             .await
             .expect("the client's writes all taken within 5 s");
-        let mut taken = 0;
-        while taken < 384 * 64_000 {
-            match tokio::time::timeout(Duration::from_secs(3), server_read.recv()).await {
-                Ok(Some(n)) => taken += n,
-                other => panic!("server read {taken} bytes, then {other:?}"),
-            }
-        }
+        server_read_at_least(&mut server_read, 384 * 64_000).await;
     }
 
     // Relayed updates take the client's queue budget before the session
@@ -801,13 +789,6 @@ mod tests {
         // Stop reading until every buffer on the way is full, then ask.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         client.write_all(&bytes_of(&wire::echo())).await.unwrap();
-        let mut total = 0usize;
-        let mut buf = vec![0u8; 1 << 16];
-        while total < 100_000_000 {
-            match tokio::time::timeout(Duration::from_secs(3), client.read(&mut buf)).await {
-                Ok(Ok(n)) if n > 0 => total += n,
-                other => panic!("relay stalled after {total} bytes: {other:?}"),
-            }
-        }
+        read_at_least(&mut client, 100_000_000).await;
     }
 }

@@ -51,13 +51,12 @@ pub fn open(
         big_endian: config.big_endian,
         source: config.source,
     };
-    let reports = events.clone();
     BackendLink::spawn(
         server,
         id,
         config.queue_bytes,
         events,
-        move |queue, own| async move {
+        move |queue, own, reports| async move {
             let stream =
                 match upstream::connect_within(server, settings.source, settings.connect_timeout)
                     .await

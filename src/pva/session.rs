@@ -649,6 +649,7 @@ mod tests {
     use super::*;
     use crate::pva::search;
     use crate::relay::discovery::SearchConfig;
+    use crate::session::test_support::{read_at_least, server_read_at_least};
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, UdpSocket};
@@ -796,18 +797,6 @@ mod tests {
         (udp_addr, read_rx)
     }
 
-    /// Reads from `client` until `bytes` have come, each read within 3 s.
-    async fn read_at_least(client: &mut tokio::net::tcp::OwnedReadHalf, bytes: usize) {
-        let mut total = 0usize;
-        let mut buf = vec![0u8; 1 << 16];
-        while total < bytes {
-            match tokio::time::timeout(Duration::from_secs(3), client.read(&mut buf)).await {
-                Ok(Ok(n)) if n > 0 => total += n,
-                other => panic!("relay stalled after {total} bytes: {other:?}"),
-            }
-        }
-    }
-
     // A server that reads only after it has written fills its link's
     // queue. The session must go on passing that server's updates to the
     // client meanwhile, or the server never gets to reading, and both wait
@@ -835,13 +824,7 @@ mod tests {
         let _writing = tokio::time::timeout(Duration::from_secs(5), writer)
             .await
             .expect("the client's requests all taken within 5 s");
-        let mut taken = 0;
-        while taken < 384 * 64_000 {
-            match tokio::time::timeout(Duration::from_secs(3), server_read.recv()).await {
-                Ok(Some(n)) => taken += n,
-                other => panic!("server read {taken} bytes, then {other:?}"),
-            }
-        }
+        server_read_at_least(&mut server_read, 384 * 64_000).await;
     }
 
     // Relayed updates take the client's queue budget before the session

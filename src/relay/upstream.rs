@@ -149,8 +149,9 @@ pub struct BackendLink {
 
 impl BackendLink {
     /// Starts link `id` to `server`: `run` gets the queue of frames for the
-    /// server and a sender into that queue (for the link's own messages),
-    /// and returns why the link ended, which goes to the session. The task
+    /// server, a sender into that queue (for the link's own messages) and
+    /// the session's events, and returns why the link ended, which goes to
+    /// the session too. The task
     /// logs in the span of the client connection that opened it.
     pub fn spawn<M, F, Fut>(
         server: SocketAddrV4,
@@ -161,11 +162,11 @@ impl BackendLink {
     ) -> BackendLink
     where
         M: Send + 'static,
-        F: FnOnce(OutboxReceiver, Outbox) -> Fut,
+        F: FnOnce(OutboxReceiver, Outbox, mpsc::UnboundedSender<BackendEvent<M>>) -> Fut,
         Fut: Future<Output = LinkError> + Send + 'static,
     {
         let (outbox, queue) = Outbox::new(queue_bytes);
-        let ended = run(queue, outbox.clone());
+        let ended = run(queue, outbox.clone(), events.clone());
         let task = tokio::spawn(
             async move {
                 let error = ended.await;

@@ -470,3 +470,35 @@ impl<P: Protocol> Core<P> {
         self.links.get(&server).map(|l| l.backend.outbox.clone())
     }
 }
+
+/// Helpers for the sessions' tests.
+#[cfg(test)]
+pub mod test_support {
+    use std::time::Duration;
+    use tokio::io::{AsyncRead, AsyncReadExt};
+    use tokio::sync::mpsc;
+
+    /// Reads from `client` until `bytes` have come, each read within 3 s.
+    pub async fn read_at_least(client: &mut (impl AsyncRead + Unpin), bytes: usize) {
+        let mut total = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        while total < bytes {
+            match tokio::time::timeout(Duration::from_secs(3), client.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => total += n,
+                other => panic!("relay stalled after {total} bytes: {other:?}"),
+            }
+        }
+    }
+
+    /// Waits until a test server reports having read `bytes`, each report
+    /// within 3 s.
+    pub async fn server_read_at_least(reads: &mut mpsc::UnboundedReceiver<usize>, bytes: usize) {
+        let mut taken = 0;
+        while taken < bytes {
+            match tokio::time::timeout(Duration::from_secs(3), reads.recv()).await {
+                Ok(Some(n)) => taken += n,
+                other => panic!("server read {taken} bytes, then {other:?}"),
+            }
+        }
+    }
+}
