@@ -20,7 +20,7 @@ use super::wire::{self, Command, Header, Message};
 use super::{frame, CaDecoder};
 use crate::relay::listener::Reception;
 use crate::relay::metrics::Proto;
-use crate::relay::outbox::{Frame, Outbox, Permit};
+use crate::relay::outbox::{Frame, Outbox};
 use crate::relay::upstream::BackendLink;
 use crate::session::{self, Channel, ClientReader, Core, Events, SessionError, SessionSettings};
 use bytes::Bytes;
@@ -211,16 +211,13 @@ impl session::Protocol for CaSession {
         core: &mut Core<Self>,
         server: SocketAddrV4,
         message: Message,
-        permit: Permit,
-    ) -> Result<(), SessionError> {
+    ) -> Result<Option<Frame>, SessionError> {
         let Ok(command) = message.header.command() else {
             warn!(%server, cmd = message.header.command, "unknown command from a server dropped");
-            return Ok(());
+            return Ok(None);
         };
-        match relayed_server_message(core, server, command, message) {
-            Some(message) => core.relay_to_client(frame(&message), permit),
-            None => Ok(()),
-        }
+        let relayed = relayed_server_message(core, server, command, message);
+        Ok(relayed.as_ref().map(frame))
     }
 
     async fn settle(

@@ -37,7 +37,7 @@ use super::wire::{self, Command, Message, WireError};
 use crate::relay::framing::FrameReader;
 use crate::relay::listener::Reception;
 use crate::relay::metrics::Proto;
-use crate::relay::outbox::{Frame, Outbox, Permit};
+use crate::relay::outbox::{Frame, Outbox};
 use crate::relay::upstream::{BackendLink, LinkError};
 use crate::session::{
     self, Channel, ClientReader, Core, Events, Route, SessionError, SessionSettings,
@@ -250,13 +250,12 @@ impl session::Protocol for PvaSession {
         core: &mut Core<Self>,
         server: SocketAddrV4,
         message: Message,
-        permit: Permit,
-    ) -> Result<(), SessionError> {
+    ) -> Result<Option<Frame>, SessionError> {
         if message.header.is_control() {
-            return Ok(());
+            return Ok(None);
         }
         let Ok(command) = message.header.command() else {
-            return Ok(());
+            return Ok(None);
         };
         let relayed = match command {
             Command::CreateChannel => self.on_created(core, server, message),
@@ -266,10 +265,7 @@ impl session::Protocol for PvaSession {
             // ECHO answers the shim's own keepalive.
             _ => None,
         };
-        match relayed {
-            Some(message) => core.relay_to_client(frame(&message), permit),
-            None => Ok(()),
-        }
+        Ok(relayed.as_ref().map(frame))
     }
 
     async fn settle(

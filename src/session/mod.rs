@@ -26,7 +26,7 @@ use crate::relay::framing::{Decoder, FrameReader};
 use crate::relay::limits::{self, ChannelBudget, ChannelShare, ClientDeadlines};
 use crate::relay::listener::Reception;
 use crate::relay::metrics::{ClientGauge, Proto};
-use crate::relay::outbox::{ControlError, Frame, Outbox, Permit};
+use crate::relay::outbox::{ControlError, Frame, Outbox};
 use crate::relay::upstream::{BackendEvent, BackendLink, LinkError, WireLen};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
@@ -95,15 +95,14 @@ pub trait Protocol: Sized + Send + 'static {
         message: Self::Message,
     ) -> Result<(), SessionError>;
 
-    /// A message from `server`, whose bytes towards the client `permit`
-    /// holds.
+    /// A message from `server`; returns what the client is to get of it,
+    /// if anything. Its room in the client's queue is already reserved.
     fn on_server(
         &mut self,
         core: &mut Core<Self>,
         server: SocketAddrV4,
         message: Self::Message,
-        permit: Permit,
-    ) -> Result<(), SessionError>;
+    ) -> Result<Option<Frame>, SessionError>;
 
     /// The search for `name` ended: found on `server`, or not found.
     async fn settle(
@@ -274,11 +273,6 @@ impl<P: Protocol> Core<P> {
         self.client.send_control(frame).await
     }
 
-    /// Passes a server's message on, in the room its permit holds.
-    pub fn relay_to_client(&self, frame: Frame, permit: Permit) -> Result<(), SessionError> {
-        Ok(self.client.send_reserved(frame, permit)?)
-    }
-
     /// Queues a frame for `server`, sent when the handler returns. Nothing
     /// is sent to a server with no link.
     pub fn send_to_server(&mut self, server: SocketAddrV4, frame: Frame) {
@@ -384,7 +378,9 @@ impl<P: Protocol> Core<P> {
             } => {
                 let current = |l: &Link| l.backend.id == link && !l.closing;
                 if self.links.get(&server).is_some_and(current) {
-                    protocol.on_server(self, server, message, permit)?;
+                    if let Some(frame) = protocol.on_server(self, server, message)? {
+                        self.client.send_reserved(frame, permit)?;
+                    }
                 }
                 Ok(())
             }
