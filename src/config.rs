@@ -439,20 +439,66 @@ pub struct Config {
     pub classify_window: Duration,
     /// Answer HTTP (health, metrics) on the shared port.
     pub http: bool,
+    pub limits: Limits,
+    pub ca_search: SearchConfig,
+    pub pva_search: SearchConfig,
+    pub advertise_port: Option<u16>,
+    pub server_source_addr: Ipv4Addr,
+}
+
+/// Names one client connection may have under search at once: well below
+/// the relay's own limit (`MAX_PENDING_SEARCHES`), so one client that
+/// searches for many names found elsewhere cannot take the relay from the
+/// others.
+const MAX_SEARCHES_PER_CLIENT: usize = 2_000;
+/// How long the shim waits for a server's TCP connection.
+const SERVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Every limit on clients and on what they may hold or send, one name per
+/// setting (docs/limits.md lists them all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Client connections at once (--max-clients).
     pub max_clients: usize,
+    /// Client connections at once from one address (--max-clients-per-host).
     pub max_clients_per_host: usize,
+    /// Hello, idle and stall deadlines of a client connection.
     pub deadlines: ClientDeadlines,
     /// Largest message from a server (--max-message).
     pub max_server_message: u32,
     /// Largest message from a client (--max-client-message).
     pub max_client_message: u32,
+    /// Bytes queued towards one peer (--queue-bytes).
     pub queue_bytes: usize,
+    /// Channels of one client connection (--max-channels).
     pub max_channels: usize,
+    /// Channels of all client connections together (--max-total-channels).
     pub max_total_channels: usize,
-    pub ca_search: SearchConfig,
-    pub pva_search: SearchConfig,
-    pub advertise_port: Option<u16>,
-    pub server_source_addr: Ipv4Addr,
+    /// Names one client connection may have under search at once.
+    pub max_searches_per_client: usize,
+    /// How long the shim waits for a server's TCP connection.
+    pub server_connect_timeout: Duration,
+}
+
+impl Limits {
+    fn from_cli(cli: &Cli) -> Limits {
+        Limits {
+            max_clients: cli.max_clients.max(1),
+            max_clients_per_host: cli.max_clients_per_host.max(1),
+            deadlines: ClientDeadlines {
+                hello: cli.hello_timeout,
+                idle: cli.idle_timeout,
+                stall: cli.stall_timeout,
+            },
+            max_server_message: cli.max_message.min(u64::from(u32::MAX)) as u32,
+            max_client_message: cli.max_client_message.min(u64::from(u32::MAX)) as u32,
+            queue_bytes: cli.queue_bytes.min(usize::MAX as u64) as usize,
+            max_channels: cli.max_channels,
+            max_total_channels: cli.max_total_channels,
+            max_searches_per_client: MAX_SEARCHES_PER_CLIENT,
+            server_connect_timeout: SERVER_CONNECT_TIMEOUT,
+        }
+    }
 }
 
 /// An option, else an EPICS environment variable, else a default.
@@ -498,18 +544,7 @@ impl Config {
             pva_listen: cli.pva_listen,
             classify_window: cli.classify_window,
             http: !cli.no_http,
-            max_clients: cli.max_clients.max(1),
-            max_clients_per_host: cli.max_clients_per_host.max(1),
-            deadlines: ClientDeadlines {
-                hello: cli.hello_timeout,
-                idle: cli.idle_timeout,
-                stall: cli.stall_timeout,
-            },
-            max_server_message: cli.max_message.min(u64::from(u32::MAX)) as u32,
-            max_client_message: cli.max_client_message.min(u64::from(u32::MAX)) as u32,
-            queue_bytes: cli.queue_bytes.min(usize::MAX as u64) as usize,
-            max_channels: cli.max_channels,
-            max_total_channels: cli.max_total_channels,
+            limits: Limits::from_cli(cli),
             ca_search: search(targets(&cli.ca_search_addr, ca_port)),
             pva_search: search(targets(&cli.pva_search_addr, pva_port)),
             advertise_port: cli.advertise_port,
@@ -591,7 +626,7 @@ mod tests {
 
     #[test]
     fn client_limits_have_their_documented_defaults() {
-        let config = Config::from_cli(&Cli::parse_from(["nameshim"]));
+        let config = Config::from_cli(&Cli::parse_from(["nameshim"])).limits;
         assert_eq!(config.deadlines, ClientDeadlines::default());
         assert_eq!(config.deadlines.hello, Duration::from_secs(5));
         assert_eq!(config.deadlines.idle, Duration::from_secs(180));
@@ -619,7 +654,7 @@ mod tests {
             "--max-total-channels",
             "10",
         ]);
-        let config = Config::from_cli(&cli);
+        let config = Config::from_cli(&cli).limits;
         assert_eq!(
             config.deadlines,
             ClientDeadlines {

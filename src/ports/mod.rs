@@ -35,12 +35,6 @@ use tracing::{debug, info, warn};
 const PVA_MAGIC: u8 = 0xCA;
 /// First byte of a CA VERSION message (command 0, big-endian).
 const CA_VERSION_FIRST_BYTE: u8 = 0x00;
-/// Names one client connection may have under search at once: well below
-/// the relay's own limit (10000), so one client that searches for many names
-/// found elsewhere cannot take the relay from the others.
-const MAX_SEARCHES_PER_CLIENT: usize = 2_000;
-/// How long the shim waits for a server's TCP connection.
-const SERVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -110,10 +104,10 @@ pub async fn serve_all(config: &Config) -> io::Result<()> {
     info!("clients: EPICS_CA_NAME_SERVERS=<host>:{port} EPICS_PVA_NAME_SERVERS=<host>:{port}");
     let services = start_services(config)?;
     let limits = ConnectionLimits {
-        max_clients: config.max_clients,
-        max_per_host: config.max_clients_per_host,
+        max_clients: config.limits.max_clients,
+        max_per_host: config.limits.max_clients_per_host,
     };
-    let http_timeout = config.deadlines.hello;
+    let http_timeout = config.limits.deadlines.hello;
     for (extra, mode) in single_protocol {
         tokio::spawn(serve(extra, mode, limits, http_timeout, services.clone()));
     }
@@ -160,31 +154,32 @@ fn start_services(config: &Config) -> io::Result<Arc<Services>> {
         info!(%source, "server connections leave from this address");
     }
     // One budget for both protocols: a channel is a channel.
-    let channels_in_all = relay::limits::ChannelBudget::new(config.max_total_channels);
+    let limits = &config.limits;
+    let channels_in_all = relay::limits::ChannelBudget::new(limits.max_total_channels);
     let settings = |resolver| SessionSettings {
         resolver,
-        max_client_message: config.max_client_message,
-        queue_bytes: config.queue_bytes,
-        deadlines: config.deadlines,
-        max_channels: config.max_channels,
+        max_client_message: limits.max_client_message,
+        queue_bytes: limits.queue_bytes,
+        deadlines: limits.deadlines,
+        max_channels: limits.max_channels,
         channels_in_all: channels_in_all.clone(),
-        max_searches: MAX_SEARCHES_PER_CLIENT,
+        max_searches: limits.max_searches_per_client,
     };
     let ca = Arc::new(ca::session::CaContext {
         session: settings(ca::search::start(config.ca_search.clone())?),
         backend: ca::backend::BackendConfig {
-            max_server_message: config.max_server_message,
-            queue_bytes: config.queue_bytes,
-            connect_timeout: SERVER_CONNECT_TIMEOUT,
+            max_server_message: limits.max_server_message,
+            queue_bytes: limits.queue_bytes,
+            connect_timeout: limits.server_connect_timeout,
             source,
         },
     });
     let pva = Arc::new(pva::session::PvaContext {
         session: settings(pva::search::start(config.pva_search.clone())?),
         backend: pva::backend::BackendConfig {
-            max_server_message: config.max_server_message,
-            queue_bytes: config.queue_bytes,
-            connect_timeout: SERVER_CONNECT_TIMEOUT,
+            max_server_message: limits.max_server_message,
+            queue_bytes: limits.queue_bytes,
+            connect_timeout: limits.server_connect_timeout,
             big_endian: pva::session::BIG_ENDIAN,
             source,
         },
