@@ -53,6 +53,7 @@ fn sidecar(config: Config) -> ExitCode {
             served = ports::serve_all(&config) => served,
             signal = shutdown_signal() => {
                 info!(signal = signal?, "shutting down");
+                flush_clients().await;
                 Ok(())
             }
         }
@@ -63,6 +64,22 @@ fn sidecar(config: Config) -> ExitCode {
             error!(cause = %e, "nameshim stopped");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// How long a shutdown waits for what is queued towards clients to be
+/// written. Short: the port is already closed, and a container runtime
+/// sends SIGKILL after its own grace period (10 s for podman and docker,
+/// 30 s for Kubernetes).
+const SHUTDOWN_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Gives every client's writer `SHUTDOWN_FLUSH` to write what is queued.
+async fn flush_clients() {
+    if !relay::outbox::UNWRITTEN_TO_CLIENTS
+        .written_within(SHUTDOWN_FLUSH)
+        .await
+    {
+        info!(within = ?SHUTDOWN_FLUSH, "some client queues were not flushed in time");
     }
 }
 

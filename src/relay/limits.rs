@@ -9,7 +9,7 @@
 
 use super::framing::{Decoder, FrameReader};
 use super::metrics::{Proto, METRICS};
-use super::outbox::Outbox;
+use super::outbox::{Outbox, UNWRITTEN_TO_CLIENTS};
 use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
@@ -100,6 +100,7 @@ pub fn client_io<D: Decoder>(
 ) {
     let (read, write) = stream.into_split();
     let (outbox, queue) = Outbox::new(queue_bytes);
+    let outbox = outbox.counted_in(&UNWRITTEN_TO_CLIENTS);
     let sent = queue.activity();
     let queue = queue.give_up_after(deadlines.idle).counting_client_bytes();
     let writer = tokio::spawn(queue.drain_into(write));

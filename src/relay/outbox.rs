@@ -18,6 +18,7 @@ use super::limits::Activity;
 use bytes::{BufMut, Bytes, BytesMut};
 use std::fmt;
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -113,6 +114,7 @@ pub struct Permit(#[allow(dead_code)] OwnedSemaphorePermit);
 struct Queued {
     frame: Frame,
     _permit: Permit,
+    _counted: Option<Counted>,
 }
 
 /// The sending side. Cheap to clone; all clones feed the same socket.
@@ -122,6 +124,8 @@ pub struct Outbox {
     budget: Arc<Semaphore>,
     control: Arc<Semaphore>,
     limit: usize,
+    /// Where queued frames are counted until written, if anywhere.
+    unwritten: Option<&'static Unwritten>,
 }
 
 /// The receiving side, consumed by [`OutboxReceiver::drain_into`].
@@ -134,6 +138,48 @@ pub struct OutboxReceiver {
     give_up_after: Option<Duration>,
     /// Count what is written as bytes sent to clients (for metrics).
     to_client: bool,
+}
+
+/// Frames queued in a set of outboxes and not yet written, so a shutdown
+/// can wait until what was queued for clients is on the wire.
+pub struct Unwritten(AtomicUsize);
+
+/// Frames queued towards clients.
+pub static UNWRITTEN_TO_CLIENTS: Unwritten = Unwritten::new();
+
+impl Unwritten {
+    pub const fn new() -> Unwritten {
+        Unwritten(AtomicUsize::new(0))
+    }
+
+    /// Waits until every counted frame is written, for at most `within`;
+    /// says whether they all were.
+    pub async fn written_within(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.0.load(Ordering::Relaxed) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+}
+
+/// One frame counted in an [`Unwritten`] until it is written (dropped).
+struct Counted(&'static Unwritten);
+
+impl Counted {
+    fn new(count: &'static Unwritten) -> Counted {
+        count.0.fetch_add(1, Ordering::Relaxed);
+        Counted(count)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Drop for OutboxReceiver {
@@ -160,6 +206,7 @@ impl Outbox {
                 budget: budget.clone(),
                 control: control.clone(),
                 limit,
+                unwritten: None,
             },
             OutboxReceiver {
                 rx,
@@ -212,12 +259,20 @@ impl Outbox {
             .map_err(|_| Closed)
     }
 
+    /// Counts this outbox's frames in `unwritten` from when they are queued
+    /// until they are written.
+    pub fn counted_in(mut self, unwritten: &'static Unwritten) -> Self {
+        self.unwritten = Some(unwritten);
+        self
+    }
+
     /// Queues a frame whose bytes were reserved.
     pub fn send_reserved(&self, frame: Frame, permit: Permit) -> Result<(), Closed> {
         self.tx
             .send(Queued {
                 frame,
                 _permit: permit,
+                _counted: self.unwritten.map(Counted::new),
             })
             .map_err(|_| Closed)
     }
@@ -322,6 +377,25 @@ mod tests {
 
     fn frame(body_len: usize) -> Frame {
         Frame::new(|h| h.put_slice(b"HEAD"), Bytes::from(vec![7u8; body_len]))
+    }
+
+    // A shutdown waits for what was queued to be written: a frame whose
+    // peer does not read stays counted, until the peer has read it.
+    #[tokio::test]
+    async fn queued_frames_count_until_written() {
+        static UNWRITTEN: Unwritten = Unwritten::new();
+        let (outbox, rx) = Outbox::new(1 << 20);
+        let outbox = outbox.counted_in(&UNWRITTEN);
+        let (near, mut far) = tokio::io::duplex(1024);
+        tokio::spawn(rx.drain_into(near));
+        assert!(UNWRITTEN.written_within(Duration::from_millis(50)).await);
+        outbox.send(frame(100_000)).await.unwrap();
+        assert!(!UNWRITTEN.written_within(Duration::from_millis(100)).await);
+        let mut got = vec![0u8; 100_004];
+        tokio::io::AsyncReadExt::read_exact(&mut far, &mut got)
+            .await
+            .unwrap();
+        assert!(UNWRITTEN.written_within(Duration::from_millis(500)).await);
     }
 
     #[tokio::test]
