@@ -90,3 +90,51 @@ def test_stalled_client_keeps_shim_memory_bounded_and_others_flowing(flow):
     # The stalled client was throttled, not dropped: it reads updates again.
     assert after.get("updates_after_stall", 0) >= 1, after
     assert shim.alive()
+
+
+FLUSH_QUEUE_BYTES = 16 << 20
+
+
+@pytest.fixture
+def flushing(netns_ok, shim_bin, tmp_path):
+    ctr = h.Container()
+    try:
+        FastWaveIoc(ctr, tmp_path).start()
+        shim = h.Shim(ctr, ["--listen", "127.0.0.1:5067", "--queue-bytes", str(FLUSH_QUEUE_BYTES)], tmp_path)
+        shim.start()
+        yield ctr, shim
+    finally:
+        ctr.close()
+
+
+def test_sigterm_writes_what_is_queued_for_clients_before_exit(flushing):
+    """A sidecar stopped by SIGTERM first writes what it had queued for its
+    clients (for up to a second), so a client that was behind still gets it.
+    The client here stalls until its queue in the shim holds about 16 MiB;
+    the kernel's socket buffers hold at most a few MiB more, which are all a
+    shim that exits at once would deliver."""
+    ctr, shim = flushing
+    stall = 3.0
+    slow = subprocess.Popen(
+        ctr.exec_argv([h.PYTHON, h.HERE / "slow_ca_client.py", "127.0.0.1", "5067", "FLOW:WAVE", str(WAVE_LEN), str(stall)]),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        first = json.loads(slow.stdout.readline() or "{}")
+        assert first.get("subscribed"), f"slow client could not subscribe: {first}"
+        # Let the queue fill while the client does not read, then stop the
+        # shim just before the client reads again.
+        time.sleep(stall - 0.5)
+        shim.proc.send_signal(15)
+        after = json.loads(slow.stdout.readline() or "{}")
+        slow.wait(timeout=10)
+        shim.proc.wait(timeout=5)
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+    received_mib = after.get("bytes_after_stall", 0) / (1 << 20)
+    print(f"after SIGTERM the stalled client received {received_mib:.1f} MiB "
+          f"(queue {FLUSH_QUEUE_BYTES >> 20} MiB); shim exit code {shim.proc.returncode}")
+    assert shim.proc.returncode == 0, shim.log_text(20)
+    assert received_mib > 10, f"only {received_mib:.1f} MiB reached the client after SIGTERM"
