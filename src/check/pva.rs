@@ -16,6 +16,7 @@
 use super::report::{Outcome, ReplyPorts, Report};
 use super::{next_before, step, step_with, Failure};
 use crate::pva::types::{Registry, Shape, Walker};
+use crate::pva::wire::Direction;
 use crate::pva::wire::{self, Command, Message, Reader, Writer};
 use crate::relay::framing::FrameReader;
 use bytes::BytesMut;
@@ -86,7 +87,7 @@ pub async fn check(
     }
     let (read, writer) = stream.into_split();
     let mut conn = Connection {
-        reader: FrameReader::new(read, wire::Decoder::new(MAX_MESSAGE, true)),
+        reader: FrameReader::new(read, wire::Decoder::new(MAX_MESSAGE, Direction::FromServer)),
         writer,
         step: step_time,
         big_endian: false,
@@ -230,7 +231,7 @@ impl Connection {
         } else {
             w.u8(0xFF);
         }
-        self.send(w.into_message(Command::ConnectionValidation, false))
+        self.send(w.into_message(Command::ConnectionValidation, Direction::FromClient))
             .await?;
         self.expect(deadline, "CONNECTION_VALIDATED", |m, _| {
             (m.header.command() == Ok(Command::ConnectionValidated)).then(|| {
@@ -263,7 +264,8 @@ impl Connection {
             .u16(1)
             .u32(id)
             .string(pv.as_bytes());
-        self.send(w.into_message(Command::Search, false)).await
+        self.send(w.into_message(Command::Search, Direction::FromClient))
+            .await
     }
 
     /// Answers to search `id`, the first by `first_by`, more for
@@ -354,7 +356,7 @@ impl Connection {
     async fn create(&mut self, pv: &str, cid: u32) -> Result<(String, u32), String> {
         let mut w = self.writer();
         w.u16(1).u32(cid).string(pv.as_bytes());
-        self.send(w.into_message(Command::CreateChannel, false))
+        self.send(w.into_message(Command::CreateChannel, Direction::FromClient))
             .await?;
         let deadline = Instant::now() + self.step;
         let what = format!("the CREATE_CHANNEL answer for {pv}");
@@ -385,7 +387,8 @@ impl Connection {
             .u32(ioid)
             .u8(SUBCMD_INIT)
             .bytes(&EMPTY_PV_REQUEST);
-        self.send(w.into_message(Command::Get, false)).await?;
+        self.send(w.into_message(Command::Get, Direction::FromClient))
+            .await?;
         let deadline = Instant::now() + self.step;
         let what = format!("the GET answers for {pv}");
         let is_answer = |m: &Message, subcmd: u8| {
@@ -414,7 +417,8 @@ impl Connection {
             .await?;
         let mut w = self.writer();
         w.u32(sid).u32(ioid).u8(SUBCMD_GET);
-        self.send(w.into_message(Command::Get, false)).await?;
+        self.send(w.into_message(Command::Get, Direction::FromClient))
+            .await?;
         let type_id = String::from_utf8_lossy(top.type_id().unwrap_or_default()).into_owned();
         let type_id = if type_id.is_empty() {
             "a structure without type id".to_string()
@@ -593,7 +597,7 @@ mod tests {
         tokio::spawn(async move {
             let (mut peer, _) = listener.accept().await.unwrap();
             let mut out = BytesMut::new();
-            wire::set_byte_order(true, false).encode(&mut out);
+            wire::set_byte_order(Direction::FromServer, false).encode(&mut out);
             wire::server_validation(false).encode(&mut out);
             peer.write_all(&out).await.unwrap();
             let mut buf = [0u8; 512];

@@ -31,8 +31,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-/// First byte of every PVA message (`PVA_MAGIC`).
-const PVA_MAGIC: u8 = 0xCA;
 /// First byte of a CA VERSION message (command 0, big-endian).
 const CA_VERSION_FIRST_BYTE: u8 = 0x00;
 
@@ -279,7 +277,7 @@ pub async fn classify(stream: &TcpStream, window: Duration, http: bool) -> io::R
         FirstByte::Silent => Protocol::Silent,
         FirstByte::Closed => Protocol::Closed,
         FirstByte::Byte(CA_VERSION_FIRST_BYTE) => Protocol::Ca,
-        FirstByte::Byte(PVA_MAGIC) => Protocol::Pva,
+        FirstByte::Byte(pva::wire::MAGIC) => Protocol::Pva,
         FirstByte::Byte(b'A'..=b'Z') if http => Protocol::Http,
         FirstByte::Byte(other) => Protocol::Unknown(other),
     })

@@ -10,6 +10,7 @@
 //! task sends one every 15 s, as clients do.
 
 use super::frame;
+use super::wire::Direction;
 use super::wire::{self, Command, Message};
 use crate::relay::framing::FrameReader;
 use crate::relay::metrics::{Proto, ServerLinkCount};
@@ -66,7 +67,10 @@ pub fn open(
                 };
             let _counted = ServerLinkCount::opened(Proto::Pva);
             let (read, mut write) = stream.into_split();
-            let mut reader = FrameReader::new(read, wire::Decoder::new(settings.max_message, true));
+            let mut reader = FrameReader::new(
+                read,
+                wire::Decoder::new(settings.max_message, Direction::FromServer),
+            );
             let shaking = handshake(&mut reader, &mut write, &validation, settings.big_endian);
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, shaking).await {
                 Err(_) => LinkError::HandshakeTimeout(HANDSHAKE_TIMEOUT),
@@ -201,8 +205,8 @@ async fn keepalive(own: Outbox) -> LinkError {
     ticks.tick().await;
     loop {
         ticks.tick().await;
-        let echo =
-            wire::Writer::new(cfg!(target_endian = "big")).into_message(Command::Echo, false);
+        let echo = wire::Writer::new(wire::HOST_BIG_ENDIAN)
+            .into_message(Command::Echo, Direction::FromClient);
         if own.send(frame(&echo)).await.is_err() {
             return LinkError::ClientGone;
         }

@@ -33,6 +33,7 @@ use super::frame;
 use super::reply_port::ReplyPorts;
 use super::translate::Translator;
 use super::unanswered::{self, Unanswered, Verdict};
+use super::wire::Direction;
 use super::wire::{self, Command, Message, WireError};
 use crate::relay::framing::FrameReader;
 use crate::relay::listener::Reception;
@@ -51,9 +52,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-/// The byte order the shim announces and uses: the host's, like both
-/// reference implementations.
-pub const BIG_ENDIAN: bool = cfg!(target_endian = "big");
+/// The byte order the shim announces and uses.
+pub const BIG_ENDIAN: bool = wire::HOST_BIG_ENDIAN;
 /// The sid a server puts in a failed CREATE_CHANNEL response.
 const NO_SID: u32 = 0xFFFF_FFFF;
 
@@ -112,7 +112,10 @@ async fn validate(
     within: std::time::Duration,
 ) -> Result<(wire::ClientValidation, Translator, Bytes), SessionError> {
     client
-        .send_control(frame(&wire::set_byte_order(true, BIG_ENDIAN)))
+        .send_control(frame(&wire::set_byte_order(
+            Direction::FromServer,
+            BIG_ENDIAN,
+        )))
         .await?;
     client
         .send_control(frame(&wire::server_validation(BIG_ENDIAN)))
@@ -193,7 +196,7 @@ impl session::Protocol for PvaSession {
     }
 
     fn decoder(ctx: &PvaContext) -> wire::Decoder {
-        wire::Decoder::new(ctx.session.max_client_message, false)
+        wire::Decoder::new(ctx.session.max_client_message, Direction::FromClient)
     }
 
     /// The client must validate within the hello deadline (5 s by default,
@@ -296,7 +299,7 @@ impl session::Protocol for PvaSession {
                 Some(server) if core.channels.is_resolving(cid) => {
                     let mut w = wire::Writer::new(BIG_ENDIAN);
                     w.u16(1).u32(cid).string(name);
-                    let request = w.into_message(Command::CreateChannel, false);
+                    let request = w.into_message(Command::CreateChannel, Direction::FromClient);
                     core.create_on(self, server, cid, frame(&request));
                 }
                 Some(_) => {}
@@ -338,7 +341,7 @@ impl session::Protocol for PvaSession {
             Channel::Connected(c) | Channel::Destroying(c) => {
                 let mut w = wire::Writer::new(BIG_ENDIAN);
                 w.u32(c.sid).u32(cid);
-                w.into_message(Command::DestroyChannel, true)
+                w.into_message(Command::DestroyChannel, Direction::FromServer)
             }
             Channel::Creating { .. } => create_failed(cid, b"server connection lost"),
             Channel::Abandoned { .. } | Channel::Resolving => return None,
@@ -501,7 +504,7 @@ impl PvaSession {
             if server_sid != NO_SID {
                 let mut w = wire::Writer::new(BIG_ENDIAN);
                 w.u32(server_sid).u32(cid);
-                let destroy = w.into_message(Command::DestroyChannel, false);
+                let destroy = w.into_message(Command::DestroyChannel, Direction::FromClient);
                 core.control_to_server(server, frame(&destroy));
             }
             return None;
@@ -608,7 +611,7 @@ fn create_failed(cid: u32, why: &[u8]) -> Message {
         .u8(wire::STATUS_ERROR)
         .string(why)
         .string(b"");
-    w.into_message(Command::CreateChannel, true)
+    w.into_message(Command::CreateChannel, Direction::FromServer)
 }
 
 /// The message with its payload replaced by `rewritten`, if any. A size
@@ -661,12 +664,12 @@ mod tests {
     }
 
     impl Peer {
-        /// `from_server`: what the direction flag of incoming messages says.
-        fn new(stream: TcpStream, from_server: bool) -> Peer {
+        /// `direction`: what the direction flag of incoming messages says.
+        fn new(stream: TcpStream, direction: Direction) -> Peer {
             Peer {
                 stream,
                 buf: BytesMut::new(),
-                decoder: wire::Decoder::new(1 << 20, from_server),
+                decoder: wire::Decoder::new(1 << 20, direction),
             }
         }
 
@@ -729,7 +732,7 @@ mod tests {
                         w.u32(*id);
                     }
                     let mut out = BytesMut::new();
-                    w.into_message(Command::SearchResponse, true)
+                    w.into_message(Command::SearchResponse, Direction::FromServer)
                         .encode(&mut out);
                     let _ = udp.send_to(&out, from).await;
                 }
@@ -751,8 +754,9 @@ mod tests {
         let (read_tx, read_rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             let (s, _) = tcp.accept().await.unwrap();
-            let mut shim = Peer::new(s, false);
-            shim.send(&wire::set_byte_order(true, false)).await;
+            let mut shim = Peer::new(s, Direction::FromClient);
+            shim.send(&wire::set_byte_order(Direction::FromServer, false))
+                .await;
             shim.send(&wire::server_validation(false)).await;
             let cid = loop {
                 let m = shim.next().await.expect("the shim's requests");
@@ -770,14 +774,15 @@ mod tests {
             };
             let mut w = wire::Writer::new(false);
             w.u32(cid).u32(1000 + cid).u8(wire::STATUS_OK);
-            shim.send(&w.into_message(Command::CreateChannel, true))
+            shim.send(&w.into_message(Command::CreateChannel, Direction::FromServer))
                 .await;
             // Each update fills a whole queue of the test's shim (1 MiB):
             // header, ioid, subcommand and the rest.
             let mut w = wire::Writer::new(false);
             w.u32(1).u8(0).bytes(&vec![0u8; (1 << 20) - 13]);
             let mut update = BytesMut::new();
-            w.into_message(Command::Monitor, true).encode(&mut update);
+            w.into_message(Command::Monitor, Direction::FromServer)
+                .encode(&mut update);
             for _ in 0..updates.unwrap_or(usize::MAX) {
                 if shim.stream.write_all(&update).await.is_err() {
                     return;
@@ -809,7 +814,8 @@ mod tests {
         let mut w = wire::Writer::new(false);
         w.u32(sid).u32(5).u8(0).bytes(&vec![0u8; 64_000]);
         let mut put = BytesMut::new();
-        w.into_message(Command::Put, false).encode(&mut put);
+        w.into_message(Command::Put, Direction::FromClient)
+            .encode(&mut put);
         let writer = tokio::spawn(async move {
             for _ in 0..384 {
                 writing.write_all(&put).await.unwrap();
@@ -835,7 +841,7 @@ mod tests {
         // Stop reading until every buffer on the way is full, then ask.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         client
-            .send(&wire::Writer::new(false).into_message(Command::Echo, false))
+            .send(&wire::Writer::new(false).into_message(Command::Echo, Direction::FromClient))
             .await;
         let (mut reading, _writing) = client.stream.into_split();
         read_at_least(&mut reading, 100_000_000).await;
@@ -858,8 +864,9 @@ mod tests {
         let (inject_tx, mut inject_rx) = mpsc::unbounded_channel::<Message>();
         tokio::spawn(async move {
             let (s, _) = tcp.accept().await.unwrap();
-            let mut shim = Peer::new(s, false);
-            shim.send(&wire::set_byte_order(true, false)).await;
+            let mut shim = Peer::new(s, Direction::FromClient);
+            shim.send(&wire::set_byte_order(Direction::FromServer, false))
+                .await;
             shim.send(&wire::server_validation(false)).await;
             loop {
                 tokio::select! {
@@ -878,12 +885,12 @@ mod tests {
                                 }
                                 let mut w = wire::Writer::new(false);
                                 w.u32(cid).u32(1000 + cid).u8(wire::STATUS_OK);
-                                Some(w.into_message(Command::CreateChannel, true))
+                                Some(w.into_message(Command::CreateChannel, Direction::FromServer))
                             }
                             Ok(Command::DestroyChannel) => {
                                 let mut w = wire::Writer::new(false);
                                 w.bytes(&m.payload);
-                                Some(w.into_message(Command::DestroyChannel, true))
+                                Some(w.into_message(Command::DestroyChannel, Direction::FromServer))
                             }
                             _ => None,
                         };
@@ -949,7 +956,10 @@ mod tests {
     /// validated client connected to it.
     async fn client_of_shim(search_addr: SocketAddrV4) -> Peer {
         let addr = shim_port(search_addr, Duration::from_secs(1)).await;
-        let mut client = Peer::new(TcpStream::connect(addr).await.unwrap(), true);
+        let mut client = Peer::new(
+            TcpStream::connect(addr).await.unwrap(),
+            Direction::FromServer,
+        );
         let greeting = client.next().await.unwrap();
         assert_eq!(greeting.header.command(), Ok(Command::ConnectionValidation));
         client
@@ -974,7 +984,7 @@ mod tests {
         let mut w = wire::Writer::new(false);
         w.u16(1).u32(cid).string(b"pv");
         client
-            .send(&w.into_message(Command::CreateChannel, false))
+            .send(&w.into_message(Command::CreateChannel, Direction::FromClient))
             .await;
         let created = client.next().await.unwrap();
         assert_eq!(created.header.command(), Ok(Command::CreateChannel));
@@ -983,15 +993,15 @@ mod tests {
         sid
     }
 
-    fn two_u32(command: Command, from_server: bool, a: u32, b: u32) -> Message {
+    fn two_u32(command: Command, direction: Direction, a: u32, b: u32) -> Message {
         let mut w = wire::Writer::new(false);
         w.u32(a).u32(b);
-        w.into_message(command, from_server)
+        w.into_message(command, direction)
     }
 
     async fn echo_round_trip(client: &mut Peer) -> Option<Message> {
         client
-            .send(&wire::Writer::new(false).into_message(Command::Echo, false))
+            .send(&wire::Writer::new(false).into_message(Command::Echo, Direction::FromClient))
             .await;
         client.next().await
     }
@@ -1006,7 +1016,9 @@ mod tests {
         let get_init = [77, 0, 0, 0, 1, 0, 0, 0, 0x08, 0xFE, 9, 0, 0xFF];
         let mut w = wire::Writer::new(false);
         w.bytes(&get_init);
-        client.send(&w.into_message(Command::Get, false)).await;
+        client
+            .send(&w.into_message(Command::Get, Direction::FromClient))
+            .await;
         let echo = echo_round_trip(&mut client).await;
         assert_eq!(
             echo.map(|m| m.header.command()),
@@ -1023,7 +1035,12 @@ mod tests {
         let mut client = client_of_shim(search_addr).await;
         let sid = create(&mut client, 7).await;
         client
-            .send(&two_u32(Command::DestroyChannel, false, sid, 7))
+            .send(&two_u32(
+                Command::DestroyChannel,
+                Direction::FromClient,
+                sid,
+                7,
+            ))
             .await;
         let confirmed = client.next().await.expect("a confirmation");
         assert_eq!(confirmed.header.command(), Ok(Command::DestroyChannel));
@@ -1050,11 +1067,16 @@ mod tests {
         let mut w = wire::Writer::new(false);
         w.u16(1).u32(SLOW_CIDS).string(b"pv");
         client
-            .send(&w.into_message(Command::CreateChannel, false))
+            .send(&w.into_message(Command::CreateChannel, Direction::FromClient))
             .await;
         tokio::time::sleep(SLOW_CREATE / 2).await;
         client
-            .send(&two_u32(Command::DestroyChannel, false, 0, SLOW_CIDS))
+            .send(&two_u32(
+                Command::DestroyChannel,
+                Direction::FromClient,
+                0,
+                SLOW_CIDS,
+            ))
             .await;
         let destroyed = tokio::time::timeout(WAIT, async {
             while let Some(m) = server_got.recv().await {
@@ -1091,11 +1113,13 @@ mod tests {
         let mut w = wire::Writer::new(false);
         w.u32(5).u8(wire::STATUS_OK).bytes(&[0xFE, 99, 0]);
         inject
-            .send(w.into_message(Command::GetField, true))
+            .send(w.into_message(Command::GetField, Direction::FromServer))
             .unwrap();
         let mut w = wire::Writer::new(false);
         w.u32(5).u8(0).string(b"after the decision to close");
-        inject.send(w.into_message(Command::Message, true)).unwrap();
+        inject
+            .send(w.into_message(Command::Message, Direction::FromServer))
+            .unwrap();
         let first = client.next().await.expect("a destroy notice");
         assert_eq!(first.header.command(), Ok(Command::DestroyChannel));
         assert_eq!(u32s(&first), (sid, 7));
@@ -1109,7 +1133,12 @@ mod tests {
         let mut client = client_of_shim(search_addr).await;
         let sid = create(&mut client, 7).await;
         inject
-            .send(two_u32(Command::DestroyChannel, true, 999, 7))
+            .send(two_u32(
+                Command::DestroyChannel,
+                Direction::FromServer,
+                999,
+                7,
+            ))
             .unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let echo = echo_round_trip(&mut client).await;
@@ -1117,7 +1146,9 @@ mod tests {
         // The channel still works: a request reaches the server.
         let mut w = wire::Writer::new(false);
         w.u32(sid).u32(1).u8(0x08).bytes(&[0x80, 0, 0]);
-        client.send(&w.into_message(Command::Get, false)).await;
+        client
+            .send(&w.into_message(Command::Get, Direction::FromClient))
+            .await;
         let reached = tokio::time::timeout(WAIT, async {
             while let Some(m) = server_got.recv().await {
                 if m.header.command() == Ok(Command::Get) {
@@ -1130,7 +1161,12 @@ mod tests {
         assert_eq!(reached, Ok(Some((1007, 1))));
         // The right sid destroys it.
         inject
-            .send(two_u32(Command::DestroyChannel, true, 1007, 7))
+            .send(two_u32(
+                Command::DestroyChannel,
+                Direction::FromServer,
+                1007,
+                7,
+            ))
             .unwrap();
         let destroyed = client.next().await.expect("a destroy notice");
         assert_eq!(destroyed.header.command(), Ok(Command::DestroyChannel));
@@ -1149,7 +1185,7 @@ mod tests {
 
     /// The next message from the shim that is not a control message.
     async fn next_message(client: &mut TcpStream, buf: &mut BytesMut) -> Message {
-        let mut decoder = wire::Decoder::new(1 << 20, true);
+        let mut decoder = wire::Decoder::new(1 << 20, Direction::FromServer);
         loop {
             let mut needed = 0;
             if let Some(m) = decoder.decode(buf, &mut needed).unwrap() {

@@ -363,15 +363,16 @@ fn server_value(w: &mut Walker, command: Command, subcmd: u8, types: &[Arc<Field
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pva::wire::Direction;
     use crate::pva::wire::{Header, Writer};
 
     fn server() -> SocketAddrV4 {
         "127.0.0.1:5075".parse().unwrap()
     }
 
-    fn msg(command: Command, from_server: bool, payload: &[u8]) -> Message {
+    fn msg(command: Command, direction: Direction, payload: &[u8]) -> Message {
         Message {
-            header: Header::new(command, from_server, false, payload.len() as u32),
+            header: Header::new(command, direction, false, payload.len() as u32),
             payload: Bytes::copy_from_slice(payload),
         }
     }
@@ -386,8 +387,11 @@ mod tests {
     fn passthrough_tracks_without_rewriting() {
         let mut t = Translator::default();
         assert_eq!(
-            t.client_message(server(), &msg(Command::Get, false, &GET_INIT))
-                .unwrap(),
+            t.client_message(
+                server(),
+                &msg(Command::Get, Direction::FromClient, &GET_INIT)
+            )
+            .unwrap(),
             None
         );
         // The server's INIT response defines key 1 = {any v}.
@@ -395,7 +399,7 @@ mod tests {
             5, 0, 0, 0, 0x08, 0xFF, 0xFD, 1, 0, 0x80, 0, 1, 1, b'v', 0x82,
         ];
         assert_eq!(
-            t.server_message(server(), &msg(Command::Get, true, &init))
+            t.server_message(server(), &msg(Command::Get, Direction::FromServer, &init))
                 .unwrap(),
             None
         );
@@ -409,7 +413,10 @@ mod tests {
             ..Translator::default()
         };
         let out = t
-            .client_message(server(), &msg(Command::Get, false, &GET_INIT))
+            .client_message(
+                server(),
+                &msg(Command::Get, Direction::FromClient, &GET_INIT),
+            )
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -420,7 +427,7 @@ mod tests {
             5, 0, 0, 0, 0x08, 0xFF, 0xFD, 1, 0, 0x80, 0, 1, 1, b'v', 0x82,
         ];
         let out = t
-            .server_message(server(), &msg(Command::Get, true, &init))
+            .server_message(server(), &msg(Command::Get, Direction::FromServer, &init))
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -435,7 +442,10 @@ mod tests {
             .bytes(&[1, 1])
             .bytes(&[0xFD, 3, 0, 0x22, 7, 0, 0, 0]);
         let out = t
-            .server_message(server(), &data.into_message(Command::Get, true))
+            .server_message(
+                server(),
+                &data.into_message(Command::Get, Direction::FromServer),
+            )
             .unwrap()
             .unwrap();
         assert_eq!(&out[..], &[5, 0, 0, 0, 0, 0xFF, 1, 1, 0x22, 7, 0, 0, 0]);
@@ -445,18 +455,21 @@ mod tests {
     fn each_server_has_its_own_cache() {
         let mut t = Translator::default();
         let other: SocketAddrV4 = "127.0.0.1:40000".parse().unwrap();
-        t.client_message(server(), &msg(Command::Get, false, &GET_INIT))
-            .unwrap();
+        t.client_message(
+            server(),
+            &msg(Command::Get, Direction::FromClient, &GET_INIT),
+        )
+        .unwrap();
         let init = [5, 0, 0, 0, 0x08, 0xFF, 0xFD, 1, 0, 0x80, 0, 0];
-        t.server_message(server(), &msg(Command::Get, true, &init))
+        t.server_message(server(), &msg(Command::Get, Direction::FromServer, &init))
             .unwrap();
         // Key 1 was defined by the first server only.
         let refer = [6, 0, 0, 0, 0x08, 0xFF, 0xFE, 1, 0];
         assert!(t
-            .server_message(other, &msg(Command::Get, true, &refer))
+            .server_message(other, &msg(Command::Get, Direction::FromServer, &refer))
             .is_err());
         assert!(t
-            .server_message(server(), &msg(Command::Get, true, &refer))
+            .server_message(server(), &msg(Command::Get, Direction::FromServer, &refer))
             .is_ok());
     }
 
@@ -524,10 +537,16 @@ mod tests {
             active: true,
             ..Translator::default()
         };
-        t.client_message(server(), &msg(Command::Get, false, &GET_INIT))
-            .unwrap();
-        t.server_message(server(), &msg(Command::Get, true, &INIT_ANY))
-            .unwrap();
+        t.client_message(
+            server(),
+            &msg(Command::Get, Direction::FromClient, &GET_INIT),
+        )
+        .unwrap();
+        t.server_message(
+            server(),
+            &msg(Command::Get, Direction::FromServer, &INIT_ANY),
+        )
+        .unwrap();
         assert_eq!(t.op_count(), 1);
         t
     }
@@ -538,13 +557,17 @@ mod tests {
         // GET with DESTROY: the answer still needs the op's type.
         t.client_message(
             server(),
-            &msg(Command::Get, false, &[1, 0, 0, 0, 5, 0, 0, 0, 0x50]),
+            &msg(
+                Command::Get,
+                Direction::FromClient,
+                &[1, 0, 0, 0, 5, 0, 0, 0, 0x50],
+            ),
         )
         .unwrap();
         assert_eq!(t.op_count(), 1);
         let answer = [5, 0, 0, 0, 0x50, 0xFF, 1, 1, 0xFD, 3, 0, 0x22, 7, 0, 0, 0];
         let out = t
-            .server_message(server(), &msg(Command::Get, true, &answer))
+            .server_message(server(), &msg(Command::Get, Direction::FromServer, &answer))
             .unwrap()
             .unwrap();
         assert_eq!(&out[..], &[5, 0, 0, 0, 0x50, 0xFF, 1, 1, 0x22, 7, 0, 0, 0]);
@@ -556,12 +579,19 @@ mod tests {
         let mut t = Translator::default();
         let mut init = GET_INIT;
         init[4] = 6;
-        t.client_message(server(), &msg(Command::Monitor, false, &init))
-            .unwrap();
+        t.client_message(
+            server(),
+            &msg(Command::Monitor, Direction::FromClient, &init),
+        )
+        .unwrap();
         assert_eq!(t.op_count(), 1);
         t.client_message(
             server(),
-            &msg(Command::Monitor, false, &[1, 0, 0, 0, 6, 0, 0, 0, 0x10]),
+            &msg(
+                Command::Monitor,
+                Direction::FromClient,
+                &[1, 0, 0, 0, 6, 0, 0, 0, 0x10],
+            ),
         )
         .unwrap();
         assert_eq!(t.op_count(), 0);
@@ -570,10 +600,13 @@ mod tests {
     #[test]
     fn failed_init_ends_the_operation() {
         let mut t = Translator::default();
-        t.client_message(server(), &msg(Command::Get, false, &GET_INIT))
-            .unwrap();
+        t.client_message(
+            server(),
+            &msg(Command::Get, Direction::FromClient, &GET_INIT),
+        )
+        .unwrap();
         let failed = [5, 0, 0, 0, 0x08, 2, 1, b'x', 0];
-        t.server_message(server(), &msg(Command::Get, true, &failed))
+        t.server_message(server(), &msg(Command::Get, Direction::FromServer, &failed))
             .unwrap();
         assert_eq!(t.op_count(), 0);
     }
@@ -588,11 +621,17 @@ mod tests {
         let mut on_other = GET_INIT;
         on_other[0] = 3;
         on_other[4] = 7;
-        t.client_message(server(), &msg(Command::Get, false, &GET_INIT))
-            .unwrap();
-        t.client_message(server(), &msg(Command::Get, false, &on_sid_2))
-            .unwrap();
-        t.client_message(other, &msg(Command::Get, false, &on_other))
+        t.client_message(
+            server(),
+            &msg(Command::Get, Direction::FromClient, &GET_INIT),
+        )
+        .unwrap();
+        t.client_message(
+            server(),
+            &msg(Command::Get, Direction::FromClient, &on_sid_2),
+        )
+        .unwrap();
+        t.client_message(other, &msg(Command::Get, Direction::FromClient, &on_other))
             .unwrap();
         assert_eq!(t.op_count(), 3);
         t.forget_channel(1);
@@ -607,9 +646,12 @@ mod tests {
     fn a_server_cannot_set_the_types_of_another_servers_operation() {
         let other: SocketAddrV4 = "127.0.0.1:40000".parse().unwrap();
         let mut t = Translator::default();
-        t.client_message(server(), &msg(Command::Get, false, &GET_INIT))
-            .unwrap();
-        t.server_message(other, &msg(Command::Get, true, &INIT_ANY))
+        t.client_message(
+            server(),
+            &msg(Command::Get, Direction::FromClient, &GET_INIT),
+        )
+        .unwrap();
+        t.server_message(other, &msg(Command::Get, Direction::FromServer, &INIT_ANY))
             .unwrap();
         assert!(!t.ops[&5].walks_values());
     }
@@ -649,7 +691,7 @@ mod tests {
         let mut t = Translator::default();
         let start = Instant::now();
         let first = [1, 0, 0, 0, 5, 0, 0, 0, 0x08, 0xFD, 2, 0, 0x22, 0, 0, 0, 0];
-        t.client_message(server(), &msg(Command::Get, false, &first))
+        t.client_message(server(), &msg(Command::Get, Direction::FromClient, &first))
             .unwrap();
         let mut sent = 8 + first.len();
         for round in 0..3_600u32 {
@@ -661,7 +703,10 @@ mod tests {
             }
             payload.extend_from_slice(&[0xFE, refer, 0, 0xFF]);
             sent += 8 + payload.len();
-            if let Err(e) = t.client_message(server(), &msg(Command::Get, false, &payload)) {
+            if let Err(e) = t.client_message(
+                server(),
+                &msg(Command::Get, Direction::FromClient, &payload),
+            ) {
                 println!(
                     "alternating keys: refused at message {} ({sent} bytes, {:?}): {e}",
                     round + 1,
@@ -681,13 +726,13 @@ mod tests {
             define.extend_from_slice(&[0, 0x22]);
         }
         define.push(0xFF);
-        t.client_message(server(), &msg(Command::Get, false, &define))
+        t.client_message(server(), &msg(Command::Get, Direction::FromClient, &define))
             .unwrap();
         let refer = [9, 0, 0, 0, 2, 0, 0, 0, 0x08, 0xFE, 1, 0, 0xFF];
         let start = Instant::now();
         let mut result = Ok(None);
         for _ in 0..1000 {
-            result = t.client_message(server(), &msg(Command::Get, false, &refer));
+            result = t.client_message(server(), &msg(Command::Get, Direction::FromClient, &refer));
         }
         println!(
             "GET INIT of 21 bytes naming 65,520 fields: {:?} in {:?} each",

@@ -9,6 +9,7 @@
 //! the error at once. A server that answers (even with an error of its own)
 //! is relayed as before.
 
+use super::wire::Direction;
 use super::wire::{self, Command, Message};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddrV4;
@@ -142,7 +143,7 @@ pub fn init_error(command: Command, ioid: u32, big_endian: bool) -> Message {
         .u8(wire::STATUS_ERROR)
         .string(why.as_bytes())
         .string(b"");
-    w.into_message(command, true)
+    w.into_message(command, Direction::FromServer)
 }
 
 fn name(command: Command) -> &'static str {

@@ -110,6 +110,18 @@ impl Command {
     }
 }
 
+/// Which end sent a message: the direction flag of its header. A stream
+/// carries one direction only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    FromClient,
+    FromServer,
+}
+
+/// The byte order of this host, which the shim announces and uses, like
+/// both reference implementations.
+pub const HOST_BIG_ENDIAN: bool = cfg!(target_endian = "big");
+
 pub const HEADER_LEN: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,9 +135,9 @@ pub struct Header {
 
 impl Header {
     /// A whole (unsegmented) application message header.
-    pub fn new(command: Command, from_server: bool, big_endian: bool, size: u32) -> Header {
+    pub fn new(command: Command, direction: Direction, big_endian: bool, size: u32) -> Header {
         let mut flags = 0;
-        if from_server {
+        if direction == Direction::FromServer {
             flags |= FLAG_FROM_SERVER;
         }
         if big_endian {
@@ -139,6 +151,28 @@ impl Header {
         }
     }
 
+    /// The header in the first 8 bytes of a message, in the byte order its
+    /// flags name (pvxs `pvaproto.h` `Header`). The one place headers are
+    /// read, for TCP streams and UDP datagrams alike.
+    pub fn parse(head: &[u8; HEADER_LEN]) -> Result<Header, WireError> {
+        if head[0] != MAGIC {
+            return Err(WireError::BadMagic(head[0]));
+        }
+        let flags = head[2];
+        let size_bytes = [head[4], head[5], head[6], head[7]];
+        let size = if flags & FLAG_BIG_ENDIAN != 0 {
+            u32::from_be_bytes(size_bytes)
+        } else {
+            u32::from_le_bytes(size_bytes)
+        };
+        Ok(Header {
+            version: head[1],
+            flags,
+            command: head[3],
+            size,
+        })
+    }
+
     pub fn is_control(&self) -> bool {
         self.flags & FLAG_CONTROL != 0
     }
@@ -149,6 +183,14 @@ impl Header {
 
     pub fn is_from_server(&self) -> bool {
         self.flags & FLAG_FROM_SERVER != 0
+    }
+
+    pub fn direction(&self) -> Direction {
+        if self.is_from_server() {
+            Direction::FromServer
+        } else {
+            Direction::FromClient
+        }
     }
 
     pub fn command(&self) -> Result<Command, u8> {
@@ -248,15 +290,15 @@ impl std::error::Error for WireError {}
 pub struct Decoder {
     max_message: u32,
     /// What the direction flag of every message must say.
-    from_server: bool,
+    direction: Direction,
     partial: Option<(Header, BytesMut)>,
 }
 
 impl Decoder {
-    pub fn new(max_message: u32, from_server: bool) -> Decoder {
+    pub fn new(max_message: u32, direction: Direction) -> Decoder {
         Decoder {
             max_message,
-            from_server,
+            direction,
             partial: None,
         }
     }
@@ -276,32 +318,9 @@ impl Decoder {
         needed: &mut usize,
     ) -> Result<Option<Message>, WireError> {
         loop {
-            let Some(head) = buf.first_chunk::<HEADER_LEN>() else {
-                *needed = HEADER_LEN;
+            let Some(header) = self.next_header(buf, needed)? else {
                 return Ok(None);
             };
-            if head[0] != MAGIC {
-                return Err(WireError::BadMagic(head[0]));
-            }
-            if head[1] == 0 {
-                return Err(WireError::BadVersion);
-            }
-            let flags = head[2];
-            let size_bytes = [head[4], head[5], head[6], head[7]];
-            let size = if flags & FLAG_BIG_ENDIAN != 0 {
-                u32::from_be_bytes(size_bytes)
-            } else {
-                u32::from_le_bytes(size_bytes)
-            };
-            let header = Header {
-                version: head[1],
-                flags,
-                command: head[3],
-                size,
-            };
-            if header.is_from_server() != self.from_server {
-                return Err(WireError::WrongDirection);
-            }
             if header.is_control() {
                 buf.advance(HEADER_LEN);
                 return Ok(Some(Message {
@@ -309,67 +328,89 @@ impl Decoder {
                     payload: Bytes::new(),
                 }));
             }
-            if size > self.max_message {
-                return Err(WireError::TooLarge {
-                    size: u64::from(size),
-                    limit: self.max_message,
-                });
-            }
-            let total = HEADER_LEN + size as usize;
+            let total = HEADER_LEN + header.size as usize;
             if buf.len() < total {
                 *needed = total;
                 return Ok(None);
             }
-            let mut frame = buf.split_to(total);
-            frame.advance(HEADER_LEN);
-            let segment = flags & FLAG_SEGMENT_MASK;
+            let mut body = buf.split_to(total);
+            body.advance(HEADER_LEN);
+            if let Some(message) = self.join(header, body)? {
+                return Ok(Some(message));
+            }
+        }
+    }
+
+    /// The header at the front of `buf`, checked against this stream's
+    /// direction and size limit.
+    fn next_header(&self, buf: &BytesMut, needed: &mut usize) -> Result<Option<Header>, WireError> {
+        let Some(head) = buf.first_chunk::<HEADER_LEN>() else {
+            *needed = HEADER_LEN;
+            return Ok(None);
+        };
+        let header = Header::parse(head)?;
+        if header.version == 0 {
+            return Err(WireError::BadVersion);
+        }
+        if header.direction() != self.direction {
+            return Err(WireError::WrongDirection);
+        }
+        if !header.is_control() && header.size > self.max_message {
+            return Err(WireError::TooLarge {
+                size: u64::from(header.size),
+                limit: self.max_message,
+            });
+        }
+        Ok(Some(header))
+    }
+
+    /// Joins a segmented message: returns it whole once its last segment is
+    /// in, `None` while segments are still to come.
+    fn join(&mut self, header: Header, body: BytesMut) -> Result<Option<Message>, WireError> {
+        let segment = header.flags & FLAG_SEGMENT_MASK;
+        if segment == 0 || segment == FLAG_SEGMENT_FIRST {
+            if self.partial.is_some() {
+                return Err(WireError::Segmentation);
+            }
             if segment == 0 {
-                if self.partial.is_some() {
-                    return Err(WireError::Segmentation);
-                }
                 return Ok(Some(Message {
                     header,
-                    payload: frame.freeze(),
+                    payload: body.freeze(),
                 }));
             }
-            if segment == FLAG_SEGMENT_FIRST {
-                if self.partial.is_some() {
-                    return Err(WireError::Segmentation);
-                }
-                self.partial = Some((header, frame));
-                continue;
-            }
-            // Middle or last. pvAccessCPP may send an empty stray
-            // continuation, which carries nothing.
-            let Some((first, mut joined)) = self.partial.take() else {
-                if size == 0 {
-                    continue;
-                }
-                return Err(WireError::Segmentation);
-            };
-            if first.command != header.command {
-                return Err(WireError::Segmentation);
-            }
-            let joined_len = joined.len() as u64 + u64::from(size);
-            if joined_len > u64::from(self.max_message) {
-                return Err(WireError::TooLarge {
-                    size: joined_len,
-                    limit: self.max_message,
-                });
-            }
-            joined.unsplit(frame);
-            if segment == FLAG_SEGMENT_MIDDLE {
-                self.partial = Some((first, joined));
-                continue;
-            }
-            let mut whole = first;
-            whole.flags &= !FLAG_SEGMENT_MASK;
-            whole.size = joined.len() as u32;
-            return Ok(Some(Message {
-                header: whole,
-                payload: joined.freeze(),
-            }));
+            self.partial = Some((header, body));
+            return Ok(None);
         }
+        // Middle or last. pvAccessCPP may send an empty stray
+        // continuation, which carries nothing.
+        let Some((first, mut joined)) = self.partial.take() else {
+            if header.size == 0 {
+                return Ok(None);
+            }
+            return Err(WireError::Segmentation);
+        };
+        if first.command != header.command {
+            return Err(WireError::Segmentation);
+        }
+        let joined_len = joined.len() as u64 + u64::from(header.size);
+        if joined_len > u64::from(self.max_message) {
+            return Err(WireError::TooLarge {
+                size: joined_len,
+                limit: self.max_message,
+            });
+        }
+        joined.unsplit(body);
+        if segment == FLAG_SEGMENT_MIDDLE {
+            self.partial = Some((first, joined));
+            return Ok(None);
+        }
+        let mut whole = first;
+        whole.flags &= !FLAG_SEGMENT_MASK;
+        whole.size = joined.len() as u32;
+        Ok(Some(Message {
+            header: whole,
+            payload: joined.freeze(),
+        }))
     }
 }
 
@@ -535,8 +576,8 @@ impl Writer {
     }
 
     /// Wraps what was written in a message header.
-    pub fn into_message(self, command: Command, from_server: bool) -> Message {
-        let header = Header::new(command, from_server, self.big_endian, self.out.len() as u32);
+    pub fn into_message(self, command: Command, direction: Direction) -> Message {
+        let header = Header::new(command, direction, self.big_endian, self.out.len() as u32);
         Message {
             header,
             payload: self.out.freeze(),
@@ -552,8 +593,8 @@ pub const STATUS_OK: u8 = 0xFF;
 pub const STATUS_ERROR: u8 = 2;
 
 /// The control message that announces the sender's byte order.
-pub fn set_byte_order(from_server: bool, big_endian: bool) -> Message {
-    let mut header = Header::new(Command::Beacon, from_server, big_endian, 0);
+pub fn set_byte_order(direction: Direction, big_endian: bool) -> Message {
+    let mut header = Header::new(Command::Beacon, direction, big_endian, 0);
     header.flags |= FLAG_CONTROL;
     header.command = CONTROL_SET_BYTE_ORDER;
     Message {
@@ -572,7 +613,7 @@ pub fn server_validation(big_endian: bool) -> Message {
         .size(2)
         .string(b"anonymous")
         .string(b"ca");
-    w.into_message(Command::ConnectionValidation, true)
+    w.into_message(Command::ConnectionValidation, Direction::FromServer)
 }
 
 /// What a client answered to CONNECTION_VALIDATION.
@@ -615,7 +656,7 @@ pub fn client_validation(big_endian: bool, v: &ClientValidation) -> Message {
         .u16(v.qos)
         .string(&v.method)
         .bytes(&v.credentials);
-    w.into_message(Command::ConnectionValidation, false)
+    w.into_message(Command::ConnectionValidation, Direction::FromClient)
 }
 
 /// The methods a server offers in its CONNECTION_VALIDATION.
@@ -636,7 +677,7 @@ pub fn parse_server_methods(message: &Message) -> Result<Vec<Bytes>, WireError> 
 pub fn connection_validated_ok(big_endian: bool) -> Message {
     let mut w = Writer::new(big_endian);
     w.u8(STATUS_OK);
-    w.into_message(Command::ConnectionValidated, true)
+    w.into_message(Command::ConnectionValidated, Direction::FromServer)
 }
 
 /// A SEARCH request: who asks, and for which names.
@@ -707,7 +748,7 @@ pub fn search_response(
     for &id in ids {
         w.u32(id);
     }
-    w.into_message(Command::SearchResponse, true)
+    w.into_message(Command::SearchResponse, Direction::FromServer)
 }
 
 /// A UDP SEARCH datagram asking the servers to answer `reply_port` on the
@@ -742,7 +783,7 @@ pub fn encode_search_datagram(
         fitted += 1;
     }
     w.out[count_at..count_at + 2].copy_from_slice(&fitted.to_le_bytes());
-    let message = w.into_message(Command::Search, false);
+    let message = w.into_message(Command::Search, Direction::FromClient);
     out.reserve(message.wire_len());
     message.header.encode(out);
     out.put_slice(&message.payload);
@@ -794,29 +835,17 @@ pub fn decode_datagram(datagram: &[u8]) -> Vec<Message> {
     let mut messages = Vec::new();
     let mut rest = datagram;
     while let Some(head) = rest.first_chunk::<HEADER_LEN>() {
-        if head[0] != MAGIC {
-            break;
-        }
-        let flags = head[2];
-        let size_bytes = [head[4], head[5], head[6], head[7]];
-        let size = if flags & FLAG_BIG_ENDIAN != 0 {
-            u32::from_be_bytes(size_bytes)
-        } else {
-            u32::from_le_bytes(size_bytes)
-        };
-        let Some(body) = rest[HEADER_LEN..].get(..size as usize) else {
+        let Ok(header) = Header::parse(head) else {
             break;
         };
+        let Some(body) = rest[HEADER_LEN..].get(..header.size as usize) else {
+            break;
+        };
+        rest = &rest[HEADER_LEN + body.len()..];
         messages.push(Message {
-            header: Header {
-                version: head[1],
-                flags,
-                command: head[3],
-                size,
-            },
+            header,
             payload: Bytes::copy_from_slice(body),
         });
-        rest = &rest[HEADER_LEN + size as usize..];
     }
     messages
 }
@@ -825,8 +854,8 @@ pub fn decode_datagram(datagram: &[u8]) -> Vec<Message> {
 mod tests {
     use super::*;
 
-    fn decode_all(bytes: &[u8], from_server: bool) -> Result<Vec<Message>, WireError> {
-        let mut d = Decoder::new(1 << 20, from_server);
+    fn decode_all(bytes: &[u8], direction: Direction) -> Result<Vec<Message>, WireError> {
+        let mut d = Decoder::new(1 << 20, direction);
         let mut buf = BytesMut::from(bytes);
         let mut out = Vec::new();
         let mut needed = 0;
@@ -856,7 +885,7 @@ mod tests {
         };
         let mut bytes = BytesMut::new();
         client_validation(false, &sent).encode(&mut bytes);
-        let received = decode_all(&bytes, false).unwrap().remove(0);
+        let received = decode_all(&bytes, Direction::FromClient).unwrap().remove(0);
         let parsed = parse_client_validation(&received).unwrap();
         assert_eq!(parsed, sent);
         // The session keeps `parsed` for its whole life: nothing in it may
@@ -867,14 +896,14 @@ mod tests {
     #[test]
     fn encodes_server_greeting_golden_bytes() {
         let mut out = BytesMut::new();
-        set_byte_order(true, false).encode(&mut out);
+        set_byte_order(Direction::FromServer, false).encode(&mut out);
         server_validation(false).encode(&mut out);
         assert_eq!(&out[..], &GREETING[..]);
     }
 
     #[test]
     fn decodes_greeting_as_client_and_lists_methods() {
-        let messages = decode_all(&GREETING, true).unwrap();
+        let messages = decode_all(&GREETING, Direction::FromServer).unwrap();
         assert_eq!(messages.len(), 2);
         assert!(messages[0].header.is_control());
         assert_eq!(messages[0].header.command, CONTROL_SET_BYTE_ORDER);
@@ -884,13 +913,16 @@ mod tests {
 
     #[test]
     fn wrong_direction_is_an_error() {
-        assert_eq!(decode_all(&GREETING, false), Err(WireError::WrongDirection));
+        assert_eq!(
+            decode_all(&GREETING, Direction::FromClient),
+            Err(WireError::WrongDirection)
+        );
     }
 
     #[test]
     fn bad_magic_is_an_error() {
         assert_eq!(
-            decode_all(&[0, 0, 0, 0, 0, 0, 0, 13], false),
+            decode_all(&[0, 0, 0, 0, 0, 0, 0, 13], Direction::FromClient),
             Err(WireError::BadMagic(0))
         );
     }
@@ -907,7 +939,7 @@ mod tests {
 
     #[test]
     fn parses_pvxs_tcp_search_golden_bytes() {
-        let messages = decode_all(&PVXS_TCP_SEARCH, false).unwrap();
+        let messages = decode_all(&PVXS_TCP_SEARCH, Direction::FromClient).unwrap();
         let search = parse_search(&messages[0]).unwrap();
         assert_eq!(search.sequence, 0x66696E64);
         assert_eq!(search.flags, 0x80);
@@ -919,7 +951,7 @@ mod tests {
         let mut bytes = PVXS_TCP_SEARCH.to_vec();
         bytes.truncate(46);
         bytes[7] = 38;
-        let messages = decode_all(&bytes, false).unwrap();
+        let messages = decode_all(&bytes, Direction::FromClient).unwrap();
         assert!(parse_search(&messages[0]).is_err());
     }
 
@@ -930,7 +962,7 @@ mod tests {
         bytes.extend_from_slice(&[0xCA, 2, 0x41, 2, 0, 0, 0, 0]); // control between
         bytes.extend_from_slice(&[0xCA, 2, 0x70, 13, 2, 0, 0, 0, 4, 5]);
         bytes.extend_from_slice(&[0xCA, 2, 0x60, 13, 1, 0, 0, 0, 6]);
-        let messages = decode_all(&bytes, true).unwrap();
+        let messages = decode_all(&bytes, Direction::FromServer).unwrap();
         assert_eq!(messages.len(), 2);
         assert!(messages[0].header.is_control());
         assert_eq!(&messages[1].payload[..], &[1, 2, 3, 4, 5, 6]);
@@ -942,7 +974,7 @@ mod tests {
     // client that stops between segments is closed for a stalled message.
     #[test]
     fn joined_segments_count_as_a_message_begun() {
-        let mut decoder = Decoder::new(1 << 20, false);
+        let mut decoder = Decoder::new(1 << 20, Direction::FromClient);
         let mut buf = BytesMut::from(&[0xCA, 2, 0x10, 13, 3, 0, 0, 0, 1, 2, 3][..]);
         let mut needed = 0;
         assert_eq!(decoder.decode(&mut buf, &mut needed), Ok(None));
@@ -959,14 +991,17 @@ mod tests {
         let mut bytes = Vec::new();
         bytes.extend_from_slice(&[0xCA, 2, 0x50, 13, 1, 0, 0, 0, 1]);
         bytes.extend_from_slice(&[0xCA, 2, 0x40, 10, 1, 0, 0, 0, 2]);
-        assert_eq!(decode_all(&bytes, true), Err(WireError::Segmentation));
+        assert_eq!(
+            decode_all(&bytes, Direction::FromServer),
+            Err(WireError::Segmentation)
+        );
     }
 
     #[test]
     fn oversized_message_is_refused_before_buffering() {
         let bytes = [0xCA, 2, 0x00, 10, 0xFF, 0xFF, 0xFF, 0x7F];
         assert!(matches!(
-            decode_all(&bytes, false),
+            decode_all(&bytes, Direction::FromClient),
             Err(WireError::TooLarge { .. })
         ));
     }
