@@ -56,9 +56,31 @@ const SERVER_ALLOWANCE: usize = MAX_TYPE_BYTES;
 /// for a channel reaches a server, so a few bytes must not cost much.
 const CLIENT_ALLOWANCE: usize = 16 << 10;
 
-const NULL: u8 = 0xFF;
-const DEFINE: u8 = 0xFD;
-const REFER: u8 = 0xFE;
+/// Type codes of a field description (pvxs `data.h` `TypeCode::code_t`,
+/// pvAccessCPP `pv/pvIntrospect.h`). A scalar code has its top bit clear;
+/// `ARRAY_BITS` then say whether and how it is an array.
+mod code {
+    pub const ARRAY_BITS: u8 = 0x18;
+    pub const SCALAR: u8 = 0x00;
+    pub const VARIABLE_ARRAY: u8 = 0x08;
+    pub const FIXED_ARRAY: u8 = 0x18;
+    pub const BOUNDED_ARRAY: u8 = 0x10;
+    pub const COMPOUND: u8 = 0x80;
+    pub const STRUCT: u8 = 0x80;
+    pub const UNION: u8 = 0x81;
+    pub const ANY: u8 = 0x82;
+    pub const BOUNDED_STRING: u8 = 0x83;
+    pub const STRUCT_ARRAY: u8 = 0x88;
+    pub const UNION_ARRAY: u8 = 0x89;
+    pub const ANY_ARRAY: u8 = 0x8A;
+    pub const BOOL: u8 = 0x00;
+    pub const STRING: u8 = 0x60;
+    /// What may stand in place of a description (pvxs `dataencode.cpp`).
+    pub const NULL: u8 = 0xFF;
+    pub const DEFINE: u8 = 0xFD;
+    pub const REFER: u8 = 0xFE;
+}
+use code::{DEFINE, NULL, REFER};
 
 /// A type description with what it costs, computed once when it is built.
 #[derive(Debug, PartialEq, Eq)]
@@ -159,20 +181,29 @@ impl FieldType {
     pub fn encode(&self, big_endian: bool, out: &mut BytesMut) {
         match &self.kind {
             Kind::Scalar(code) => out.put_u8(*code),
-            Kind::ScalarArray(code) => out.put_u8(code | 0x08),
-            Kind::SizedArray { code, fixed, size } => {
-                out.put_u8(code | if *fixed { 0x18 } else { 0x10 });
+            Kind::ScalarArray(scalar) => out.put_u8(scalar | code::VARIABLE_ARRAY),
+            Kind::SizedArray {
+                code: scalar,
+                fixed,
+                size,
+            } => {
+                let bits = if *fixed {
+                    code::FIXED_ARRAY
+                } else {
+                    code::BOUNDED_ARRAY
+                };
+                out.put_u8(scalar | bits);
                 put_size(out, *size as usize, big_endian);
             }
             Kind::BoundedString(size) => {
-                out.put_u8(0x83);
+                out.put_u8(code::BOUNDED_STRING);
                 put_size(out, *size as usize, big_endian);
             }
             Kind::Structure { id, fields, .. } | Kind::Union { id, fields } => {
                 out.put_u8(if matches!(self.kind, Kind::Structure { .. }) {
-                    0x80
+                    code::STRUCT
                 } else {
-                    0x81
+                    code::UNION
                 });
                 put_string(out, id, big_endian);
                 put_size(out, fields.len(), big_endian);
@@ -181,16 +212,16 @@ impl FieldType {
                     t.encode(big_endian, out);
                 }
             }
-            Kind::Variant => out.put_u8(0x82),
+            Kind::Variant => out.put_u8(code::ANY),
             Kind::StructureArray(t) => {
-                out.put_u8(0x88);
+                out.put_u8(code::STRUCT_ARRAY);
                 t.encode(big_endian, out);
             }
             Kind::UnionArray(t) => {
-                out.put_u8(0x89);
+                out.put_u8(code::UNION_ARRAY);
                 t.encode(big_endian, out);
             }
-            Kind::VariantArray => out.put_u8(0x8A),
+            Kind::VariantArray => out.put_u8(code::ANY_ARRAY),
         }
     }
 
@@ -556,82 +587,89 @@ impl<'a, 'o> Walker<'a, 'o> {
         Some(t)
     }
 
-    fn read_type(&mut self, code: u8, level: usize) -> Option<FieldType> {
-        if code & 0x80 == 0 {
-            let scalar = code & !0x18;
-            if scalar_width(scalar).is_none() {
-                self.fail(WireError::UnknownTypeCode(code));
-                return None;
-            }
-            let kind = match code & 0x18 {
-                0x00 => Kind::Scalar(scalar),
-                0x08 => Kind::ScalarArray(scalar),
-                bits => Kind::SizedArray {
-                    code: scalar,
-                    fixed: bits == 0x18,
-                    size: self.r.size("array bound").unwrap_or(0),
-                },
-            };
-            return Some(FieldType::new(kind));
+    fn read_type(&mut self, type_code: u8, level: usize) -> Option<FieldType> {
+        if type_code & code::COMPOUND == 0 {
+            return self.read_scalar_type(type_code);
         }
-        let kind = match code {
-            0x80 | 0x81 => {
-                let id = Bytes::copy_from_slice(self.r.string("type id"));
-                let count = self.r.size("field count").unwrap_or(0) as usize;
-                let mut fields = Vec::new();
-                // Running totals refuse a huge structure before it is built.
-                let mut nodes = 1usize;
-                let mut bytes = 1 + string_len(&id) + size_len(count);
-                for _ in 0..count {
-                    if self.failed() {
-                        return None;
-                    }
-                    let name = Bytes::copy_from_slice(self.r.string("field name"));
-                    let Some(t) = self.read_desc(level + 1) else {
-                        self.fail(WireError::Malformed("a structure member without a type"));
-                        return None;
-                    };
-                    nodes = nodes.saturating_add(t.nodes);
-                    bytes = bytes
-                        .saturating_add(string_len(&name))
-                        .saturating_add(t.wire_len);
-                    self.within_type_limits(nodes, bytes)?;
-                    fields.push((name, t));
-                }
-                if code == 0x80 {
-                    let mut offsets = Vec::with_capacity(fields.len());
-                    let mut next = 1usize;
-                    for (_, t) in &fields {
-                        offsets.push(next);
-                        next = next.saturating_add(t.bits);
-                    }
-                    Kind::Structure {
-                        id,
-                        fields,
-                        offsets,
-                    }
-                } else {
-                    Kind::Union { id, fields }
-                }
-            }
-            0x82 => Kind::Variant,
-            0x83 => Kind::BoundedString(self.r.size("string bound").unwrap_or(0)),
-            0x88 | 0x89 => {
+        let kind = match type_code {
+            code::STRUCT | code::UNION => self.read_members(type_code, level)?,
+            code::ANY => Kind::Variant,
+            code::BOUNDED_STRING => Kind::BoundedString(self.r.size("string bound").unwrap_or(0)),
+            code::STRUCT_ARRAY | code::UNION_ARRAY => {
                 let element = self.read_desc(level + 1)?;
                 self.within_type_limits(element.nodes + 1, element.wire_len + 1)?;
-                if code == 0x88 {
+                if type_code == code::STRUCT_ARRAY {
                     Kind::StructureArray(element)
                 } else {
                     Kind::UnionArray(element)
                 }
             }
-            0x8A => Kind::VariantArray,
+            code::ANY_ARRAY => Kind::VariantArray,
             _ => {
-                self.fail(WireError::UnknownTypeCode(code));
+                self.fail(WireError::UnknownTypeCode(type_code));
                 return None;
             }
         };
         Some(FieldType::new(kind))
+    }
+
+    /// A scalar or an array of scalars.
+    fn read_scalar_type(&mut self, type_code: u8) -> Option<FieldType> {
+        let scalar = type_code & !code::ARRAY_BITS;
+        if scalar_width(scalar).is_none() {
+            self.fail(WireError::UnknownTypeCode(type_code));
+            return None;
+        }
+        let kind = match type_code & code::ARRAY_BITS {
+            code::SCALAR => Kind::Scalar(scalar),
+            code::VARIABLE_ARRAY => Kind::ScalarArray(scalar),
+            bits => Kind::SizedArray {
+                code: scalar,
+                fixed: bits == code::FIXED_ARRAY,
+                size: self.r.size("array bound").unwrap_or(0),
+            },
+        };
+        Some(FieldType::new(kind))
+    }
+
+    /// The id and members of a structure or union.
+    fn read_members(&mut self, type_code: u8, level: usize) -> Option<Kind> {
+        let id = Bytes::copy_from_slice(self.r.string("type id"));
+        let count = self.r.size("field count").unwrap_or(0) as usize;
+        let mut fields = Vec::new();
+        // Running totals refuse a huge structure before it is built.
+        let mut nodes = 1usize;
+        let mut bytes = 1 + string_len(&id) + size_len(count);
+        for _ in 0..count {
+            if self.failed() {
+                return None;
+            }
+            let name = Bytes::copy_from_slice(self.r.string("field name"));
+            let Some(t) = self.read_desc(level + 1) else {
+                self.fail(WireError::Malformed("a structure member without a type"));
+                return None;
+            };
+            nodes = nodes.saturating_add(t.nodes);
+            bytes = bytes
+                .saturating_add(string_len(&name))
+                .saturating_add(t.wire_len);
+            self.within_type_limits(nodes, bytes)?;
+            fields.push((name, t));
+        }
+        if type_code != code::STRUCT {
+            return Some(Kind::Union { id, fields });
+        }
+        let mut offsets = Vec::with_capacity(fields.len());
+        let mut next = 1usize;
+        for (_, t) in &fields {
+            offsets.push(next);
+            next = next.saturating_add(t.bits);
+        }
+        Some(Kind::Structure {
+            id,
+            fields,
+            offsets,
+        })
     }
 
     fn within_type_limits(&mut self, nodes: usize, bytes: usize) -> Option<()> {
@@ -891,11 +929,15 @@ pub enum Shape {
 /// Bytes of one scalar; 0 for strings; None for an unknown code.
 fn scalar_width(code: u8) -> Option<usize> {
     match code {
-        0x00 | 0x20 | 0x24 => Some(1),
+        // bool, int8, uint8
+        code::BOOL | 0x20 | 0x24 => Some(1),
+        // int16, uint16
         0x21 | 0x25 => Some(2),
+        // int32, uint32, float
         0x22 | 0x26 | 0x42 => Some(4),
+        // int64, uint64, double
         0x23 | 0x27 | 0x43 => Some(8),
-        0x60 => Some(0),
+        code::STRING => Some(0),
         _ => None,
     }
 }
