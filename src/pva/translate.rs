@@ -177,36 +177,24 @@ impl Translator {
             // The pvRequest: a type and a value, then anything else as is.
             typed_value(&mut w);
             w.finish()?;
-            self.start_op(
-                ioid,
-                Op {
-                    command,
-                    sid,
-                    server,
-                    types: Vec::new(),
-                    ending: false,
-                },
-            );
+            let op = Op {
+                command,
+                sid,
+                server,
+                types: Vec::new(),
+                ending: false,
+            };
+            self.start_op(ioid, op);
         } else if command == Command::Rpc {
             typed_value(&mut w);
             w.finish()?;
+        } else if let Some(put_type) = put_value_type(&self.ops, ioid, command, subcmd) {
+            w.changed_value(&put_type);
+            w.copy_rest();
+            w.finish()?;
         } else {
-            let put_type = self.ops.get(&ioid).and_then(|op| match command {
-                Command::Put | Command::PutGet
-                    if subcmd & (GET | GET_PUT) == 0 && op.walks_values() =>
-                {
-                    op.types.first().cloned()
-                }
-                _ => None,
-            });
-            if let Some(put_type) = put_type {
-                w.changed_value(&put_type);
-                w.copy_rest();
-                w.finish()?;
-            } else {
-                w.finish()?;
-                out.clear();
-            }
+            w.finish()?;
+            out.clear();
         }
         if subcmd & DESTROY != 0 {
             self.client_destroys(ioid, command);
@@ -246,6 +234,7 @@ impl Translator {
         let mut w = Walker::new(payload, big_endian, registry, active.then_some(&mut out));
         let ioid = w.u32("ioid");
         if command == Command::GetField {
+            // status, then the channel's type if it succeeded.
             if w.status() {
                 w.field_desc();
             }
@@ -263,25 +252,10 @@ impl Translator {
             .filter(|op| op.server == server && op.command == command);
         let subcmd = w.u8("subcommand");
         if subcmd & INIT != 0 {
-            let mut types = Vec::new();
-            let ok = w.status();
-            if ok {
-                let count = match command {
-                    Command::Get | Command::Put | Command::Monitor | Command::Array => 1,
-                    Command::PutGet => 2,
-                    _ => 0,
-                };
-                for _ in 0..count {
-                    if let Some(t) = w.field_desc() {
-                        types.push(t);
-                    }
-                }
-            }
-            w.copy_rest();
-            w.finish()?;
+            let types = init_answer_types(&mut w, command)?;
             if op.is_some() {
-                match self.ops.get_mut(&ioid) {
-                    Some(op) if ok && subcmd & DESTROY == 0 => op.types = types,
+                match (self.ops.get_mut(&ioid), types) {
+                    (Some(op), Some(types)) if subcmd & DESTROY == 0 => op.types = types,
                     _ => self.end_op(ioid),
                 }
             }
@@ -313,6 +287,48 @@ impl Translator {
         }
         Ok(rewritten)
     }
+}
+
+/// The type of the value a PUT or PUT_GET of `ops` carries, when that value
+/// must be walked (it can hold type descriptions).
+fn put_value_type(
+    ops: &HashMap<u32, Op>,
+    ioid: u32,
+    command: Command,
+    subcmd: u8,
+) -> Option<Arc<FieldType>> {
+    let op = ops.get(&ioid)?;
+    let puts = matches!(command, Command::Put | Command::PutGet);
+    if puts && subcmd & (GET | GET_PUT) == 0 && op.walks_values() {
+        op.types.first().cloned()
+    } else {
+        None
+    }
+}
+
+/// The rest of a server's INIT answer (`status, type...`): the types of the
+/// operation's values, none when the status is an error.
+fn init_answer_types(
+    w: &mut Walker,
+    command: Command,
+) -> Result<Option<Vec<Arc<FieldType>>>, WireError> {
+    let ok = w.status();
+    let mut types = Vec::new();
+    if ok {
+        let count = match command {
+            Command::Get | Command::Put | Command::Monitor | Command::Array => 1,
+            Command::PutGet => 2,
+            _ => 0,
+        };
+        for _ in 0..count {
+            if let Some(t) = w.field_desc() {
+                types.push(t);
+            }
+        }
+    }
+    w.copy_rest();
+    w.finish()?;
+    Ok(ok.then_some(types))
 }
 
 /// A type description and a value of it, then the rest as is. The value is
