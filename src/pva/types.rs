@@ -699,7 +699,7 @@ impl<'a, 'o> Walker<'a, 'o> {
         }
         match &t.kind {
             Kind::Scalar(code) => self.scalar(*code),
-            Kind::BoundedString(_) => self.scalar(0x60),
+            Kind::BoundedString(_) => self.scalar(code::STRING),
             Kind::ScalarArray(code)
             | Kind::SizedArray {
                 code, fixed: false, ..
@@ -717,45 +717,56 @@ impl<'a, 'o> Walker<'a, 'o> {
                     self.value_at(member, depth + 1);
                 }
             }
-            Kind::Union { fields, .. } => {
-                if let Some(selector) = self.size("union selector") {
-                    match fields.get(selector as usize) {
-                        Some((_, member)) => self.value_at(member, depth + 1),
-                        None => self.fail(WireError::NoSuchUnionMember {
-                            selector: u64::from(selector),
-                            members: fields.len(),
-                        }),
-                    }
-                }
-            }
+            Kind::Union { fields, .. } => self.union_value(fields, depth),
             Kind::Variant => {
                 if let Some(inner) = self.field_desc() {
                     self.value_at(&inner, depth + 1);
                 }
             }
             Kind::StructureArray(element) | Kind::UnionArray(element) => {
-                let n = self.size("array length").unwrap_or(0);
-                for _ in 0..n {
-                    if self.failed() {
-                        return;
-                    }
-                    if self.u8("element present") != 0 {
-                        self.value_at(element, depth + 1);
-                    }
-                }
+                self.element_values(depth, false, |walker, depth| {
+                    walker.value_at(element, depth)
+                })
             }
-            Kind::VariantArray => {
-                let n = self.size("array length").unwrap_or(0);
-                for _ in 0..n {
-                    if self.failed() || !self.spend(1) {
-                        return;
-                    }
-                    if self.u8("element present") != 0 {
-                        if let Some(inner) = self.field_desc() {
-                            self.value_at(&inner, depth + 1);
-                        }
-                    }
+            // Each element of a variant array is charged, present or not:
+            // each may bring a type description.
+            Kind::VariantArray => self.element_values(depth, true, |walker, depth| {
+                if let Some(inner) = walker.field_desc() {
+                    walker.value_at(&inner, depth);
                 }
+            }),
+        }
+    }
+
+    /// A union's selector, then the value of the member it selects.
+    fn union_value(&mut self, members: &[(Bytes, Arc<FieldType>)], depth: usize) {
+        let Some(selector) = self.size("union selector") else {
+            return;
+        };
+        match members.get(selector as usize) {
+            Some((_, member)) => self.value_at(member, depth + 1),
+            None => self.fail(WireError::NoSuchUnionMember {
+                selector: u64::from(selector),
+                members: members.len(),
+            }),
+        }
+    }
+
+    /// An array of structures, unions or variants: a length, then each
+    /// element after a byte that says whether it is present.
+    fn element_values(
+        &mut self,
+        depth: usize,
+        charge_each: bool,
+        mut element: impl FnMut(&mut Self, usize),
+    ) {
+        let n = self.size("array length").unwrap_or(0);
+        for _ in 0..n {
+            if self.failed() || (charge_each && !self.spend(1)) {
+                return;
+            }
+            if self.u8("element present") != 0 {
+                element(self, depth + 1);
             }
         }
     }

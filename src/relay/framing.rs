@@ -196,6 +196,25 @@ impl<R: AsyncRead + Unpin, D: Decoder> FrameReader<R, D> {
         self.received_any
     }
 
+    /// Room for the next read, towards the `needed` bytes the decoder asked
+    /// for.
+    fn make_room(&mut self, needed: usize) {
+        if self.grown && self.buf.is_empty() {
+            // Messages cut from a grown buffer share its allocation, and so
+            // does the empty rest of it: start a small one, so an idle
+            // connection does not keep a large message's memory once that
+            // message is gone.
+            self.buf = BytesMut::with_capacity(MIN_READ);
+            self.grown = false;
+        }
+        let spare = self.buf.capacity() - self.buf.len();
+        if spare < MIN_READ {
+            let missing = needed.saturating_sub(self.buf.len());
+            self.buf.reserve(missing.clamp(MIN_READ, MAX_GROW));
+            self.grown |= self.buf.capacity() > 4 * MIN_READ;
+        }
+    }
+
     /// The next message, or `None` at a clean EOF between messages.
     /// Cancel-safe: a dropped call loses no bytes.
     pub async fn next(&mut self) -> Result<Option<D::Item>, ReadError> {
@@ -211,20 +230,7 @@ impl<R: AsyncRead + Unpin, D: Decoder> FrameReader<R, D> {
                 Ok(None) => {}
                 Err(e) => return Err(ReadError::Protocol(Box::new(e))),
             }
-            if self.grown && self.buf.is_empty() {
-                // Messages cut from a grown buffer share its allocation,
-                // and so does the empty rest of it: start a small one, so
-                // an idle connection does not keep a large message's
-                // memory once that message is gone.
-                self.buf = BytesMut::with_capacity(MIN_READ);
-                self.grown = false;
-            }
-            let spare = self.buf.capacity() - self.buf.len();
-            if spare < MIN_READ {
-                let missing = needed.saturating_sub(self.buf.len());
-                self.buf.reserve(missing.clamp(MIN_READ, MAX_GROW));
-                self.grown |= self.buf.capacity() > 4 * MIN_READ;
-            }
+            self.make_room(needed);
             let read = match &mut self.watch {
                 None => self.io.read_buf(&mut self.buf).await,
                 Some(watch) => {
