@@ -262,31 +262,40 @@ impl Translator {
             return Ok(active.then(|| out.freeze()));
         }
         let ends = op.is_some_and(|op| op.ending) || subcmd & DESTROY != 0;
-        let rewritten = if command == Command::Rpc {
-            if w.status() {
-                typed_value(&mut w);
-            } else {
-                w.copy_rest();
-            }
-            w.finish()?;
-            active.then(|| out.freeze())
-        } else {
-            match op.filter(|op| op.walks_values()) {
-                None => None,
-                Some(op) => {
-                    let types = op.types.clone();
-                    server_value(&mut w, command, subcmd, &types);
-                    w.copy_rest();
-                    w.finish()?;
-                    active.then(|| out.freeze())
-                }
-            }
-        };
-        if ends && op.is_some() {
+        let known = op.is_some();
+        let value_types = op.filter(|op| op.walks_values()).map(|op| op.types.clone());
+        let walked = data_answer(&mut w, command, subcmd, value_types)?;
+        if ends && known {
             self.end_op(ioid);
         }
-        Ok(rewritten)
+        Ok((walked && active).then(|| out.freeze()))
     }
+}
+
+/// The rest of a server's answer after INIT: an RPC's typed value, or the
+/// value of an operation whose `value_types` can hold type descriptions.
+/// Says whether the answer was walked (and so copied).
+fn data_answer(
+    w: &mut Walker,
+    command: Command,
+    subcmd: u8,
+    value_types: Option<Vec<Arc<FieldType>>>,
+) -> Result<bool, WireError> {
+    if command == Command::Rpc {
+        if w.status() {
+            typed_value(w);
+        } else {
+            w.copy_rest();
+        }
+    } else {
+        let Some(types) = value_types else {
+            return Ok(false);
+        };
+        server_value(w, command, subcmd, &types);
+        w.copy_rest();
+    }
+    w.finish()?;
+    Ok(true)
 }
 
 /// The type of the value a PUT or PUT_GET of `ops` carries, when that value
