@@ -518,9 +518,12 @@ class CaprotoServer(Server):
 # the hurry-up of the validation: its first search waits a whole 6 s round.
 # Clients outside a container never hear its servers' beacons.
 PVA_BEACON_SINK = "127.0.0.1:5099"  # nothing listens there
-PVA_SERVER_ENV = {
+PVA_BEACONS_NOWHERE = {
     "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
     "EPICS_PVAS_BEACON_ADDR_LIST": PVA_BEACON_SINK,
+}
+PVA_SERVER_ENV = {
+    **PVA_BEACONS_NOWHERE,
     # The IOCs serve BIGWAVE over CA as well.
     "EPICS_CA_MAX_ARRAY_BYTES": str(8 * BIG_WAVE_LEN + 100000),
 }
