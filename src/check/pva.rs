@@ -220,7 +220,10 @@ impl Connection {
             "anonymous"
         };
         let mut w = self.writer();
-        w.u32(0x10000).u16(0x7FFF).u16(0).string(method.as_bytes());
+        w.u32(wire::ANNOUNCED_BUFFER_SIZE)
+            .u16(wire::ANNOUNCED_REGISTRY_SIZE)
+            .u16(0)
+            .string(method.as_bytes());
         if method == "ca" {
             // pvxs's "ca" credentials: a plain structure {string user; string host}.
             w.bytes(&[

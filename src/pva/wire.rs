@@ -603,13 +603,23 @@ pub fn set_byte_order(direction: Direction, big_endian: bool) -> Message {
     }
 }
 
+/// The receive buffer size announced in CONNECTION_VALIDATION: what a pvxs
+/// server sends, with the comment "not used" (pvxs `serverconn.cpp`).
+pub const ANNOUNCED_BUFFER_SIZE: u32 = 0x10000;
+/// The type registry size announced beside it: pvxs's value, "also not
+/// used" (same place).
+pub const ANNOUNCED_REGISTRY_SIZE: u16 = 0x7FFF;
+/// Authentication methods read from a server's offer, at most: pvxs offers
+/// two or three; more is not a server worth following.
+const MAX_OFFERED_METHODS: u32 = 64;
+
 /// The server's CONNECTION_VALIDATION: receive buffer size, type registry
 /// size, and the offered authentication methods ("ca" last: clients take
 /// the last one they know).
 pub fn server_validation(big_endian: bool) -> Message {
     let mut w = Writer::new(big_endian);
-    w.u32(0x10000)
-        .u16(0x7FFF)
+    w.u32(ANNOUNCED_BUFFER_SIZE)
+        .u16(ANNOUNCED_REGISTRY_SIZE)
         .size(2)
         .string(b"anonymous")
         .string(b"ca");
@@ -664,7 +674,7 @@ pub fn parse_server_methods(message: &Message) -> Result<Vec<Bytes>, WireError> 
     let mut r = Reader::new(&message.payload, message.header.is_big_endian());
     r.u32("buffer size");
     r.u16("registry size");
-    let count = r.size("method count").unwrap_or(0).min(64);
+    let count = r.size("method count").unwrap_or(0).min(MAX_OFFERED_METHODS);
     let mut methods = Vec::new();
     for _ in 0..count {
         let m = r.string("method");
