@@ -10,6 +10,8 @@ pvapy (pvAccessCPP) configured with the shim as their only name server.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import resource
 import signal
@@ -196,3 +198,94 @@ def test_a_faulty_server_fails_its_channels_only(site, faulty):
     finally:
         watch.close()
         remove_counter()
+
+
+# --------------------------------------------------------------------------
+# Out of file descriptors
+
+FD_HOG = HERE / "fd_hog.py"
+FD_LIMIT = 64
+
+
+class Hog:
+    """fd_hog.py in a namespace: holds CA connections to the shim."""
+
+    def __init__(self, ns, addr):
+        host, port = addr.rsplit(":", 1)
+        self.proc = subprocess.Popen(
+            ns.exec_argv([h.PYTHON, FD_HOG, host, port]),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=h.clean_env(),
+        )
+        ns.procs.append(self.proc)
+
+    def do(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def lines_matching(path, pattern: str, offset: int) -> list:
+    return re.findall(pattern, h._read_from(path, offset))
+
+
+def test_out_of_file_descriptors_refuses_new_clients_keeps_old_ones_and_recovers(site):
+    def low_fd_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
+
+    shim = start_shim(site, "shim-fds", preexec_fn=low_fd_limit)
+    ns = shim.local_addr
+    ca_watch = h.CaWatch(site.ctr, ns, "IOCA:COUNT", duration=120)
+    pva_watch = h.PvaWatch(site.ctr, ns, "PVXS:COUNT", duration=120)
+    hog = Hog(site.ctr, ns)
+    try:
+        ca_watch.wait_for(lambda e: e["event"] == "value", 10)
+        pva_watch.wait_for(lambda e: e["event"] == "value", 10)
+        # Fill the table: some are served, the rest must be refused (closed
+        # at once), not left hanging in the listen backlog.
+        offset = shim.log.stat().st_size
+        full = hog.do(f"open {FD_LIMIT + 16}")
+        assert full["served"] < FD_LIMIT + 16, full
+        assert full["closed"] > 0 and full["waiting"] == 0, (full, fd_count(shim.proc.pid))
+        # While full, every newcomer is refused, and the log says why at a
+        # bounded rate (one warning per 10 s), not once per attempt.
+        for _ in range(3):
+            more = hog.do("open 10")
+            assert more == {"served": 0, "closed": 10, "waiting": 0}, more
+        time.sleep(1)
+        warnings = lines_matching(shim.log, r"(?m)^.*(?:WARN|ERROR) nameshim::relay.*$", offset)
+        assert len(warnings) == 1, warnings
+        assert any("file descriptors" in w for w in warnings), warnings
+        assert shim.alive()
+        # The clients that were there keep their updates, in order.
+        ca_watch.drain()
+        pva_watch.drain()
+        time.sleep(1.5)
+        for watch in (ca_watch, pva_watch):
+            got = [e["value"] for e in watch.drain() if e["event"] == "value"]
+            assert len(got) >= 8, (got, watch.events[-5:])
+            assert all(b - a == 1 for a, b in zip(got, got[1:])), got
+        # Descriptors come back: a newcomer is served again, and real
+        # clients get and monitor through the shim.
+        hog.do("close 10")
+        time.sleep(0.3)
+        again = hog.do("open 1")
+        assert again == {"served": 1, "closed": 0, "waiting": 0}, again
+        assert lines_matching(shim.log, r"file descriptors available again", offset), shim.log_text(20)
+        hog.do("close 1000")
+        time.sleep(0.3)
+        assert h.ca_get(site.ctr, ns, ["IOCA:ID"])["IOCA:ID"]["value"] == "IOCA:"
+        assert h.pva_get(site.ctr, ns, ["PVXS:ID"])["PVXS:ID"]["value"] == "PVXS:"
+        print(f"fds: first burst {full}, shim holds {fd_count(shim.proc.pid)} fds after recovery")
+    finally:
+        hog.proc.stdin.close()
+        hog.proc.wait(10)
+        ca_watch.close()
+        pva_watch.close()
+        shim.stop()
