@@ -289,3 +289,46 @@ def test_out_of_file_descriptors_refuses_new_clients_keeps_old_ones_and_recovers
         ca_watch.close()
         pva_watch.close()
         shim.stop()
+
+
+# --------------------------------------------------------------------------
+# The shim killed under live monitors
+
+# Generous bounds over the client libraries' own retry timers (measured
+# with bench/shim_restart.py: libca ~7 s, pvxs ~10 s, pvAccessCPP ~15 s).
+RESUME_BOUND_S = {"libca": 40.0, "pvxs": 30.0, "pvAccessCPP": 45.0}
+
+
+def test_clients_resume_by_themselves_after_the_shim_is_killed_and_restarted(site, record_property):
+    shim = start_shim(site, "shim-before-kill")
+    ns = shim.local_addr
+    watches = {
+        "libca": h.CaWatch(site.ctr, ns, "IOCA:COUNT", duration=180),
+        "pvxs": h.PvaWatch(site.ctr, ns, "PVXS:COUNT", duration=180),
+    }
+    pvapy = h.CaWatch.__new__(h.CaWatch)
+    pvapy._start(site.ctr, [h.PYTHON, h.PVAPY_CLIENT, "--watch", "IOCA:COUNT", "180"], h.pva_client_env(ns))
+    watches["pvAccessCPP"] = pvapy
+    restarted = None
+    try:
+        before = {c: w.wait_for(lambda e: e["event"] == "value", 20)["value"] for c, w in watches.items()}
+        shim.proc.send_signal(signal.SIGKILL)
+        shim.proc.wait(10)
+        h.Shim.live.remove(shim)
+        for c, w in watches.items():
+            w.wait_for(lambda e: e["event"] == "conn" and not e["connected"], 30)
+        restarted = start_shim(site, "shim-after-kill")
+        t_ready = time.time()
+        for client, w in watches.items():
+            ev = w.wait_for(lambda e: e["event"] == "value" and e["t"] > t_ready, RESUME_BOUND_S[client] + 5)
+            took = ev["t"] - t_ready
+            record_property(f"{client}_resumed_s", round(took, 2))
+            print(f"{client}: first update {took:.2f} s after the restart")
+            assert took < RESUME_BOUND_S[client], (client, took)
+            # The same record, still counting: not a stale or foreign value.
+            assert ev["value"] > before[client], (client, before[client], ev)
+    finally:
+        for w in watches.values():
+            w.close()
+        if restarted:
+            restarted.stop()
