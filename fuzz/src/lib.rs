@@ -101,6 +101,14 @@ pub fn ca_stream(data: &[u8]) {
         }
         let _ = m.header.command();
         let _ = format!("{:?}", m.header);
+        // What the shim re-encodes (after rewriting ids) means the same.
+        let mut out = BytesMut::new();
+        m.encode(&mut out);
+        assert_eq!(out.len(), m.wire_len());
+        let mut needed = 0;
+        let again = ca::wire::decode(&mut out, u32::MAX, &mut needed);
+        assert_eq!(again.as_ref().ok().and_then(Option::as_ref), Some(m));
+        assert!(out.is_empty());
     }
 }
 
@@ -145,6 +153,12 @@ pub fn pva_stream(data: &[u8]) {
         assert_eq!(m.header.is_from_server(), from_server);
         if m.header.is_control() {
             assert!(m.payload.is_empty());
+            let mut out = BytesMut::new();
+            m.header.encode(&mut out);
+            let mut decoder = pva::wire::Decoder::new(u32::MAX, from_server);
+            let mut needed = 0;
+            let again = decoder.decode(&mut out, &mut needed);
+            assert_eq!(again.as_ref().ok().and_then(Option::as_ref), Some(m));
             continue;
         }
         assert_eq!(m.header.flags & pva::wire::FLAG_SEGMENT_MASK, 0);
@@ -157,6 +171,12 @@ pub fn pva_stream(data: &[u8]) {
         let mut out = BytesMut::new();
         m.encode(&mut out);
         assert_eq!(out.len(), m.wire_len());
+        // Re-encoded (segments joined), it decodes to the same message.
+        let mut decoder = pva::wire::Decoder::new(u32::MAX, from_server);
+        let mut needed = 0;
+        let again = decoder.decode(&mut out, &mut needed);
+        assert_eq!(again.as_ref().ok().and_then(Option::as_ref), Some(m));
+        assert!(out.is_empty());
     }
 }
 
