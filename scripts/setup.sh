@@ -84,6 +84,18 @@ ensure_gitignore() {
     done
 }
 
+# cargo-fuzz drives libFuzzer on the stable toolchain (scripts/fuzz, with
+# the sanitizer off); pinned like the Python peers.
+install_cargo_fuzz() {
+    local want="cargo-fuzz 0.13.2"
+    if [[ "$(cargo fuzz --version 2>/dev/null)" == "$want" ]]; then
+        return
+    fi
+    echo "setup: installing $want"
+    cargo install --locked --version 0.13.2 cargo-fuzz
+}
+
 install_system_tools
+install_cargo_fuzz
 install_python_peers
 ensure_gitignore

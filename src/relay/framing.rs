@@ -551,4 +551,100 @@ mod tests {
             "the reader still holds the large message's allocation"
         );
     }
+
+    /// Hands out its bytes in reads of pseudo-random sizes (xorshift), as a
+    /// TCP stream may: mostly a few bytes, so headers split, at times many.
+    struct Trickle {
+        bytes: Vec<u8>,
+        at: usize,
+        state: u64,
+    }
+
+    impl tokio::io::AsyncRead for Trickle {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            let me = &mut *self;
+            me.state ^= me.state << 13;
+            me.state ^= me.state >> 7;
+            me.state ^= me.state << 17;
+            let want = if (me.state >> 32) % 16 == 0 {
+                4096
+            } else {
+                1 + (me.state >> 40) as usize % 9
+            };
+            let n = want.min(buf.remaining()).min(me.bytes.len() - me.at);
+            buf.put_slice(&me.bytes[me.at..me.at + n]);
+            me.at += n;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Every message the reader yields until EOF or an error, and how it ended.
+    async fn read_all<D: Decoder>(
+        bytes: &[u8],
+        seed: u64,
+        decoder: D,
+    ) -> (Vec<D::Item>, Option<String>) {
+        let trickle = Trickle {
+            bytes: bytes.to_vec(),
+            at: 0,
+            state: seed | 1,
+        };
+        let mut reader = FrameReader::new(trickle, decoder);
+        let mut items = Vec::new();
+        loop {
+            match reader.next().await {
+                Ok(Some(item)) => items.push(item),
+                Ok(None) => return (items, None),
+                Err(e) => return (items, Some(e.to_string())),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_real_decoders_yield_the_same_messages_whatever_the_read_sizes() {
+        use crate::{ca, pva};
+        // PVA: a segmented message around a control message, as pvxs and
+        // pvAccessCPP send them, then a large one, then a cut-off header.
+        let mut stream = vec![0xCA, 2, 0x50, 13, 3, 0, 0, 0, 1, 2, 3];
+        stream.extend_from_slice(&[0xCA, 2, 0x41, 2, 0, 0, 0, 0]);
+        stream.extend_from_slice(&[0xCA, 2, 0x70, 13, 2, 0, 0, 0, 4, 5]);
+        stream.extend_from_slice(&[0xCA, 2, 0x60, 13, 1, 0, 0, 0, 6]);
+        stream.extend_from_slice(&[0xCA, 2, 0x40, 10, 0x00, 0x50, 0, 0]);
+        stream.extend(std::iter::repeat_n(9u8, 0x5000));
+        stream.extend_from_slice(&[0xCA, 2, 0x40]);
+        // CA: VERSION, an extended header, a cut-off payload.
+        let mut ca_stream = vec![0, 0, 0, 0, 0, 0, 0, 13, 0, 0, 0, 0, 0, 0, 0, 0];
+        ca_stream.extend_from_slice(&[0, 1, 0xFF, 0xFF, 0, 6, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2]);
+        ca_stream.extend_from_slice(&[0, 0, 0x50, 0, 0, 0, 0, 2]);
+        ca_stream.extend(std::iter::repeat_n(7u8, 0x5000));
+        ca_stream.extend_from_slice(&[0, 1, 0, 8, 0, 6, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2, 1]);
+        let pva = || pva::wire::Decoder::new(1 << 20, true);
+        let ca = || ca::CaDecoder {
+            max_payload: 1 << 20,
+        };
+        let (pva_whole, pva_end) = read_all(&stream, u64::MAX, pva()).await;
+        let (ca_whole, ca_end) = read_all(&ca_stream, u64::MAX, ca()).await;
+        assert_eq!(pva_whole.len(), 3, "control, joined segments, large");
+        assert_eq!(&pva_whole[1].payload[..], &[1, 2, 3, 4, 5, 6]);
+        assert_eq!(ca_whole.len(), 2);
+        assert!(
+            pva_end.is_some() && ca_end.is_some(),
+            "both end inside a message"
+        );
+        for seed in 1..200u64 {
+            let seed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            assert_eq!(
+                read_all(&stream, seed, pva()).await,
+                (pva_whole.clone(), pva_end.clone())
+            );
+            assert_eq!(
+                read_all(&ca_stream, seed, ca()).await,
+                (ca_whole.clone(), ca_end.clone())
+            );
+        }
+    }
 }

@@ -13,6 +13,7 @@ use super::metrics::{Refusal, METRICS};
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -27,6 +28,8 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 /// Connections refused for their source address are logged at warning
 /// level at most this often; the others in between at debug level.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
+/// While out of file descriptors, a warning at most this often.
+const OUT_OF_DESCRIPTORS_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// How many connections a port serves at once.
 #[derive(Debug, Clone, Copy)]
@@ -81,12 +84,23 @@ where
     let slots = Arc::new(Semaphore::new(limits.max_clients));
     let hosts = HostCounts::new(limits.max_per_host);
     let mut refusals = RefusalLog::default();
+    let mut spare = SpareDescriptor::new(&listener);
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
         let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
+            Ok(accepted) => {
+                spare.accepted(&listener);
+                accepted
+            }
+            Err(e) if is_out_of_descriptors(&e) => {
+                // Refusing is progress, not a spin: no pause then.
+                if !spare.refuse_one(&listener, &e) {
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+                continue;
+            }
             Err(e) => {
                 warn!(target: "nameshim::relay", cause = %e, "accept failed");
                 tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
@@ -110,6 +124,83 @@ where
             let _held = (slot, host);
             connection.await;
         });
+    }
+}
+
+/// Whether an accept failed for want of a file descriptor (the process's
+/// limit, EMFILE, or the system's, ENFILE).
+fn is_out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// One file descriptor held back for the moment the process runs out.
+///
+/// Out of descriptors, accept fails and leaves the connection in the
+/// kernel's backlog, where its client waits without an answer for as long
+/// as the shortage lasts, and the next accept fails the same way. With the
+/// spare given back, the listener can take that connection and close it at
+/// once: its client learns it was refused, and the backlog drains. Clients
+/// already served are not touched. The spare is a duplicate of the
+/// listening socket, so it needs no file system (a FROM scratch image).
+struct SpareDescriptor {
+    fd: Option<OwnedFd>,
+    /// Connections refused since the last warning, and when that was.
+    unlogged: u64,
+    last_warning: Option<Instant>,
+    /// Connections refused since descriptors last ran out.
+    refused: u64,
+}
+
+impl SpareDescriptor {
+    fn new(listener: &TcpListener) -> SpareDescriptor {
+        SpareDescriptor {
+            fd: listener.as_fd().try_clone_to_owned().ok(),
+            unlogged: 0,
+            last_warning: None,
+            refused: 0,
+        }
+    }
+
+    /// Gives back the spare, accepts one waiting connection and closes it,
+    /// then takes the spare again. False when no connection was refused.
+    fn refuse_one(&mut self, listener: &TcpListener, cause: &io::Error) -> bool {
+        self.fd = None;
+        // Non-blocking like the listener: WouldBlock if none is waiting.
+        let refused = socket2::SockRef::from(listener).accept().is_ok();
+        self.fd = listener.as_fd().try_clone_to_owned().ok();
+        if refused {
+            self.refused += 1;
+            self.unlogged += 1;
+            METRICS.refused(Refusal::OutOfDescriptors);
+        }
+        let now = Instant::now();
+        if self
+            .last_warning
+            .is_none_or(|at| now.duration_since(at) >= OUT_OF_DESCRIPTORS_LOG_EVERY)
+        {
+            warn!(
+                target: "nameshim::relay",
+                %cause,
+                refused = self.unlogged,
+                "out of file descriptors: closing new connections at once until some are free (raise the limit, ulimit -n, or lower --max-clients)"
+            );
+            self.last_warning = Some(now);
+            self.unlogged = 0;
+        }
+        refused
+    }
+
+    /// A connection was accepted: descriptors are there again.
+    fn accepted(&mut self, listener: &TcpListener) {
+        if self.refused > 0 {
+            info!(target: "nameshim::relay", refused = self.refused, "file descriptors available again: accepting new connections");
+            self.refused = 0;
+            self.unlogged = 0;
+            self.last_warning = None;
+        }
+        if self.fd.is_none() {
+            self.fd = listener.as_fd().try_clone_to_owned().ok();
+        }
     }
 }
 

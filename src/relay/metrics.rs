@@ -85,14 +85,17 @@ pub enum Refusal {
     Searches = 3,
     /// An HTTP request head larger than the limit.
     HttpRequestTooLarge = 4,
+    /// The process ran out of file descriptors (EMFILE, ENFILE).
+    OutOfDescriptors = 5,
 }
 
-const REFUSALS: [(Refusal, &str); 5] = [
+const REFUSALS: [(Refusal, &str); 6] = [
     (Refusal::PerHost, "per_host"),
     (Refusal::ChannelsPerClient, "channels_per_client"),
     (Refusal::ChannelsInAll, "channels_in_all"),
     (Refusal::Searches, "searches"),
     (Refusal::HttpRequestTooLarge, "http_request_too_large"),
+    (Refusal::OutOfDescriptors, "out_of_descriptors"),
 ];
 
 /// Why a client connection was closed for what it sent or failed to send.
@@ -130,7 +133,7 @@ pub struct Metrics {
     pub server_links_opened: PerProto,
     pub server_links_lost: PerProto,
     pub http_requests: AtomicU64,
-    refused: [AtomicU64; 5],
+    refused: [AtomicU64; REFUSALS.len()],
     bad_input: [AtomicU64; 5],
 }
 
@@ -150,7 +153,7 @@ impl Metrics {
             server_links_opened: PerProto::new(),
             server_links_lost: PerProto::new(),
             http_requests: AtomicU64::new(0),
-            refused: [const { AtomicU64::new(0) }; 5],
+            refused: [const { AtomicU64::new(0) }; REFUSALS.len()],
             bad_input: [const { AtomicU64::new(0) }; 5],
         }
     }

@@ -1,6 +1,10 @@
 """PV Access test client on pvAccessCPP (pvapy) driven by the harness.
 
   pvapy_client.py < OPS_JSON      run a list of operations, print a JSON list
+  pvapy_client.py --watch PV SECONDS
+                                  print connection changes and values as JSON
+                                  lines (like pva_client.py --watch), until
+                                  stdin closes or SECONDS pass
 
 The harness sets EPICS_PVA_NAME_SERVERS (and no UDP search). pvAccessCPP
 reads its configuration from the environment when it looks a setting up,
@@ -79,7 +83,39 @@ def op_putget(spec):
 OPS = {"get": op_get, "putget": op_putget}
 
 
+def watch(name, duration):
+    """Connection changes and monitor updates as JSON lines, for restart
+    tests: {"event": "conn", "connected", "t"}, {"event": "value", "value", "t"}."""
+    import threading
+    import time
+
+    lock = threading.Lock()
+
+    def emit(event):
+        with lock:
+            sys.stdout.write(json.dumps(event) + "\n")
+            sys.stdout.flush()
+
+    def on_connection(connected):
+        emit({"event": "conn", "connected": bool(connected), "t": time.time()})
+
+    def on_update(pv):
+        emit({"event": "value", "value": plain(pv["value"]), "t": time.time()})
+
+    channel = pva.Channel(name)
+    channel.setConnectionCallback(on_connection)
+    channel.monitor(on_update, "field(value)")
+    emit({"event": "start", "t": time.time()})
+    stopper = threading.Thread(target=sys.stdin.read, daemon=True)
+    stopper.start()
+    stopper.join(duration)
+    sys.stdout.flush()
+    os._exit(0)
+
+
 def main():
+    if sys.argv[1:2] == ["--watch"]:
+        watch(sys.argv[2], float(sys.argv[3]))
     specs = json.loads(sys.stdin.read())
     print(json.dumps([OPS[spec["op"]](spec) for spec in specs]))
     sys.stdout.flush()

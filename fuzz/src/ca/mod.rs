@@ -1,0 +1,3 @@
+//! The main crate's CA codec, compiled in by path.
+#[path = "../../../src/ca/wire.rs"]
+pub mod wire;
