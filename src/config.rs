@@ -2,6 +2,7 @@
 //! Every option can also be set as `NAMESHIM_<OPTION>`; the CA server port
 //! falls back to `EPICS_CA_SERVER_PORT`, as for any EPICS tool.
 
+use crate::access::{Access, Cidr, Glob};
 use crate::relay::discovery::SearchConfig;
 use crate::relay::limits::ClientDeadlines;
 use crate::wrapper;
@@ -257,6 +258,44 @@ pub struct Cli {
           default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
 
+    /// Refuse every write: CA puts get "write access denied" (and CA clients
+    /// are told their channels are read-only, so displays grey out their
+    /// controls); PVA PUT, PUT_GET and RPC get an error. Reads and monitors
+    /// are unaffected. NAMESHIM_READ_ONLY takes 1/0, true/false, yes/no or
+    /// on/off.
+    #[arg(long, env = "NAMESHIM_READ_ONLY", action = clap::ArgAction::SetTrue,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub read_only: bool,
+
+    /// Only PV names matching one of these patterns can be found (`*` any
+    /// run of characters, `?` any one; comma-separated or repeated). Others
+    /// are never searched for, as if no server had them. Default: all.
+    #[arg(
+        long = "allow-pv",
+        env = "NAMESHIM_ALLOW_PV",
+        value_name = "GLOB",
+        value_delimiter = ','
+    )]
+    pub allow_pv: Vec<String>,
+
+    /// PV names matching one of these patterns are never found, even when
+    /// --allow-pv matches them (comma-separated or repeated).
+    #[arg(
+        long = "deny-pv",
+        env = "NAMESHIM_DENY_PV",
+        value_name = "GLOB",
+        value_delimiter = ','
+    )]
+    pub deny_pv: Vec<String>,
+
+    /// Serve only clients from these networks (CIDR such as 10.0.0.0/8, or
+    /// one address; comma-separated or repeated); others are closed as soon
+    /// as they connect. Behind NAT the shim sees the NAT's address (for
+    /// rootless podman, the container's gateway). Default: every client.
+    #[arg(long = "allow-client", env = "NAMESHIM_ALLOW_CLIENT", value_name = "CIDR",
+          value_delimiter = ',', value_parser = parse_cidr)]
+    pub allow_client: Vec<Cidr>,
+
     /// Do not answer HTTP on the shared port. By default a connection that
     /// starts with an HTTP method gets `GET /healthz` (200 once serving)
     /// or `GET /metrics` (Prometheus text), one response, then close.
@@ -440,6 +479,8 @@ pub struct Config {
     /// Answer HTTP (health, metrics) on the shared port.
     pub http: bool,
     pub limits: Limits,
+    /// The shim's own access rules.
+    pub access: Access,
     pub ca_search: SearchConfig,
     pub pva_search: SearchConfig,
     pub advertise_port: Option<u16>,
@@ -501,6 +542,10 @@ impl Limits {
     }
 }
 
+fn parse_cidr(text: &str) -> Result<Cidr, String> {
+    text.parse()
+}
+
 /// An option, else an EPICS environment variable, else a default.
 fn port_or_env(option: Option<u16>, variable: &str, default: u16) -> u16 {
     option.unwrap_or_else(|| {
@@ -545,6 +590,12 @@ impl Config {
             classify_window: cli.classify_window,
             http: !cli.no_http,
             limits: Limits::from_cli(cli),
+            access: Access {
+                read_only: cli.read_only,
+                allow_names: cli.allow_pv.iter().map(|g| Glob::new(g)).collect(),
+                deny_names: cli.deny_pv.iter().map(|g| Glob::new(g)).collect(),
+                allow_clients: cli.allow_client.clone(),
+            },
             ca_search: search(targets(&cli.ca_search_addr, ca_port)),
             pva_search: search(targets(&cli.pva_search_addr, pva_port)),
             advertise_port: cli.advertise_port,

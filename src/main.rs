@@ -3,6 +3,7 @@
 //! mode (sidecar, or PID-1 wrapper of a command) and maps errors to an exit
 //! code.
 
+mod access;
 mod ca;
 mod check;
 mod config;

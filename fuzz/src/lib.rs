@@ -140,22 +140,26 @@ pub fn pva_stream(data: &[u8]) {
     let Some((&seed, input)) = data.split_first() else {
         return;
     };
-    let from_server = seed & 1 != 0;
+    let direction = if seed & 1 != 0 {
+        pva::wire::Direction::FromServer
+    } else {
+        pva::wire::Direction::FromClient
+    };
     let max = if seed & 0x80 != 0 { 4096 } else { 1 << 20 };
-    let mut whole_decoder = pva::wire::Decoder::new(max, from_server);
-    let mut split_decoder = pva::wire::Decoder::new(max, from_server);
+    let mut whole_decoder = pva::wire::Decoder::new(max, direction);
+    let mut split_decoder = pva::wire::Decoder::new(max, direction);
     let whole = feed(input, None, |buf, needed| whole_decoder.decode(buf, needed));
     let split = feed(input, Some(Chunks::new(seed)), |buf, needed| {
         split_decoder.decode(buf, needed)
     });
     assert_eq!(whole, split, "split reads changed what was decoded");
     for m in &whole.0 {
-        assert_eq!(m.header.is_from_server(), from_server);
+        assert_eq!(m.header.direction(), direction);
         if m.header.is_control() {
             assert!(m.payload.is_empty());
             let mut out = BytesMut::new();
             m.header.encode(&mut out);
-            let mut decoder = pva::wire::Decoder::new(u32::MAX, from_server);
+            let mut decoder = pva::wire::Decoder::new(u32::MAX, direction);
             let mut needed = 0;
             let again = decoder.decode(&mut out, &mut needed);
             assert_eq!(again.as_ref().ok().and_then(Option::as_ref), Some(m));
@@ -172,7 +176,7 @@ pub fn pva_stream(data: &[u8]) {
         m.encode(&mut out);
         assert_eq!(out.len(), m.wire_len());
         // Re-encoded (segments joined), it decodes to the same message.
-        let mut decoder = pva::wire::Decoder::new(u32::MAX, from_server);
+        let mut decoder = pva::wire::Decoder::new(u32::MAX, direction);
         let mut needed = 0;
         let again = decoder.decode(&mut out, &mut needed);
         assert_eq!(again.as_ref().ok().and_then(Option::as_ref), Some(m));

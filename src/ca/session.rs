@@ -19,7 +19,7 @@ use super::backend::{self, BackendConfig};
 use super::wire::{self, Command, Header, Message};
 use super::{frame, CaDecoder};
 use crate::relay::listener::Reception;
-use crate::relay::metrics::Proto;
+use crate::relay::metrics::{Proto, Refusal, METRICS};
 use crate::relay::outbox::{Frame, Outbox};
 use crate::relay::upstream::BackendLink;
 use crate::session::{self, Channel, ClientReader, Core, Events, SessionError, SessionSettings};
@@ -194,6 +194,9 @@ impl session::Protocol for CaSession {
             }
             Command::Search => self.on_search(core, &message).await?,
             Command::CreateChan => self.on_create(core, &message).await?,
+            Command::Write | Command::WriteNotify if core.access.read_only => {
+                refuse_write(core, command, &message).await?
+            }
             Command::EventAdd
             | Command::EventCancel
             | Command::Read
@@ -334,6 +337,35 @@ impl CaSession {
     }
 }
 
+/// Answers a write as rsrv answers one without write access (`--read-only`):
+/// the client's put callback, or its exception handler, says "write access
+/// denied".
+async fn refuse_write(
+    core: &mut Core<CaSession>,
+    command: Command,
+    request: &Message,
+) -> Result<(), SessionError> {
+    let Some(route) = core.channels.route(request.header.p1) else {
+        debug!(
+            sid = request.header.p1,
+            "write for an unknown channel dropped"
+        );
+        return Ok(());
+    };
+    METRICS.refused(Refusal::WriteRefused);
+    debug!(cid = route.cid, ?command, "write refused: read-only");
+    let refusal = if command == Command::WriteNotify {
+        wire::write_notify_refused(&request.header)
+    } else {
+        wire::write_refused(
+            &request.header,
+            route.cid,
+            "write refused by nameshim --read-only",
+        )
+    };
+    Ok(core.to_client(frame(&refusal)).await?)
+}
+
 /// Forwards a request addressed by sid (p1) to the channel's server,
 /// with the server's own sid.
 fn forward_to_channel_server(core: &mut Core<CaSession>, mut message: Message) {
@@ -381,11 +413,14 @@ fn relayed_server_message(
         Command::ServerDisconn | Command::CreateChFail => {
             core.channels.forget(server, header.p1)?;
         }
-        Command::AccessRights
-        | Command::EventAdd
-        | Command::Read
-        | Command::ReadNotify
-        | Command::WriteNotify => {}
+        Command::AccessRights => {
+            // p1 = cid, p2 = rights: a read-only shim says so, so displays
+            // grey out the controls that would only be refused.
+            if core.access.read_only {
+                header.p2 &= !wire::ACCESS_RIGHT_WRITE;
+            }
+        }
+        Command::EventAdd | Command::Read | Command::ReadNotify | Command::WriteNotify => {}
         Command::Error => {
             // The echoed request names the channel by the server's sid.
             if let Some(server_sid) = wire::error_request_sid(&message.payload) {
@@ -437,6 +472,7 @@ pub(crate) fn context_for_tests(
             queue_bytes: 4 << 20,
             max_channels: 100,
             max_searches: 100,
+            access: Default::default(),
         },
         backend: BackendConfig {
             max_server_message: 1 << 24,

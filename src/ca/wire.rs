@@ -416,6 +416,41 @@ pub fn encode_search_datagram(names: &[(u32, &[u8])], sequence: u32, out: &mut B
 /// The longest name that fits a search datagram next to the VERSION prefix.
 pub const MAX_NAME_LEN: usize = MAX_UDP_SEND - 2 * HEADER_LEN - 8;
 
+/// Write access denied: caerr.h `ECA_NOWTACCESS`, `DEFMSG(CA_K_WARNING, 47)`,
+/// the message number shifted past the 3 severity bits (warning is 0).
+pub const ECA_NOWTACCESS: u32 = 47 << 3;
+/// The write bit of ACCESS_RIGHTS' p2 (caProto.h
+/// `CA_PROTO_ACCESS_RIGHT_WRITE`; read is 1).
+pub const ACCESS_RIGHT_WRITE: u32 = 2;
+
+/// rsrv's answer to a WRITE without write access (`camessage.c`
+/// write_action, send_err): CA_PROTO_ERROR with the channel's cid and the
+/// status, then the request's header (with the client's own sid) and a
+/// text.
+pub fn write_refused(request: &Header, cid: u32, why: &str) -> Message {
+    let mut payload = BytesMut::new();
+    request.encode(&mut payload);
+    payload.put_slice(why.as_bytes());
+    payload.put_u8(0);
+    Message::with_payload(
+        Header::new(Command::Error, 0, 0, cid, ECA_NOWTACCESS),
+        &payload,
+    )
+}
+
+/// rsrv's answer to a WRITE_NOTIFY without write access (`camessage.c`
+/// putNotifyErrorReply): the request's type and count, the status in p1
+/// and the request's ioid in p2, no payload.
+pub fn write_notify_refused(request: &Header) -> Message {
+    Message::new(Header::new(
+        Command::WriteNotify,
+        request.data_type,
+        request.count,
+        ECA_NOWTACCESS,
+        request.p2,
+    ))
+}
+
 /// The server sid in the request header that a CA_PROTO_ERROR payload
 /// echoes (rsrv `send_err`: the failed request's header, then the text),
 /// if that request names its channel by sid: EVENT_ADD, EVENT_CANCEL, READ,

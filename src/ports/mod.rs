@@ -17,9 +17,10 @@
 
 pub mod greeting;
 
+use crate::access::Access;
 use crate::config::Config;
 use crate::relay::listener::{self, ConnectionLimits, FirstByte};
-use crate::relay::metrics::{BadInput, METRICS};
+use crate::relay::metrics::{BadInput, Refusal, METRICS};
 use crate::session::SessionSettings;
 use crate::{ca, pva, relay};
 use greeting::{Choice, Greeting, SilentGreetings, SilentTimes};
@@ -80,6 +81,8 @@ impl PortMode {
 pub struct Services {
     pub ca: Arc<ca::session::CaContext>,
     pub pva: Arc<pva::session::PvaContext>,
+    /// The shim's own access rules.
+    pub access: Arc<Access>,
 }
 
 /// Binds the ports and serves them; returns only on a failure to start.
@@ -153,6 +156,7 @@ fn start_services(config: &Config) -> io::Result<Arc<Services>> {
     }
     // One budget for both protocols: a channel is a channel.
     let limits = &config.limits;
+    let access = Arc::new(config.access.clone());
     let channels_in_all = relay::limits::ChannelBudget::new(limits.max_total_channels);
     let settings = |resolver| SessionSettings {
         resolver,
@@ -162,6 +166,7 @@ fn start_services(config: &Config) -> io::Result<Arc<Services>> {
         max_channels: limits.max_channels,
         channels_in_all: channels_in_all.clone(),
         max_searches: limits.max_searches_per_client,
+        access: access.clone(),
     };
     let ca = Arc::new(ca::session::CaContext {
         session: settings(ca::search::start(config.ca_search.clone())?),
@@ -183,7 +188,7 @@ fn start_services(config: &Config) -> io::Result<Arc<Services>> {
         },
         advertise_port: config.advertise_port,
     });
-    Ok(Arc::new(Services { ca, pva }))
+    Ok(Arc::new(Services { ca, pva, access }))
 }
 
 /// What one port's connections share.
@@ -196,6 +201,11 @@ struct PortContext {
 
 async fn handle(stream: TcpStream, peer: SocketAddr, accepted: Instant, port: &PortContext) {
     let services = &port.services;
+    if !services.access.allows_client(peer.ip()) {
+        METRICS.refused(Refusal::ClientNotAllowed);
+        debug!(target: "nameshim::relay", %peer, "closing connection: the client's network is not in --allow-client");
+        return;
+    }
     let classified = match port.mode {
         PortMode::Shared {
             classify_window,

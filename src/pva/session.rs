@@ -37,7 +37,7 @@ use super::wire::Direction;
 use super::wire::{self, Command, Message, WireError};
 use crate::relay::framing::FrameReader;
 use crate::relay::listener::Reception;
-use crate::relay::metrics::Proto;
+use crate::relay::metrics::{Proto, Refusal, METRICS};
 use crate::relay::outbox::{Frame, Outbox};
 use crate::relay::upstream::{BackendLink, LinkError};
 use crate::session::{
@@ -451,6 +451,13 @@ impl PvaSession {
         // sid, ioid, subcommand
         let mut r = wire::Reader::new(&message.payload, message.header.is_big_endian());
         let (_, ioid, subcommand) = (r.u32("sid"), r.u32("ioid"), r.u8("subcommand"));
+        if core.access.read_only && command.writes() {
+            METRICS.refused(Refusal::WriteRefused);
+            debug!(ioid, ?command, "write refused: read-only");
+            let why = "write refused by nameshim --read-only";
+            let refusal = wire::operation_error(command, ioid, subcommand, why, BIG_ENDIAN);
+            return Ok(core.to_client(frame(&refusal)).await?);
+        }
         if r.finish().is_ok() {
             if command == Command::DestroyRequest {
                 self.unanswered.destroyed(ioid);
@@ -933,6 +940,7 @@ mod tests {
                 channels_in_all: crate::relay::limits::ChannelBudget::new(1000),
                 max_channels: 100,
                 max_searches: 100,
+                access: Default::default(),
             },
             backend: BackendConfig {
                 max_server_message: 1 << 20,

@@ -9,7 +9,6 @@
 //! the error at once. A server that answers (even with an error of its own)
 //! is relayed as before.
 
-use super::wire::Direction;
 use super::wire::{self, Command, Message};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddrV4;
@@ -137,13 +136,7 @@ pub fn init_error(command: Command, ioid: u32, big_endian: bool) -> Message {
         name(command),
         ANSWER_WITHIN.as_secs()
     );
-    let mut w = wire::Writer::new(big_endian);
-    w.u32(ioid)
-        .u8(SUBCMD_INIT)
-        .u8(wire::STATUS_ERROR)
-        .string(why.as_bytes())
-        .string(b"");
-    w.into_message(command, Direction::FromServer)
+    wire::operation_error(command, ioid, SUBCMD_INIT, &why, big_endian)
 }
 
 fn name(command: Command) -> &'static str {

@@ -104,6 +104,12 @@ impl Command {
         self.is_operation() || matches!(self, DestroyRequest | GetField | CancelRequest)
     }
 
+    /// An operation that can change a value on the server: PUT, PUT_GET,
+    /// and RPC, whose service may do anything.
+    pub fn writes(self) -> bool {
+        matches!(self, Command::Put | Command::PutGet | Command::Rpc)
+    }
+
     /// A server's answer to a channel request, named by its ioid.
     pub fn is_ioid_response(self) -> bool {
         self.is_operation() || self == Command::GetField
@@ -601,6 +607,25 @@ pub fn set_byte_order(direction: Direction, big_endian: bool) -> Message {
         header,
         payload: Bytes::new(),
     }
+}
+
+/// A server's error answer to a request of operation `ioid`: the
+/// subcommand it answers, an error status and its text (pvxs
+/// `serverchan.cpp` answers a refused INIT this way).
+pub fn operation_error(
+    command: Command,
+    ioid: u32,
+    subcommand: u8,
+    why: &str,
+    big_endian: bool,
+) -> Message {
+    let mut w = Writer::new(big_endian);
+    w.u32(ioid)
+        .u8(subcommand)
+        .u8(STATUS_ERROR)
+        .string(why.as_bytes())
+        .string(b"");
+    w.into_message(command, Direction::FromServer)
 }
 
 /// The receive buffer size announced in CONNECTION_VALIDATION: what a pvxs

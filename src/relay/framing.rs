@@ -622,7 +622,7 @@ mod tests {
         ca_stream.extend_from_slice(&[0, 0, 0x50, 0, 0, 0, 0, 2]);
         ca_stream.extend(std::iter::repeat_n(7u8, 0x5000));
         ca_stream.extend_from_slice(&[0, 1, 0, 8, 0, 6, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2, 1]);
-        let pva = || pva::wire::Decoder::new(1 << 20, true);
+        let pva = || pva::wire::Decoder::new(1 << 20, pva::wire::Direction::FromServer);
         let ca = || ca::CaDecoder {
             max_payload: 1 << 20,
         };

@@ -72,7 +72,8 @@ impl GaugePerProto {
     }
 }
 
-/// Why a connection, channel or search was refused by a limit.
+/// Why a connection, channel, search or write was refused by a limit or
+/// by the shim's access rules.
 #[derive(Debug, Clone, Copy)]
 pub enum Refusal {
     /// `--max-clients-per-host` connections from one address already open.
@@ -87,15 +88,24 @@ pub enum Refusal {
     HttpRequestTooLarge = 4,
     /// The process ran out of file descriptors (EMFILE, ENFILE).
     OutOfDescriptors = 5,
+    /// A client from a network `--allow-client` does not list.
+    ClientNotAllowed = 6,
+    /// A search for a name `--allow-pv` / `--deny-pv` keep from the servers.
+    NameDenied = 7,
+    /// A write refused by `--read-only`.
+    WriteRefused = 8,
 }
 
-const REFUSALS: [(Refusal, &str); 6] = [
+const REFUSALS: [(Refusal, &str); 9] = [
     (Refusal::PerHost, "per_host"),
     (Refusal::ChannelsPerClient, "channels_per_client"),
     (Refusal::ChannelsInAll, "channels_in_all"),
     (Refusal::Searches, "searches"),
     (Refusal::HttpRequestTooLarge, "http_request_too_large"),
     (Refusal::OutOfDescriptors, "out_of_descriptors"),
+    (Refusal::ClientNotAllowed, "client_not_allowed"),
+    (Refusal::NameDenied, "name_denied"),
+    (Refusal::WriteRefused, "write_refused"),
 ];
 
 /// Why a client connection was closed for what it sent or failed to send.

@@ -21,11 +21,12 @@ pub use channels::{Channel, ChannelTable, Route};
 pub use error::SessionError;
 pub use waiters::{Awaiting, Waiter};
 
+use crate::access::Access;
 use crate::relay::discovery::{Answer, Resolver};
 use crate::relay::framing::{Decoder, FrameReader};
 use crate::relay::limits::{self, ChannelBudget, ChannelShare, ClientDeadlines};
 use crate::relay::listener::Reception;
-use crate::relay::metrics::{ClientGauge, Proto};
+use crate::relay::metrics::{ClientGauge, Proto, Refusal, METRICS};
 use crate::relay::outbox::{ControlError, Frame, Outbox};
 use crate::relay::upstream::{BackendEvent, BackendLink, LinkError, WireLen};
 use bytes::Bytes;
@@ -53,6 +54,8 @@ pub struct SessionSettings {
     pub channels_in_all: Arc<ChannelBudget>,
     /// Names one client connection may have under search at once.
     pub max_searches: usize,
+    /// The shim's own access rules (read-only, names).
+    pub access: Arc<Access>,
 }
 
 /// The reader of a client connection.
@@ -214,6 +217,8 @@ pub struct Core<P: Protocol> {
     pub peer: SocketAddr,
     pub client: Outbox,
     pub channels: ChannelTable,
+    /// The shim's own access rules.
+    pub access: Arc<Access>,
     resolver: Resolver,
     links: HashMap<SocketAddrV4, Link>,
     next_link: u64,
@@ -234,6 +239,7 @@ impl<P: Protocol> Core<P> {
             peer,
             client,
             channels: ChannelTable::new(settings.max_channels, share, P::RESERVED_SID),
+            access: settings.access.clone(),
             resolver: settings.resolver.clone(),
             links: HashMap::new(),
             next_link: 1,
@@ -312,13 +318,19 @@ impl<P: Protocol> Core<P> {
     }
 
     /// Waits for the search relay to name the server of `name`; a waiter
-    /// the limits refuse is settled as not found at once.
+    /// the limits refuse, or for a name the access rules keep from the
+    /// servers, is settled as not found at once.
     pub async fn await_name(
         &mut self,
         protocol: &mut P,
         name: Bytes,
         waiter: P::Waiter,
     ) -> Result<(), SessionError> {
+        if !self.access.allows_name(&name) {
+            METRICS.refused(Refusal::NameDenied);
+            debug!(name = %String::from_utf8_lossy(&name), "search for a name the access rules deny");
+            return protocol.settle(self, waiter, &name, None).await;
+        }
         let refused = self
             .awaiting
             .add(name.clone(), waiter, &self.resolver, &self.answer_tx);
