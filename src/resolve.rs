@@ -395,6 +395,38 @@ fn be16(msg: &[u8], at: usize) -> Result<u16, DnsError> {
 
 /// Parses the answer to query `id` for `name` and `qtype`.
 pub fn parse_answer(msg: &[u8], id: u16, name: &str, qtype: u16) -> Result<Answer, DnsError> {
+    let (flags, answers, mut at) = read_header_and_question(msg, id, name, qtype)?;
+    match flags & 0x000F {
+        0 => {}
+        RCODE_NXDOMAIN => return Ok(Answer::NoSuchName),
+        _ => return Ok(Answer::ServerFailure),
+    }
+    let mut records = Vec::new();
+    for _ in 0..answers.min(MAX_RECORDS) {
+        let (record, next) = read_record(msg, at)?;
+        if record.class == CLASS_IN {
+            records.push(record);
+        }
+        at = next;
+    }
+    let owner = follow_cnames(msg, &records, name)?;
+    let ips = addresses(msg, &records, &owner, qtype);
+    if ips.is_empty() && flags & FLAG_TC != 0 {
+        // Cut short with nothing usable: TCP would be needed, which this
+        // stub does not do; another server may answer in full.
+        return Ok(Answer::ServerFailure);
+    }
+    Ok(Answer::Addresses(ips))
+}
+
+/// Checks that `msg` answers our one question; returns the flags, the
+/// answer count and the position after the question.
+fn read_header_and_question(
+    msg: &[u8],
+    id: u16,
+    name: &str,
+    qtype: u16,
+) -> Result<(u16, usize, usize), DnsError> {
     if be16(msg, 0)? != id {
         return Err(DnsError::NotOurs("wrong id"));
     }
@@ -406,52 +438,71 @@ pub fn parse_answer(msg: &[u8], id: u16, name: &str, qtype: u16) -> Result<Answe
         return Err(DnsError::NotOurs("not exactly one question"));
     }
     let answers = usize::from(be16(msg, 6)?);
-    let (asked, mut at) = decode_name(msg, 12)?;
+    let (asked, at) = decode_name(msg, 12)?;
     if !asked.eq_ignore_ascii_case(name)
         || be16(msg, at)? != qtype
         || be16(msg, at + 2)? != CLASS_IN
     {
         return Err(DnsError::NotOurs("another question"));
     }
-    at += 4;
-    match flags & 0x000F {
-        0 => {}
-        RCODE_NXDOMAIN => return Ok(Answer::NoSuchName),
-        _ => return Ok(Answer::ServerFailure),
+    Ok((flags, answers, at + 4))
+}
+
+/// One resource record of the answer section, its data left in the message.
+struct Record {
+    owner: String,
+    rtype: u16,
+    class: u16,
+    /// Where the record's data starts in the message, and its length.
+    data: usize,
+    len: usize,
+}
+
+/// Reads the record at `at`; returns it and the position after it.
+fn read_record(msg: &[u8], at: usize) -> Result<(Record, usize), DnsError> {
+    let (owner, next) = decode_name(msg, at)?;
+    let rtype = be16(msg, next)?;
+    let class = be16(msg, next + 2)?;
+    // The TTL (4 bytes) sits between the class and the data length.
+    let len = usize::from(be16(msg, next + 8)?);
+    let data = next + 10;
+    if data + len > msg.len() {
+        return Err(DnsError::Truncated);
     }
-    // (owner, type, rdata position, rdata length)
-    let mut records = Vec::new();
-    for _ in 0..answers.min(MAX_RECORDS) {
-        let (owner, next) = decode_name(msg, at)?;
-        let rtype = be16(msg, next)?;
-        let class = be16(msg, next + 2)?;
-        let len = usize::from(be16(msg, next + 8)?);
-        let data = next + 10;
-        if data + len > msg.len() {
-            return Err(DnsError::Truncated);
-        }
-        if class == CLASS_IN {
-            records.push((owner, rtype, data, len));
-        }
-        at = data + len;
-    }
-    // Follow the CNAME chain from the asked name, then take its addresses.
+    let record = Record {
+        owner,
+        rtype,
+        class,
+        data,
+        len,
+    };
+    Ok((record, data + len))
+}
+
+/// Follows the CNAME chain from the asked name; returns the name at its
+/// end (lowercase), the owner of the addresses.
+fn follow_cnames(msg: &[u8], records: &[Record], name: &str) -> Result<String, DnsError> {
     let mut current = name.to_ascii_lowercase();
     for _ in 0..MAX_CNAME_HOPS {
-        let alias = records.iter().find(|(owner, rtype, ..)| {
-            *rtype == TYPE_CNAME && owner.eq_ignore_ascii_case(&current)
-        });
+        let alias = records
+            .iter()
+            .find(|r| r.rtype == TYPE_CNAME && r.owner.eq_ignore_ascii_case(&current));
         match alias {
-            Some(&(_, _, data, _)) => current = decode_name(msg, data)?.0.to_ascii_lowercase(),
+            Some(alias) => current = decode_name(msg, alias.data)?.0.to_ascii_lowercase(),
             None => break,
         }
     }
+    Ok(current)
+}
+
+/// The distinct addresses of type `qtype` that `owner` has, in answer order.
+fn addresses(msg: &[u8], records: &[Record], owner: &str, qtype: u16) -> Vec<IpAddr> {
     let mut ips = Vec::new();
-    for (owner, rtype, data, len) in &records {
-        if *rtype != qtype || !owner.eq_ignore_ascii_case(&current) {
+    for record in records {
+        if record.rtype != qtype || !record.owner.eq_ignore_ascii_case(owner) {
             continue;
         }
-        let rdata = &msg[*data..*data + *len];
+        let rdata = &msg[record.data..record.data + record.len];
         let ip = match (qtype, rdata.len()) {
             (TYPE_A, 4) => IpAddr::from([rdata[0], rdata[1], rdata[2], rdata[3]]),
             (TYPE_AAAA, 16) => {
@@ -465,12 +516,7 @@ pub fn parse_answer(msg: &[u8], id: u16, name: &str, qtype: u16) -> Result<Answe
             ips.push(ip);
         }
     }
-    if ips.is_empty() && flags & FLAG_TC != 0 {
-        // Cut short with nothing usable: TCP would be needed, which this
-        // stub does not do; another server may answer in full.
-        return Ok(Answer::ServerFailure);
-    }
-    Ok(Answer::Addresses(ips))
+    ips
 }
 
 /// Reads a possibly compressed name at `at`; returns it (dotted, no

@@ -98,12 +98,37 @@ fn summarize(
     let connected = ca.is_some_and(|r| r.connected) || pva.is_some_and(|r| r.connected);
     let ca_greeted = ca.is_some_and(|r| r.greeted);
     let pva_greeted = pva.is_some_and(|r| r.greeted);
+    let mut code = report_pvs(report, &args.pvs, ca, pva);
+    if args.pvs.is_empty() && ((ca.is_some() && !ca_greeted) || (pva.is_some() && !pva_greeted)) {
+        code = EXIT_NOT_REACHED;
+    }
+    if !connected {
+        report.line("");
+        report.line(&format!(
+            "nothing reached {host}:{port}: is the shim running, is the port published, does a firewall drop it?"
+        ));
+        return EXIT_UNREACHABLE;
+    }
+    let advertise = pva.and_then(|pva| report_reply_port(report, pva, port));
+    report_settings(report, host, port, ca_greeted, pva_greeted, advertise);
+    report_exit(report, code, args.pvs.is_empty());
+    code
+}
+
+/// One line per PV saying which protocols read it; EXIT_NOT_REACHED when
+/// some PV was read by none.
+fn report_pvs(
+    report: &mut Report,
+    pvs: &[String],
+    ca: Option<&ca::CaResult>,
+    pva: Option<&pva::PvaResult>,
+) -> u8 {
     let mut code = EXIT_REACHED;
-    if !args.pvs.is_empty() {
+    if !pvs.is_empty() {
         report.line("");
         report.line("PVs:");
     }
-    for (index, pv) in args.pvs.iter().enumerate() {
+    for (index, pv) in pvs.iter().enumerate() {
         let ca_got = ca.map(|r| r.reached.get(index).copied().unwrap_or(false));
         let pva_got = pva.map(|r| r.reached.get(index).copied().unwrap_or(false));
         let mut parts = Vec::new();
@@ -119,34 +144,40 @@ fn summarize(
         }
         report.line(&format!("  {pv}: {}", parts.join(", ")));
     }
-    if args.pvs.is_empty() && ((ca.is_some() && !ca_greeted) || (pva.is_some() && !pva_greeted)) {
-        code = EXIT_NOT_REACHED;
-    }
-    if !connected {
-        report.line("");
-        report.line(&format!(
-            "nothing reached {host}:{port}: is the shim running, is the port published, does a firewall drop it?"
-        ));
-        return EXIT_UNREACHABLE;
-    }
-    let mut advertise = None;
-    if let Some(pva) = pva {
-        report.line("");
-        match pva.ports {
-            Some(ports) => {
-                for line in report::reply_port_verdict(ports, port) {
-                    report.line(&line);
-                }
-                if !report::all_pva_clients_work(ports, port) {
-                    advertise = Some(port);
-                }
+    code
+}
+
+/// Which PVA clients can use the port the search answers named; returns
+/// the port to advertise when some cannot.
+fn report_reply_port(report: &mut Report, pva: &pva::PvaResult, dialed: u16) -> Option<u16> {
+    report.line("");
+    match pva.ports {
+        Some(ports) => {
+            for line in report::reply_port_verdict(ports, dialed) {
+                report.line(&line);
             }
-            None if pva_greeted => report.line(
-                "reply port: not checked (name a PV the shim can find to check which PVA clients can use its answers)",
-            ),
-            None => {}
+            (!report::all_pva_clients_work(ports, dialed)).then_some(dialed)
         }
+        None if pva.greeted => {
+            report.line(
+                "reply port: not checked (name a PV the shim can find to check which PVA clients can use its answers)",
+            );
+            None
+        }
+        None => None,
     }
+}
+
+/// The "Set on clients" lines, and the shim option when PVA answers need
+/// `advertise` to work for every client.
+fn report_settings(
+    report: &mut Report,
+    host: &str,
+    port: u16,
+    ca_greeted: bool,
+    pva_greeted: bool,
+    advertise: Option<u16>,
+) {
     report.line("");
     report.line("Set on clients:");
     let target = if host.contains(':') {
@@ -163,17 +194,19 @@ fn summarize(
             "  --advertise-port {port}   (or NAMESHIM_ADVERTISE_PORT={port})"
         ));
     }
+}
+
+fn report_exit(report: &mut Report, code: u8, no_pvs: bool) {
     report.line("");
     report.line(&format!(
         "exit {code}: {}",
-        match (code, args.pvs.is_empty()) {
+        match (code, no_pvs) {
             (EXIT_REACHED, false) => "every PV was read by at least one protocol",
             (EXIT_REACHED, true) => "every protocol checked greeted",
             (_, false) => "some PV was not read by any protocol",
             (_, true) => "some protocol did not greet",
         }
     ));
-    code
 }
 
 /// `HOST:PORT`, `[IPV6]:PORT`, `HOST` or `IPV6` (port 5066).

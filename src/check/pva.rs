@@ -15,12 +15,13 @@
 
 use super::report::{Outcome, ReplyPorts, Report};
 use super::{next_before, step, step_with, Failure};
-use crate::pva::types::{Registry, Shape, Walker};
+use crate::pva::types::{FieldType, Registry, Shape, Walker};
 use crate::pva::wire::Direction;
 use crate::pva::wire::{self, Command, Message, Reader, Writer};
 use crate::relay::framing::FrameReader;
 use bytes::BytesMut;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -384,78 +385,106 @@ impl Connection {
         Ok((format!("{pv} created on this connection"), sid))
     }
 
+    /// GET INIT for the type, then one GET for the value.
     async fn get(&mut self, pv: &str, sid: u32, ioid: u32) -> Outcome {
-        let mut w = self.writer();
-        w.u32(sid)
-            .u32(ioid)
-            .u8(SUBCMD_INIT)
-            .bytes(&EMPTY_PV_REQUEST);
-        self.send(w.into_message(Command::Get, Direction::FromClient))
+        self.send_get(sid, ioid, SUBCMD_INIT, &EMPTY_PV_REQUEST)
             .await?;
         let deadline = Instant::now() + self.step;
         let what = format!("the GET answers for {pv}");
-        let is_answer = |m: &Message, subcmd: u8| {
-            let mut r = Reader::new(&m.payload, m.header.is_big_endian());
-            m.header.command() == Ok(Command::Get)
-                && r.u32("ioid") == ioid
-                && r.u8("subcmd") == subcmd
-        };
         let top = self
             .expect(deadline, &what, |m, types| {
-                if !is_answer(m, SUBCMD_INIT) {
-                    return None;
-                }
-                let mut walker = Walker::new(&m.payload, m.header.is_big_endian(), types, None);
-                walker.r.bytes(5, "ioid and subcommand");
-                if let Err(why) = read_status(&mut walker.r) {
-                    return Some(Err(format!("{pv}: GET refused: {why}")));
-                }
-                let top = walker.field_desc();
-                Some(match (walker.finish(), top) {
-                    (Ok(()), Some(top)) => Ok(top),
-                    (Err(e), _) => Err(format!("{pv}: bad type in the GET answer: {e}")),
-                    (Ok(()), None) => Err(format!("{pv}: the GET answer has no type")),
-                })
+                read_get_init(m, types, pv, ioid)
             })
             .await?;
-        let mut w = self.writer();
-        w.u32(sid).u32(ioid).u8(SUBCMD_GET);
-        self.send(w.into_message(Command::Get, Direction::FromClient))
-            .await?;
+        self.send_get(sid, ioid, SUBCMD_GET, &[]).await?;
         let type_id = String::from_utf8_lossy(top.type_id().unwrap_or_default()).into_owned();
         let type_id = if type_id.is_empty() {
             "a structure without type id".to_string()
         } else {
             type_id
         };
-        let value_field = top.member(b"value");
         let value = self
             .expect(deadline, &what, |m, types| {
-                if !is_answer(m, SUBCMD_GET) {
-                    return None;
-                }
-                let big_endian = m.header.is_big_endian();
-                let mut walker = Walker::new(&m.payload, big_endian, types, None);
-                walker.r.bytes(5, "ioid and subcommand");
-                if let Err(why) = read_status(&mut walker.r) {
-                    return Some(Err(format!("{pv}: GET failed: {why}")));
-                }
-                let Some((bit, value_type)) = value_field else {
-                    return Some(Ok(format!("{pv} {type_id} (no value field)")));
-                };
-                let bytes = walker.changed_value_field(&top, bit);
-                if let Err(e) = walker.finish() {
-                    return Some(Err(format!("{pv}: bad value in the GET answer: {e}")));
-                }
-                let shown = match bytes {
-                    Some(bytes) => format_value(value_type.shape(), bytes, big_endian),
-                    None => "not sent".to_string(),
-                };
-                Some(Ok(format!("{pv} {type_id} value = {shown}")))
+                read_get_value(m, types, pv, ioid, &top, &type_id)
             })
             .await?;
         Ok(value)
     }
+
+    async fn send_get(
+        &mut self,
+        sid: u32,
+        ioid: u32,
+        subcmd: u8,
+        pv_request: &[u8],
+    ) -> Result<(), String> {
+        let mut w = self.writer();
+        w.u32(sid).u32(ioid).u8(subcmd).bytes(pv_request);
+        self.send(w.into_message(Command::Get, Direction::FromClient))
+            .await
+    }
+}
+
+/// A GET answer for `ioid` to subcommand `subcmd`.
+fn is_get_answer(m: &Message, ioid: u32, subcmd: u8) -> bool {
+    let mut r = Reader::new(&m.payload, m.header.is_big_endian());
+    m.header.command() == Ok(Command::Get) && r.u32("ioid") == ioid && r.u8("subcmd") == subcmd
+}
+
+/// The type from the answer to GET INIT; None for another message.
+fn read_get_init(
+    m: &Message,
+    types: &mut Registry,
+    pv: &str,
+    ioid: u32,
+) -> Option<Result<Arc<FieldType>, String>> {
+    if !is_get_answer(m, ioid, SUBCMD_INIT) {
+        return None;
+    }
+    let mut walker = Walker::new(&m.payload, m.header.is_big_endian(), types, None);
+    walker.r.bytes(5, "ioid and subcommand");
+    if let Err(why) = read_status(&mut walker.r) {
+        return Some(Err(format!("{pv}: GET refused: {why}")));
+    }
+    let top = walker.field_desc();
+    Some(match (walker.finish(), top) {
+        (Ok(()), Some(top)) => Ok(top),
+        (Err(e), _) => Err(format!("{pv}: bad type in the GET answer: {e}")),
+        (Ok(()), None) => Err(format!("{pv}: the GET answer has no type")),
+    })
+}
+
+/// The value field shown from the answer to GET, which `top` describes;
+/// None for another message.
+fn read_get_value(
+    m: &Message,
+    types: &mut Registry,
+    pv: &str,
+    ioid: u32,
+    top: &FieldType,
+    type_id: &str,
+) -> Option<Result<String, String>> {
+    if !is_get_answer(m, ioid, SUBCMD_GET) {
+        return None;
+    }
+    let big_endian = m.header.is_big_endian();
+    let mut walker = Walker::new(&m.payload, big_endian, types, None);
+    walker.r.bytes(5, "ioid and subcommand");
+    if let Err(why) = read_status(&mut walker.r) {
+        return Some(Err(format!("{pv}: GET failed: {why}")));
+    }
+    let Some((bit, value_type)) = top.member(b"value") else {
+        return Some(Ok(format!("{pv} {type_id} (no value field)")));
+    };
+    let bytes = walker.changed_value_field(top, bit);
+    if let Err(e) = walker.finish() {
+        return Some(Err(format!("{pv}: bad value in the GET answer: {e}")));
+    }
+    let shown = match bytes {
+        Some(bytes) => format_value(value_type.shape(), bytes, big_endian),
+        None => "not sent".to_string(),
+    };
+    Some(Ok(format!("{pv} {type_id} value = {shown}")))
 }
 
 /// A Status: Ok for OK or warning, else the error's message.

@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::error::Elapsed;
 use tracing::{debug, warn};
 
 /// Largest request head (request line and headers) read.
@@ -115,44 +116,9 @@ enum HeadError {
 
 /// Reads one request head within `timeout`, answers it and closes.
 pub async fn serve(mut stream: TcpStream, peer: SocketAddr, timeout: Duration, state: State) {
-    let mut head = Vec::with_capacity(512);
-    let read = tokio::time::timeout(timeout, async {
-        let mut chunk = [0u8; 1024];
-        while !head_complete(&head) {
-            if head.len() >= MAX_REQUEST_HEAD {
-                return Err(HeadError::TooLarge);
-            }
-            let room = (MAX_REQUEST_HEAD - head.len()).min(chunk.len());
-            match stream.read(&mut chunk[..room]).await {
-                Ok(0) | Err(_) => return Err(HeadError::Closed),
-                Ok(n) => head.extend_from_slice(&chunk[..n]),
-            }
-        }
-        Ok(())
-    })
-    .await;
-    let reply = match read {
-        Ok(Ok(())) => respond(&head, &state),
-        Ok(Err(HeadError::TooLarge)) => {
-            METRICS.refused(Refusal::HttpRequestTooLarge);
-            warn!(target: "nameshim::relay::http", %peer, "closing HTTP connection: request head over {MAX_REQUEST_HEAD} bytes");
-            response(
-                431,
-                "Request Header Fields Too Large",
-                "text/plain",
-                "request head too large\n",
-                true,
-            )
-        }
-        Ok(Err(HeadError::Closed)) => {
-            debug!(target: "nameshim::relay::http", %peer, "HTTP client closed before a whole request");
-            return;
-        }
-        Err(_) => {
-            METRICS.bad_input(BadInput::Timeout);
-            warn!(target: "nameshim::relay::http", %peer, "closing HTTP connection: no whole request within {timeout:?}");
-            return;
-        }
+    let read = tokio::time::timeout(timeout, read_head(&mut stream)).await;
+    let Some(reply) = reply_to(read, peer, timeout, &state) else {
+        return;
     };
     METRICS.http_requests.fetch_add(1, Ordering::Relaxed);
     let written = tokio::time::timeout(timeout, async {
@@ -164,9 +130,63 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, timeout: Duration, s
         debug!(target: "nameshim::relay::http", %peer, "HTTP response not delivered");
         return;
     }
-    // Closing with unread bytes (the rest of an oversized head) would send
-    // a reset that can destroy the response before the client reads it:
-    // read what is left, boundedly, until the client closes its side.
+    drain_before_close(&mut stream).await;
+}
+
+/// Reads until the request head is whole, at most [`MAX_REQUEST_HEAD`] bytes.
+async fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, HeadError> {
+    let mut head = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    while !head_complete(&head) {
+        if head.len() >= MAX_REQUEST_HEAD {
+            return Err(HeadError::TooLarge);
+        }
+        let room = (MAX_REQUEST_HEAD - head.len()).min(chunk.len());
+        match stream.read(&mut chunk[..room]).await {
+            Ok(0) | Err(_) => return Err(HeadError::Closed),
+            Ok(n) => head.extend_from_slice(&chunk[..n]),
+        }
+    }
+    Ok(head)
+}
+
+/// The response to what [`read_head`] gave within `timeout`; None when
+/// there is nobody to answer (closed, or silent too long).
+fn reply_to(
+    read: Result<Result<Vec<u8>, HeadError>, Elapsed>,
+    peer: SocketAddr,
+    timeout: Duration,
+    state: &State,
+) -> Option<Vec<u8>> {
+    match read {
+        Ok(Ok(head)) => Some(respond(&head, state)),
+        Ok(Err(HeadError::TooLarge)) => {
+            METRICS.refused(Refusal::HttpRequestTooLarge);
+            warn!(target: "nameshim::relay::http", %peer, "closing HTTP connection: request head over {MAX_REQUEST_HEAD} bytes");
+            Some(response(
+                431,
+                "Request Header Fields Too Large",
+                "text/plain",
+                "request head too large\n",
+                true,
+            ))
+        }
+        Ok(Err(HeadError::Closed)) => {
+            debug!(target: "nameshim::relay::http", %peer, "HTTP client closed before a whole request");
+            None
+        }
+        Err(_) => {
+            METRICS.bad_input(BadInput::Timeout);
+            warn!(target: "nameshim::relay::http", %peer, "closing HTTP connection: no whole request within {timeout:?}");
+            None
+        }
+    }
+}
+
+/// Closing with unread bytes (the rest of an oversized head) would send
+/// a reset that can destroy the response before the client reads it:
+/// read what is left, boundedly, until the client closes its side.
+async fn drain_before_close(stream: &mut TcpStream) {
     let _ = tokio::time::timeout(LINGER, async {
         let mut sink = [0u8; 1024];
         let mut left = LINGER_BYTES;

@@ -3,7 +3,7 @@
 //! through the sessions. Rendered in the Prometheus text exposition format
 //! 0.0.4 (https://prometheus.io/docs/instrumenting/exposition_formats/).
 
-use std::fmt::Write;
+use std::fmt::{Display, Write};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 /// The protocol a figure is kept for.
@@ -188,134 +188,139 @@ impl Metrics {
     /// The Prometheus text exposition (format 0.0.4).
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        gauge_per_proto(
-            &mut out,
-            "nameshim_clients",
-            "Client connections open now.",
-            &self.clients,
-        );
-        counter_per_proto(
-            &mut out,
-            "nameshim_clients_accepted_total",
-            "Client connections served since start.",
-            &self.clients_accepted,
-        );
-        gauge_per_proto(
-            &mut out,
-            "nameshim_channels",
-            "Channels held by client connections now.",
-            &self.channels,
-        );
-        counter(
-            &mut out,
-            "nameshim_client_received_bytes_total",
-            "Bytes read from client connections.",
-            load(&self.bytes_from_clients),
-        );
-        counter(
-            &mut out,
-            "nameshim_client_sent_bytes_total",
-            "Bytes written to client connections.",
-            load(&self.bytes_to_clients),
-        );
-        counter_per_proto(
-            &mut out,
-            "nameshim_searches_sent_total",
-            "Names the search relay began searching for on the local servers (cache misses).",
-            &self.searches_sent,
-        );
-        counter_per_proto(
-            &mut out,
-            "nameshim_searches_found_total",
-            "Names a local server answered for.",
-            &self.searches_found,
-        );
-        counter_per_proto(
-            &mut out,
-            "nameshim_searches_timed_out_total",
-            "Names no local server answered for within --search-timeout.",
-            &self.searches_timed_out,
-        );
-        counter_per_proto(
-            &mut out,
-            "nameshim_server_links_opened_total",
-            "Connections to local servers established.",
-            &self.server_links_opened,
-        );
-        counter_per_proto(
-            &mut out,
-            "nameshim_server_links_lost_total",
-            "Connections to local servers that ended after being established.",
-            &self.server_links_lost,
-        );
-        header(
-            &mut out,
-            "nameshim_refused_total",
-            "Connections, channels or searches refused by a limit, by reason.",
-            "counter",
-        );
-        for (why, label) in REFUSALS {
-            let _ = writeln!(
-                out,
-                "nameshim_refused_total{{reason=\"{label}\"}} {}",
-                load(&self.refused[why as usize])
-            );
+        for (name, help, samples_of) in EXPOSITION {
+            write_metric(&mut out, name, help, samples_of(self));
         }
-        header(
-            &mut out,
-            "nameshim_bad_input_closes_total",
-            "Client connections closed for what they sent (or failed to send), by kind.",
-            "counter",
-        );
-        for (why, label) in BAD_INPUTS {
-            let _ = writeln!(
-                out,
-                "nameshim_bad_input_closes_total{{kind=\"{label}\"}} {}",
-                load(&self.bad_input[why as usize])
-            );
-        }
-        counter(
-            &mut out,
-            "nameshim_http_requests_total",
-            "HTTP requests answered on the shared port.",
-            load(&self.http_requests),
-        );
         out
     }
 }
 
-fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+/// Where one metric's samples are read from; the variant decides its TYPE
+/// and its labels.
+enum Samples<'a> {
+    GaugePerProto(&'a GaugePerProto),
+    CounterPerProto(&'a PerProto),
+    Counter(&'a AtomicU64),
+    /// A counter split by one label: the label's name, then each value of
+    /// the label with its count.
+    CounterBy(&'static str, [(&'static str, u64); 5]),
+}
+
+/// Every metric in the order it is rendered: name, help, and its samples.
+type Exposition = [(&'static str, &'static str, fn(&Metrics) -> Samples<'_>); 13];
+
+const EXPOSITION: Exposition = [
+    ("nameshim_clients", "Client connections open now.", |m| {
+        Samples::GaugePerProto(&m.clients)
+    }),
+    (
+        "nameshim_clients_accepted_total",
+        "Client connections served since start.",
+        |m| Samples::CounterPerProto(&m.clients_accepted),
+    ),
+    (
+        "nameshim_channels",
+        "Channels held by client connections now.",
+        |m| Samples::GaugePerProto(&m.channels),
+    ),
+    (
+        "nameshim_client_received_bytes_total",
+        "Bytes read from client connections.",
+        |m| Samples::Counter(&m.bytes_from_clients),
+    ),
+    (
+        "nameshim_client_sent_bytes_total",
+        "Bytes written to client connections.",
+        |m| Samples::Counter(&m.bytes_to_clients),
+    ),
+    (
+        "nameshim_searches_sent_total",
+        "Names the search relay began searching for on the local servers (cache misses).",
+        |m| Samples::CounterPerProto(&m.searches_sent),
+    ),
+    (
+        "nameshim_searches_found_total",
+        "Names a local server answered for.",
+        |m| Samples::CounterPerProto(&m.searches_found),
+    ),
+    (
+        "nameshim_searches_timed_out_total",
+        "Names no local server answered for within --search-timeout.",
+        |m| Samples::CounterPerProto(&m.searches_timed_out),
+    ),
+    (
+        "nameshim_server_links_opened_total",
+        "Connections to local servers established.",
+        |m| Samples::CounterPerProto(&m.server_links_opened),
+    ),
+    (
+        "nameshim_server_links_lost_total",
+        "Connections to local servers that ended after being established.",
+        |m| Samples::CounterPerProto(&m.server_links_lost),
+    ),
+    (
+        "nameshim_refused_total",
+        "Connections, channels or searches refused by a limit, by reason.",
+        |m| {
+            Samples::CounterBy(
+                "reason",
+                REFUSALS.map(|(why, label)| (label, load(&m.refused[why as usize]))),
+            )
+        },
+    ),
+    (
+        "nameshim_bad_input_closes_total",
+        "Client connections closed for what they sent (or failed to send), by kind.",
+        |m| {
+            Samples::CounterBy(
+                "kind",
+                BAD_INPUTS.map(|(why, label)| (label, load(&m.bad_input[why as usize]))),
+            )
+        },
+    ),
+    (
+        "nameshim_http_requests_total",
+        "HTTP requests answered on the shared port.",
+        |m| Samples::Counter(&m.http_requests),
+    ),
+];
+
+fn load(value: &AtomicU64) -> u64 {
+    value.load(Ordering::Relaxed)
+}
+
+/// One metric: its HELP and TYPE lines, then one line per sample.
+fn write_metric(out: &mut String, name: &str, help: &str, samples: Samples) {
+    let kind = match samples {
+        Samples::GaugePerProto(_) => "gauge",
+        Samples::CounterPerProto(_) | Samples::Counter(_) | Samples::CounterBy(..) => "counter",
+    };
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-fn counter(out: &mut String, name: &str, help: &str, value: u64) {
-    header(out, name, help, "counter");
-    let _ = writeln!(out, "{name} {value}");
-}
-
-fn counter_per_proto(out: &mut String, name: &str, help: &str, values: &PerProto) {
-    header(out, name, help, "counter");
-    for proto in Proto::ALL {
-        let _ = writeln!(
-            out,
-            "{name}{{protocol=\"{}\"}} {}",
-            proto.label(),
-            values.get(proto)
-        );
+    match samples {
+        Samples::GaugePerProto(values) => {
+            for proto in Proto::ALL {
+                sample(out, name, "protocol", proto.label(), values.get(proto));
+            }
+        }
+        Samples::CounterPerProto(values) => {
+            for proto in Proto::ALL {
+                sample(out, name, "protocol", proto.label(), values.get(proto));
+            }
+        }
+        Samples::Counter(value) => {
+            let _ = writeln!(out, "{name} {}", load(value));
+        }
+        Samples::CounterBy(label, counts) => {
+            for (label_value, count) in counts {
+                sample(out, name, label, label_value, count);
+            }
+        }
     }
 }
 
-fn gauge_per_proto(out: &mut String, name: &str, help: &str, values: &GaugePerProto) {
-    header(out, name, help, "gauge");
-    for proto in Proto::ALL {
-        let _ = writeln!(
-            out,
-            "{name}{{protocol=\"{}\"}} {}",
-            proto.label(),
-            values.get(proto)
-        );
-    }
+/// One sample line with one label.
+fn sample(out: &mut String, name: &str, label: &str, label_value: &str, value: impl Display) {
+    let _ = writeln!(out, "{name}{{{label}=\"{label_value}\"}} {value}");
 }
 
 /// Counts one client connection of `proto` as open until dropped, by any
