@@ -203,7 +203,7 @@ enum Samples<'a> {
     Counter(&'a AtomicU64),
     /// A counter split by one label: the label's name, then each value of
     /// the label with its count.
-    CounterBy(&'static str, [(&'static str, u64); 5]),
+    CounterBy(&'static str, Vec<(&'static str, u64)>),
 }
 
 /// Every metric in the order it is rendered: name, help, and its samples.
@@ -260,11 +260,11 @@ const EXPOSITION: Exposition = [
     ),
     (
         "nameshim_refused_total",
-        "Connections, channels or searches refused by a limit, by reason.",
+        "Connections, channels, searches or writes refused by a limit or an access rule, by reason.",
         |m| {
             Samples::CounterBy(
                 "reason",
-                REFUSALS.map(|(why, label)| (label, load(&m.refused[why as usize]))),
+                REFUSALS.map(|(why, label)| (label, load(&m.refused[why as usize]))).to_vec(),
             )
         },
     ),
@@ -274,7 +274,7 @@ const EXPOSITION: Exposition = [
         |m| {
             Samples::CounterBy(
                 "kind",
-                BAD_INPUTS.map(|(why, label)| (label, load(&m.bad_input[why as usize]))),
+                BAD_INPUTS.map(|(why, label)| (label, load(&m.bad_input[why as usize]))).to_vec(),
             )
         },
     ),
