@@ -160,6 +160,29 @@ pub struct Cli {
           default_value = "10s", value_parser = parse_duration)]
     pub cache_ttl: Duration,
 
+    /// New names searched for per second for one client address, per
+    /// protocol, at most (names cached or already under search cost
+    /// nothing); a name over the rate counts as not found, and the client
+    /// searches again later. Bounds what one client can send to the
+    /// servers' UDP ports.
+    #[arg(
+        long,
+        env = "NAMESHIM_SEARCH_RATE_PER_CLIENT",
+        value_name = "N",
+        default_value_t = 10_000
+    )]
+    pub search_rate_per_client: u32,
+
+    /// New names searched for per second for all clients together, per
+    /// protocol, at most.
+    #[arg(
+        long,
+        env = "NAMESHIM_SEARCH_RATE",
+        value_name = "N",
+        default_value_t = 20_000
+    )]
+    pub search_rate: u32,
+
     /// Client connections served at once, per listening port; more wait
     /// in the accept queue.
     #[arg(
@@ -582,6 +605,8 @@ impl Config {
             max_pending: MAX_PENDING_SEARCHES,
             max_pending_per_address: MAX_PENDING_SEARCHES_PER_ADDRESS,
             max_cached: 100_000,
+            max_rate_per_address: cli.search_rate_per_client,
+            max_rate: cli.search_rate,
         };
         Config {
             listen: cli.listen,

@@ -464,6 +464,8 @@ pub(crate) fn context_for_tests(
                 max_pending: 100,
                 max_pending_per_address: 100,
                 max_cached: 100,
+                max_rate_per_address: 1_000_000,
+                max_rate: 1_000_000,
             })
             .expect("a search relay on the loopback"),
             max_client_message: 1 << 24,

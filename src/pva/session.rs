@@ -932,6 +932,8 @@ mod tests {
                     max_pending: 100,
                     max_pending_per_address: 100,
                     max_cached: 100,
+                    max_rate_per_address: 1_000_000,
+                    max_rate: 1_000_000,
                 })
                 .unwrap(),
                 max_client_message: 1 << 20,

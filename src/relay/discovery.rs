@@ -29,6 +29,7 @@
 //!   per datagram does not grow with the number of names under search.
 
 use super::metrics::{Proto, Refusal, METRICS};
+use super::rate::SearchRates;
 use crate::relay::localaddr::LocalAddrs;
 use bytes::{Bytes, BytesMut};
 use std::cmp::Reverse;
@@ -106,6 +107,10 @@ pub struct SearchConfig {
     pub max_pending_per_address: usize,
     /// Names remembered, at most.
     pub max_cached: usize,
+    /// New names searched for per second for one client address, at most.
+    pub max_rate_per_address: u32,
+    /// New names searched for per second for all clients, at most.
+    pub max_rate: u32,
 }
 
 /// The outcome of one lookup. `server` is `None` when no local server
@@ -334,6 +339,8 @@ struct SearchRelay<P> {
     schedule: BinaryHeap<Reverse<(Instant, u32)>>,
     /// The names under search charged to each client address.
     owned: HashMap<IpAddr, HashSet<Bytes>>,
+    /// How fast new names may go to the servers.
+    rates: SearchRates,
     cache: Cache,
     local: LocalAddrs,
     ids: SearchIds,
@@ -357,6 +364,7 @@ impl<P: SearchProtocol> SearchRelay<P> {
             protocol,
             socket,
             cache: Cache::new(config.max_cached, MAX_CACHED_NAME_BYTES, config.cache_ttl),
+            rates: SearchRates::new(config.max_rate_per_address, config.max_rate, Instant::now()),
             config,
             pending: HashMap::new(),
             names_by_id: HashMap::new(),
@@ -389,7 +397,10 @@ impl<P: SearchProtocol> SearchRelay<P> {
                     Err(e) => debug!(target: "nameshim::relay::discovery", cause = %e, "search socket receive error"),
                 },
                 _ = sleep_until_opt(next_due) => self.send_due().await,
-                _ = sweep.tick() => self.cache.sweep(Instant::now()),
+                _ = sweep.tick() => {
+                    self.cache.sweep(Instant::now());
+                    self.rates.sweep(Instant::now());
+                }
             }
         }
     }
@@ -416,6 +427,12 @@ impl<P: SearchProtocol> SearchRelay<P> {
         }
         if let Some(pending) = self.pending.get_mut(&name) {
             pending.waiters.push(reply);
+            return;
+        }
+        if !self.rates.take(client, now) {
+            METRICS.refused(Refusal::SearchRate);
+            debug!(target: "nameshim::relay::discovery", %client, name = %String::from_utf8_lossy(&name), "search refused (rate of new names)");
+            let _ = reply.send(Answer { name, server: None });
             return;
         }
         let admission = if name.len() > P::MAX_NAME_LEN {
@@ -731,6 +748,8 @@ mod tests {
             max_pending: 100,
             max_pending_per_address: 100,
             max_cached: 100,
+            max_rate_per_address: 1_000_000,
+            max_rate: 1_000_000,
         };
         config(&mut search);
         let socket = bind_search_socket(Ipv4Addr::LOCALHOST).unwrap();
@@ -756,6 +775,33 @@ mod tests {
                 let _ = server.send_to(&reply, from).await;
             }
         });
+    }
+
+    // A client's new names beyond its rate count as not found at once and
+    // reach no server; its names found meanwhile stay found, and another
+    // address has a rate of its own.
+    #[tokio::test]
+    async fn new_names_over_a_clients_rate_are_refused_before_any_datagram() {
+        let (resolver, server) = test_relay(|c| {
+            c.max_rate_per_address = 5;
+            c.max_pending_per_address = 100;
+        })
+        .await;
+        answer_everything(server, 40000);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for i in 0..8 {
+            resolver.lookup(numbered("RATE", i), CLIENT, &tx).unwrap();
+        }
+        let answers = answers_now(&mut rx).await;
+        assert_eq!(answers.iter().filter(|a| a.server.is_some()).count(), 5);
+        assert_eq!(answers.iter().filter(|a| a.server.is_none()).count(), 3);
+        let other = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+        resolver.lookup(numbered("OTHER", 0), other, &tx).unwrap();
+        let answers = answers_now(&mut rx).await;
+        assert!(answers[0].server.is_some(), "{answers:?}");
+        // A found name is cached: asking again costs no rate.
+        resolver.lookup(numbered("RATE", 0), CLIENT, &tx).unwrap();
+        assert!(answers_now(&mut rx).await[0].server.is_some());
     }
 
     /// The answers already delivered on `rx`.

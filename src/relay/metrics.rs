@@ -94,9 +94,11 @@ pub enum Refusal {
     NameDenied = 7,
     /// A write refused by `--read-only`.
     WriteRefused = 8,
+    /// A new name over `--search-rate-per-client` or `--search-rate`.
+    SearchRate = 9,
 }
 
-const REFUSALS: [(Refusal, &str); 9] = [
+const REFUSALS: [(Refusal, &str); 10] = [
     (Refusal::PerHost, "per_host"),
     (Refusal::ChannelsPerClient, "channels_per_client"),
     (Refusal::ChannelsInAll, "channels_in_all"),
@@ -106,6 +108,7 @@ const REFUSALS: [(Refusal, &str); 9] = [
     (Refusal::ClientNotAllowed, "client_not_allowed"),
     (Refusal::NameDenied, "name_denied"),
     (Refusal::WriteRefused, "write_refused"),
+    (Refusal::SearchRate, "search_rate"),
 ];
 
 /// Why a client connection was closed for what it sent or failed to send.

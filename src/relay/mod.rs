@@ -9,4 +9,5 @@ pub mod listener;
 pub mod localaddr;
 pub mod metrics;
 pub mod outbox;
+pub mod rate;
 pub mod upstream;
