@@ -408,6 +408,27 @@ mod tests {
         1, 0, 0, 0, 5, 0, 0, 0, 0x08, 0xFD, 2, 0, 0x80, 0, 0, 0xFF, 0,
     ];
 
+    // Operations are tracked per client connection up to MAX_OPS; beyond
+    // that they are relayed untracked, and nothing grows further.
+    #[test]
+    fn operations_tracked_per_connection_are_bounded() {
+        let mut t = Translator::default();
+        let mut init = GET_INIT;
+        for ioid in 0..(MAX_OPS as u32 + 1000) {
+            init[4..8].copy_from_slice(&ioid.to_le_bytes());
+            t.client_message(server(), &msg(Command::Get, Direction::FromClient, &init))
+                .unwrap();
+        }
+        assert_eq!(t.ops.len(), MAX_OPS);
+        // Ending one makes room for another.
+        t.end_op(0);
+        init[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        t.client_message(server(), &msg(Command::Get, Direction::FromClient, &init))
+            .unwrap();
+        assert!(t.ops.contains_key(&u32::MAX));
+        assert_eq!(t.ops.len(), MAX_OPS);
+    }
+
     #[test]
     fn passthrough_tracks_without_rewriting() {
         let mut t = Translator::default();

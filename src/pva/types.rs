@@ -965,6 +965,37 @@ mod tests {
         4, b'r', b'o', b'o', b't', 6, b'l', b'a', b'p', b't', b'o', b'p',
     ];
 
+    // One cache, per connection and direction, holds at most
+    // MAX_CACHED_FIELDS fields and MAX_CACHED_BYTES bytes; a definition
+    // beyond that is refused.
+    #[test]
+    fn one_type_cache_is_bounded() {
+        let mut registry = Registry::default();
+        // A structure of 1000 int fields: 1001 nodes.
+        let fields: Vec<(Bytes, Arc<FieldType>)> = (0..1000)
+            .map(|i| {
+                let name = Bytes::from(format!("f{i}"));
+                (name, Arc::new(FieldType::new(Kind::Scalar(0x22))))
+            })
+            .collect();
+        let offsets = (1..=1000).collect();
+        let big = Arc::new(FieldType::new(Kind::Structure {
+            id: Bytes::new(),
+            fields,
+            offsets,
+        }));
+        let mut defined = 0;
+        let refused = (0..=u16::MAX).find(|&key| registry.define(key, big.clone()).is_err());
+        for key in 0..=u16::MAX {
+            if registry.entries.contains_key(&key) {
+                defined += 1;
+            }
+        }
+        assert!(refused.is_some(), "the cache never filled");
+        assert!(registry.fields <= MAX_CACHED_FIELDS && registry.bytes <= MAX_CACHED_BYTES);
+        assert_eq!(defined, MAX_CACHED_FIELDS / big.nodes);
+    }
+
     #[test]
     fn cached_credentials_are_reemitted_plain_and_remembered() {
         let mut registry = Registry::default();

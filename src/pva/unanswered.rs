@@ -202,6 +202,17 @@ mod tests {
     }
 
     #[test]
+    fn watched_inits_per_connection_are_bounded() {
+        let mut u = Unanswered::default();
+        let now = Instant::now();
+        for ioid in 0..(MAX_WATCHED as u32 + 100) {
+            u.on_request(SERVER, Command::PutGet, ioid, SUBCMD_INIT, now);
+        }
+        assert_eq!(u.pending.len(), MAX_WATCHED);
+        assert_eq!(u.take_overdue(now + ANSWER_WITHIN).len(), MAX_WATCHED);
+    }
+
+    #[test]
     fn other_commands_and_subcommands_are_not_watched() {
         let mut u = Unanswered::default();
         let now = Instant::now();

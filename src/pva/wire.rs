@@ -1054,6 +1054,22 @@ mod tests {
         assert_eq!(&out[..], &expected[..]);
     }
 
+    // One SEARCH may list names up to the end of its payload; at most
+    // MAX_SEARCH_NAMES of them are read, so one message cannot make the
+    // session wait for more.
+    #[test]
+    fn names_read_from_one_search_are_bounded() {
+        let names: Vec<(u32, Vec<u8>)> = (0..3000u32)
+            .map(|i| (i, format!("N{i}").into_bytes()))
+            .collect();
+        let refs: Vec<(u32, &[u8])> = names.iter().map(|(i, n)| (*i, n.as_slice())).collect();
+        let mut out = BytesMut::new();
+        let n = encode_search_datagram(&refs, 1, 0, usize::MAX, &mut out);
+        assert_eq!(n, 3000);
+        let search = parse_search(&decode_datagram(&out)[0]).unwrap();
+        assert_eq!(search.names.len(), MAX_SEARCH_NAMES);
+    }
+
     #[test]
     fn udp_search_names_the_loopback_reply_port_and_round_trips() {
         let mut out = BytesMut::new();
