@@ -301,6 +301,9 @@ impl<P: Protocol> Core<P> {
     /// Starts creating resolving channel `cid` on `server` with `request`,
     /// opening the link to `server` on first use.
     pub fn create_on(&mut self, protocol: &mut P, server: SocketAddrV4, cid: u32, request: Frame) {
+        if !self.channels.is_resolving(cid) {
+            return;
+        }
         if !self.links.contains_key(&server) {
             let id = self.next_link;
             self.next_link += 1;
