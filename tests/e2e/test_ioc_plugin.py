@@ -128,6 +128,7 @@ def test_plugin_serves_its_iocs_ca_and_pva_through_one_published_port_and_exits_
     code = ioc.proc.wait(timeout=10)
     took = time.monotonic() - asked
     assert code == 0, ioc.text()
+    print(f"exit took {took:.3f}s")
     assert took < 1.0, f"exit took {took:.2f}s"
     assert "stopped; every socket closed" in ioc.text()
     left = subprocess.run(["ip", "netns", "pids", ctr.name], capture_output=True, text=True, timeout=10)
