@@ -180,14 +180,20 @@ def test_NAMESHIM_LISTEN_starts_the_shim_when_the_ioc_runs_unless_ignored(site, 
     assert ioc.proc.wait(timeout=10) == 0, ioc.text()
 
 
-def test_a_taken_port_is_retried_while_the_ioc_runs_and_stop_is_prompt(site, plugin, tmp_path):
+def test_bad_options_and_a_taken_port_leave_the_ioc_running_and_stop_is_prompt(site, plugin, tmp_path):
     ctr, _, _ = site
     ioc = PluginIoc(ctr, "BUSY:", tmp_path, plugin).start()
+    ioc.shell('nameshimStart "--no-such-option"')
+    ioc.expect(r"unexpected argument '--no-such-option'[\s\S]*nameshim: not started: options refused")
+    ioc.shell('nameshimStart "--listen \'0.0.0.0:5066"')
+    ioc.expect(r"unterminated single quote[\s\S]*nameshim: not started: options refused")
     # rsrv holds TCP 5064: the shim cannot bind it, says so, and retries.
     ioc.shell('nameshimStart "--listen 0.0.0.0:5064"')
     ioc.expect(r"not serving; the IOC keeps running; retrying every 2s")
     ioc.shell("nameshimReport")
     ioc.expect(r"nameshim: running, port not bound")
+    ioc.shell('nameshimStart "--listen 0.0.0.0:5066"')
+    ioc.expect(r"nameshim: not started: already running")
     got = h.ca_get(ctr, "127.0.0.1:5064", ["BUSY:ID"])
     assert got["BUSY:ID"]["value"] == "BUSY:", "the IOC still serves"
     asked = time.monotonic()
