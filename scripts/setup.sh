@@ -28,7 +28,8 @@ pins=(
 # NAT tools; buildah (builds the FROM scratch image without a daemon or a
 # registry), file and strace for the release-artefact tests; curl scrapes
 # /metrics and /healthz as probes and Prometheus would; dnsmasq answers
-# DNS for the resolver test; g++ builds the pvAccessCPP test client.
+# DNS for the resolver test; g++ builds the pvAccessCPP test client; gcc
+# builds the IOC plugin's C half.
 install_system_tools() {
     local missing=()
     command -v nft >/dev/null 2>&1 || missing+=(nftables)
@@ -45,6 +46,8 @@ install_system_tools() {
     # The pvAccessCPP client of tests/e2e/test_pva_operations.py is C++,
     # compiled by the test itself.
     command -v g++ >/dev/null 2>&1 || missing+=(g++)
+    # scripts/build-ioc-plugin compiles the IOC plugin's C half with cc.
+    command -v cc >/dev/null 2>&1 || missing+=(gcc)
     if ((${#missing[@]} == 0)); then
         return
     fi

@@ -3,20 +3,9 @@
 //! mode (sidecar, or PID-1 wrapper of a command) and maps errors to an exit
 //! code.
 
-mod access;
-mod ca;
-mod check;
-mod config;
-mod ports;
-mod pva;
-mod relay;
-mod resolve;
-mod session;
-mod wrapper;
-
 use clap::Parser;
-use config::{Cli, Config};
-use std::io::IsTerminal;
+use nameshim::config::{self, Cli, Config};
+use nameshim::{check, logging, serve_all, wrapper};
 use std::process::ExitCode;
 use tracing::{error, info};
 
@@ -25,7 +14,7 @@ fn main() -> ExitCode {
     if let Some(config::Subcommand::Check(args)) = &cli.subcommand {
         return ExitCode::from(check::run(args));
     }
-    init_logging(&cli.log, cli.log_format == "json");
+    logging::init(&cli.log, cli.log_format == "json");
     let config = Config::from_cli(&cli);
     match config::wrapper_options(&cli) {
         // No thread may be started before wrapper::run: it blocks the
@@ -51,7 +40,7 @@ fn sidecar(config: Config) -> ExitCode {
     };
     let served = runtime.block_on(async {
         tokio::select! {
-            served = ports::serve_all(&config) => served,
+            served = serve_all(&config) => served,
             signal = shutdown_signal() => {
                 info!(signal = signal?, "shutting down");
                 flush_clients().await;
@@ -76,10 +65,7 @@ const SHUTDOWN_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Gives every client's writer `SHUTDOWN_FLUSH` to write what is queued.
 async fn flush_clients() {
-    if !relay::outbox::UNWRITTEN_TO_CLIENTS
-        .written_within(SHUTDOWN_FLUSH)
-        .await
-    {
+    if !nameshim::flush_client_queues(SHUTDOWN_FLUSH).await {
         info!(within = ?SHUTDOWN_FLUSH, "some client queues were not flushed in time");
     }
 }
@@ -87,29 +73,13 @@ async fn flush_clients() {
 /// One attempt to serve beside a wrapped command; the wrapper retries it.
 /// No signal handling here: the wrapper owns every signal.
 fn relay_beside_command(config: &Config) -> std::io::Result<()> {
-    runtime()?.block_on(ports::serve_all(config))
+    runtime()?.block_on(serve_all(config))
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-}
-
-fn init_logging(filter: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
-        eprintln!("nameshim: bad log filter '{filter}' ({e}); using 'info'");
-        tracing_subscriber::EnvFilter::new("info")
-    });
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        // One JSON object per line, fields flattened, for log collectors.
-        logs.json().flatten_event(true).init();
-    } else {
-        logs.with_ansi(std::io::stderr().is_terminal()).init();
-    }
 }
 
 async fn shutdown_signal() -> std::io::Result<&'static str> {

@@ -87,33 +87,70 @@ pub struct Services {
 
 /// Binds the ports and serves them; returns only on a failure to start.
 pub async fn serve_all(config: &Config) -> io::Result<()> {
-    let shared_mode = PortMode::Shared {
-        classify_window: config.classify_window,
-        http: config.http,
-    };
-    let shared = bind(config.listen, shared_mode)?;
-    let mut single_protocol = Vec::new();
-    for (addr, mode) in [
-        (config.ca_listen, PortMode::CaOnly),
-        (config.pva_listen, PortMode::PvaOnly),
-    ] {
-        if let Some(addr) = addr {
-            single_protocol.push((bind(addr, mode)?, mode));
+    Bound::bind(config)?.serve(config).await
+}
+
+/// The listening sockets, bound but not served yet, so that a caller can
+/// learn the port (`--listen` port 0 picks one) before serving.
+pub struct Bound {
+    shared: TcpListener,
+    shared_mode: PortMode,
+    single_protocol: Vec<(TcpListener, PortMode)>,
+}
+
+impl Bound {
+    /// Binds every port of `config`. Must run inside the runtime.
+    pub fn bind(config: &Config) -> io::Result<Bound> {
+        let shared_mode = PortMode::Shared {
+            classify_window: config.classify_window,
+            http: config.http,
+        };
+        let shared = bind(config.listen, shared_mode)?;
+        let mut single_protocol = Vec::new();
+        for (addr, mode) in [
+            (config.ca_listen, PortMode::CaOnly),
+            (config.pva_listen, PortMode::PvaOnly),
+        ] {
+            if let Some(addr) = addr {
+                single_protocol.push((bind(addr, mode)?, mode));
+            }
         }
+        Ok(Bound {
+            shared,
+            shared_mode,
+            single_protocol,
+        })
     }
-    let port = shared.local_addr()?.port();
-    info!("clients: EPICS_CA_NAME_SERVERS=<host>:{port} EPICS_PVA_NAME_SERVERS=<host>:{port}");
-    let services = start_services(config)?;
-    let limits = ConnectionLimits {
-        max_clients: config.limits.max_clients,
-        max_per_host: config.limits.max_clients_per_host,
-    };
-    let http_timeout = config.limits.deadlines.hello;
-    for (extra, mode) in single_protocol {
-        tokio::spawn(serve(extra, mode, limits, http_timeout, services.clone()));
+
+    /// The TCP port of the shared (CA and PVA) listener.
+    pub fn port(&self) -> io::Result<u16> {
+        Ok(self.shared.local_addr()?.port())
     }
-    serve(shared, shared_mode, limits, http_timeout, services).await;
-    Ok(())
+
+    /// Starts the search relays and serves every port; returns only on a
+    /// failure to start.
+    pub async fn serve(self, config: &Config) -> io::Result<()> {
+        let port = self.port()?;
+        info!("clients: EPICS_CA_NAME_SERVERS=<host>:{port} EPICS_PVA_NAME_SERVERS=<host>:{port}");
+        let services = start_services(config)?;
+        let limits = ConnectionLimits {
+            max_clients: config.limits.max_clients,
+            max_per_host: config.limits.max_clients_per_host,
+        };
+        let http_timeout = config.limits.deadlines.hello;
+        for (extra, mode) in self.single_protocol {
+            tokio::spawn(serve(extra, mode, limits, http_timeout, services.clone()));
+        }
+        serve(
+            self.shared,
+            self.shared_mode,
+            limits,
+            http_timeout,
+            services,
+        )
+        .await;
+        Ok(())
+    }
 }
 
 /// Serves one port until the task is dropped.

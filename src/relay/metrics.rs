@@ -67,7 +67,7 @@ impl GaugePerProto {
         self.0[proto as usize].fetch_add(delta, Ordering::Relaxed);
     }
 
-    fn get(&self, proto: Proto) -> i64 {
+    pub fn get(&self, proto: Proto) -> i64 {
         self.0[proto as usize].load(Ordering::Relaxed)
     }
 }

@@ -40,7 +40,7 @@ where
     }
 }
 
-fn service_thread(name: &str) -> std::thread::Builder {
+pub(crate) fn service_thread(name: &str) -> std::thread::Builder {
     std::thread::Builder::new()
         .name(name.to_owned())
         .stack_size(SERVICE_STACK_BYTES)
@@ -76,11 +76,11 @@ where
 }
 
 /// A new failure is always logged at error level, a repeated one now and then.
-fn loud(same: u32) -> bool {
+pub(crate) fn loud(same: u32) -> bool {
     same % REPEAT_EVERY == 0
 }
 
-fn panic_message(panic: &(dyn Any + Send)) -> &str {
+pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> &str {
     if let Some(text) = panic.downcast_ref::<&str>() {
         text
     } else if let Some(text) = panic.downcast_ref::<String>() {

@@ -9,7 +9,7 @@
 //! Invariant: only the command's exit ends the wrapper. This module is the
 //! only place for fork, exec, waitpid and signal masks.
 
-mod beside;
+pub(crate) mod beside;
 mod child;
 mod reap;
 mod signals;
