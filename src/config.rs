@@ -281,6 +281,12 @@ pub struct Cli {
           default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
 
+    /// Threads that serve clients. 1 runs the whole relay on one thread, so
+    /// it never takes more than one core from the IOC's host; more spread
+    /// busy clients (large arrays to several clients) over that many cores.
+    #[arg(long, env = "NAMESHIM_THREADS", value_name = "N", default_value_t = 1)]
+    pub threads: usize,
+
     /// Refuse every write: CA puts get "write access denied" (and CA clients
     /// are told their channels are read-only, so displays grey out their
     /// controls); PVA PUT, PUT_GET and RPC get an error. Reads and monitors
@@ -504,6 +510,8 @@ pub struct Config {
     pub limits: Limits,
     /// The shim's own access rules.
     pub access: Access,
+    /// Threads of the relay's runtime (1: one thread).
+    pub threads: usize,
     pub ca_search: SearchConfig,
     pub pva_search: SearchConfig,
     pub advertise_port: Option<u16>,
@@ -621,6 +629,7 @@ impl Config {
                 deny_names: cli.deny_pv.iter().map(|g| Glob::new(g)).collect(),
                 allow_clients: cli.allow_client.clone(),
             },
+            threads: cli.threads,
             ca_search: search(targets(&cli.ca_search_addr, ca_port)),
             pva_search: search(targets(&cli.pva_search_addr, pva_port)),
             advertise_port: cli.advertise_port,

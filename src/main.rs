@@ -31,7 +31,7 @@ fn main() -> ExitCode {
 
 /// Serves until SIGTERM or SIGINT.
 fn sidecar(config: Config) -> ExitCode {
-    let runtime = match runtime() {
+    let runtime = match runtime(config.threads) {
         Ok(runtime) => runtime,
         Err(e) => {
             error!(cause = %e, "cannot start the async runtime");
@@ -73,11 +73,20 @@ async fn flush_clients() {
 /// One attempt to serve beside a wrapped command; the wrapper retries it.
 /// No signal handling here: the wrapper owns every signal.
 fn relay_beside_command(config: &Config) -> std::io::Result<()> {
-    runtime()?.block_on(serve_all(config))
+    runtime(config.threads)?.block_on(serve_all(config))
 }
 
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
+/// One thread (the default) keeps the shim within one core of the IOC's
+/// host; more spread busy clients over cores.
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("nameshim-worker")
         .enable_all()
         .build()
 }
