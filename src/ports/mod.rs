@@ -32,9 +32,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-/// How long a connection from a network `--allow-client` does not list is
-/// held before it is closed (see `handle`).
-const REFUSED_CLIENT_CLOSE_DELAY: Duration = Duration::from_millis(250);
 /// First byte of a CA VERSION message (command 0, big-endian).
 const CA_VERSION_FIRST_BYTE: u8 = 0x00;
 
@@ -244,12 +241,9 @@ async fn handle(stream: TcpStream, peer: SocketAddr, accepted: Instant, port: &P
     if !services.access.allows_client(peer.ip()) {
         METRICS.refused(Refusal::ClientNotAllowed);
         debug!(target: "nameshim::relay", %peer, "closing connection: the client's network is not in --allow-client");
-        // libca sets up its search machinery while its first name-server
-        // circuit connects; a circuit that closes within that moment hits
-        // `assert(this->pudpiiu)` in `cac::destroyIIU` (cac.cpp) and hangs
-        // the client. A short pause lets a refused libca client simply see
-        // its circuit close, and retry later.
-        tokio::time::sleep(REFUSED_CLIENT_CLOSE_DELAY).await;
+        // Not at once: see `listener::REFUSED_CLOSE_DELAY`. The connection
+        // holds its slot meanwhile, within the per-host cap.
+        tokio::time::sleep(listener::REFUSED_CLOSE_DELAY).await;
         return;
     }
     let classified = match port.mode {

@@ -30,6 +30,14 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
 /// While out of file descriptors, a warning at most this often.
 const OUT_OF_DESCRIPTORS_LOG_EVERY: Duration = Duration::from_secs(10);
+/// How long a refused connection is held before it is closed. libca sets
+/// up its search machinery while its first name-server circuit connects,
+/// and a circuit closed within that moment trips `assert(this->pudpiiu)`
+/// in `cac::destroyIIU` (libca `cac.cpp`), which hangs the client.
+pub const REFUSED_CLOSE_DELAY: Duration = Duration::from_millis(250);
+/// Refused connections held at once, at most; beyond that they are closed
+/// at once, so a flood of refused connections cannot take descriptors.
+const MAX_HELD_REFUSALS: usize = 64;
 
 /// How many connections a port serves at once.
 #[derive(Debug, Clone, Copy)]
@@ -73,9 +81,9 @@ pub async fn peek_first_byte(stream: &TcpStream, window: Duration) -> io::Result
 /// its own task for each one, within the limits, with the time it was
 /// accepted. Accept errors are logged
 /// and retried after a pause; they never end the listener.
-/// A connection beyond its address's limit is closed at once rather than
-/// left to wait for a place: waiting would hold a slot, which is what the
-/// limit prevents.
+/// A connection beyond its address's limit is closed (after
+/// `REFUSED_CLOSE_DELAY`, holding no slot) rather than left to wait for a
+/// place: waiting would hold a slot, which is what the limit prevents.
 pub async fn serve<H, F>(listener: TcpListener, limits: ConnectionLimits, handler: H)
 where
     H: Fn(TcpStream, SocketAddr, Instant) -> F,
@@ -85,6 +93,7 @@ where
     let hosts = HostCounts::new(limits.max_per_host);
     let mut refusals = RefusalLog::default();
     let mut spare = SpareDescriptor::new(&listener);
+    let held_refusals = Arc::new(Semaphore::new(MAX_HELD_REFUSALS));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
@@ -112,7 +121,7 @@ where
         let Some(host) = hosts.enter(peer.ip()) else {
             refusals.note(peer.ip(), hosts.max());
             METRICS.refused(Refusal::PerHost);
-            drop(stream);
+            close_refused(stream, &held_refusals);
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -124,6 +133,20 @@ where
             let _held = (slot, host);
             connection.await;
         });
+    }
+}
+
+/// Closes a refused connection after `REFUSED_CLOSE_DELAY`, or at once when
+/// `MAX_HELD_REFUSALS` are already held.
+fn close_refused(stream: TcpStream, held: &Arc<Semaphore>) {
+    match held.clone().try_acquire_owned() {
+        Ok(place) => {
+            tokio::spawn(async move {
+                tokio::time::sleep(REFUSED_CLOSE_DELAY).await;
+                drop((stream, place));
+            });
+        }
+        Err(_) => drop(stream),
     }
 }
 
