@@ -844,12 +844,13 @@ pub fn parse_search_response(message: &Message) -> Result<SearchAnswer, WireErro
     let port = r.u16("server port");
     r.string("protocol");
     let found = r.u8("found") != 0;
-    let count = r.u16("id count");
-    let mut ids = Vec::with_capacity(usize::from(count.min(1024)));
-    for _ in 0..count {
-        ids.push(r.u32("id"));
-    }
+    let count = usize::from(r.u16("id count"));
+    // The ids as one block, so a count the payload cannot hold (up to
+    // 65535, in any datagram) fails before any work or memory per id.
+    let block = r.bytes(count * 4, "the search response's ids");
     r.finish()?;
+    let mut ids_reader = Reader::new(block, message.header.is_big_endian());
+    let ids = (0..count).map(|_| ids_reader.u32("id")).collect();
     // An IPv4-mapped address (::ffff:a.b.c.d) or all zero.
     let ip = match addr {
         [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, a, b, c, d] => {
@@ -1088,6 +1089,25 @@ mod tests {
         assert_eq!(
             &messages[0].payload[18..26],
             &[0xFF, 0xFF, 127, 0, 0, 1, 0x40, 0x9C]
+        );
+    }
+
+    // Found by fuzzing (pva_search): a 45-byte answer claiming 65528 ids
+    // made the parser read 65528 ids from an empty reader, and grow a
+    // 256 KiB list, before it failed; four such messages in one datagram
+    // cost about 2 ms.
+    #[test]
+    fn a_search_answer_claiming_more_ids_than_it_holds_fails_before_reading_them() {
+        let datagram = [
+            0xCA, 2, 0x40, 4, 0x2D, 0, 0, 0, b'p', b'v', 0, b'n', 1, 0, 0, 0, b'h', b'i', b'm', 0,
+            0, 0, 1, 7, 0, 0, 0, 0, 0, 0, 0x0A, 4, 0, 0x40, 1, 0, 0, 0, b'h', b'i', b'm', 0, 0, 1,
+            0, 0xF8, 0xFF, 0xEC, 0xFE, b'l', b'c', b'p', b'x',
+        ];
+        let messages = decode_datagram(&datagram);
+        assert_eq!(messages.len(), 1);
+        assert_eq!(
+            parse_search_response(&messages[0]),
+            Err(WireError::Truncated("the search response's ids"))
         );
     }
 

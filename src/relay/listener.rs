@@ -377,6 +377,35 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn out_of_descriptors_a_waiting_connection_is_closed_at_once_and_the_spare_kept() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut spare = SpareDescriptor::new(&listener);
+        assert!(spare.fd.is_some());
+        let emfile = io::Error::from_raw_os_error(libc::EMFILE);
+        assert!(is_out_of_descriptors(&emfile));
+        assert!(!is_out_of_descriptors(&io::Error::from_raw_os_error(
+            libc::ECONNABORTED
+        )));
+        // Nobody waiting: nothing refused, no spin on a phantom connection.
+        assert!(!spare.refuse_one(&listener, &emfile));
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        // Let the handshake complete into the accept queue.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(spare.refuse_one(&listener, &emfile));
+        assert_eq!(
+            first_byte(&mut client).await,
+            None,
+            "closed, not left waiting"
+        );
+        assert!(spare.fd.is_some(), "the spare is taken again");
+        assert_eq!(spare.refused, 1);
+        spare.accepted(&listener);
+        assert_eq!(spare.refused, 0, "descriptors are back");
+    }
+
+    #[tokio::test]
     async fn a_first_byte_is_peeked_not_consumed() {
         let (mut client, mut server) = pair().await;
         client.write_all(&[0xCA, 2]).await.unwrap();
