@@ -173,6 +173,22 @@ impl ChannelTable {
         Some(sid)
     }
 
+    /// How many channels each server was asked to create and has not
+    /// answered for yet.
+    pub fn creating_per_server(&self) -> Vec<(SocketAddrV4, usize)> {
+        self.by_server
+            .iter()
+            .map(|(server, cids)| {
+                let creating = cids
+                    .iter()
+                    .filter(|cid| matches!(self.channels.get(cid), Some(Channel::Creating { .. })))
+                    .count();
+                (*server, creating)
+            })
+            .filter(|(_, creating)| *creating > 0)
+            .collect()
+    }
+
     /// The connected channel the client calls `sid`.
     pub fn route(&self, sid: u32) -> Option<Route> {
         let cid = *self.routes.get(&sid)?;
@@ -434,6 +450,20 @@ mod tests {
         assert_eq!(t.route(on_a), None);
         assert_eq!(budget.held(), 2);
         t.check();
+    }
+
+    #[test]
+    fn creations_not_answered_are_counted_per_server() {
+        let mut t = table();
+        for cid in 1..=3 {
+            t.begin_create(cid).unwrap();
+            t.creating_on(cid, if cid == 3 { B } else { A });
+        }
+        connected(&mut t, 4, A, 40);
+        t.connect(1, A, 10);
+        let mut pending = t.creating_per_server();
+        pending.sort();
+        assert_eq!(pending, [(A, 1), (B, 1)]);
     }
 
     #[test]

@@ -173,6 +173,7 @@ async fn serve_client<P: Protocol>(
             let mut core = Core::<P>::new(peer, client.clone(), P::settings(&ctx));
             let outcome = core.run(&mut protocol, &mut reader).await;
             channels = core.channels.len();
+            core.report_unanswered_creates();
             outcome
         }
         Err(e) => Err(e),
@@ -360,6 +361,15 @@ impl<P: Protocol> Core<P> {
     }
 
     // ----- the core's own work -----
+
+    /// Names the servers that never answered a channel creation of this
+    /// client, which is leaving: a server that accepts and then stays
+    /// silent is otherwise seen only by its clients' timeouts.
+    fn report_unanswered_creates(&self) {
+        for (server, channels) in self.channels.creating_per_server() {
+            warn!(%server, channels, "server did not answer channel creations before the client left");
+        }
+    }
 
     async fn on_answer(&mut self, protocol: &mut P, answer: Answer) -> Result<(), SessionError> {
         for waiter in self.awaiting.take(&answer.name) {
