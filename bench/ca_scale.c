@@ -58,7 +58,7 @@ struct chan {
 
 static struct chan *chans;
 static long n_chans, n_connected;
-static double t_first, t_half, t_all;
+static double t_first, t_half, t_all, *t_each;
 static int counting;
 static long total_updates;
 
@@ -69,6 +69,7 @@ static void on_connection(struct connection_handler_args args)
         double t = now_s();
         c->connected = 1;
         n_connected++;
+        t_each[n_connected - 1] = t;
         if (n_connected == 1)
             t_first = t;
         if (n_connected == (n_chans + 1) / 2)
@@ -144,7 +145,8 @@ int main(int argc, char *argv[])
         return 2;
     }
     chans = calloc((size_t)n_chans, sizeof *chans);
-    if (!chans)
+    t_each = calloc((size_t)n_chans, sizeof *t_each);
+    if (!chans || !t_each)
         return 2;
     if (ca_context_create(ca_disable_preemptive_callback) != ECA_NORMAL)
         return 1;
@@ -155,8 +157,14 @@ int main(int argc, char *argv[])
         c0 = cpu_s();
         if (connect_all(prefix, timeout, &t0))
             return 1;
-        printf("n=%ld connected=%ld connect_s=%.4f first_s=%.4f half_s=%.4f cpu_s=%.3f\n",
-               n_chans, n_connected, t_all - t0, t_first - t0, t_half - t0, cpu_s() - c0);
+        long within1 = 0;
+        for (i = 0; i < n_chans; i++)
+            within1 += t_each[i] - t0 <= 1.0;
+        printf("n=%ld connected=%ld connect_s=%.4f first_s=%.4f half_s=%.4f p90_s=%.4f "
+               "p99_s=%.4f within1s=%ld cpu_s=%.3f\n",
+               n_chans, n_connected, t_all - t0, t_first - t0, t_half - t0,
+               t_each[(n_chans - 1) * 9 / 10] - t0, t_each[(n_chans - 1) * 99 / 100] - t0, within1,
+               cpu_s() - c0);
     } else if (!strcmp(mode, "monitor") && argc >= 6) {
         double seconds = atof(argv[4]), warmup = atof(argv[5]), t_end;
         long silent = 0;

@@ -111,6 +111,8 @@ int main(int argc, char *argv[])
     std::condition_variable wake;
     long connected = 0;
     Clock::time_point t_first, t_half, t_all;
+    std::vector<Clock::time_point> t_each;
+    t_each.reserve(size_t(n));
     std::vector<char> seen(size_t(n), 0);
     auto mark = [&](long i) {
         // called with lock held
@@ -119,6 +121,7 @@ int main(int argc, char *argv[])
         seen[size_t(i)] = 1;
         const auto t = Clock::now();
         connected++;
+        t_each.push_back(t);
         if (connected == 1)
             t_first = t;
         if (connected == (n + 1) / 2)
@@ -190,9 +193,14 @@ int main(int argc, char *argv[])
         }
     }
     if (!monitor) {
-        printf("n=%ld connected=%ld connect_s=%.4f first_s=%.4f half_s=%.4f cpu_s=%.3f\n", n,
-               connected, secs(t0, t_all), secs(t0, t_first), secs(t0, t_half),
-               cpu_seconds() - c0);
+        long within1 = 0;
+        for (auto t : t_each)
+            within1 += secs(t0, t) <= 1.0;
+        printf("n=%ld connected=%ld connect_s=%.4f first_s=%.4f half_s=%.4f p90_s=%.4f "
+               "p99_s=%.4f within1s=%ld cpu_s=%.3f\n",
+               n, connected, secs(t0, t_all), secs(t0, t_first), secs(t0, t_half),
+               secs(t0, t_each[size_t((n - 1) * 9 / 10)]), secs(t0, t_each[size_t((n - 1) * 99 / 100)]),
+               within1, cpu_seconds() - c0);
     } else {
         usleep(useconds_t(warmup * 1e6));
         const double c1 = cpu_seconds();
