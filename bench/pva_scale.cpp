@@ -1,0 +1,224 @@
+/*
+ * pva_scale: a native pvxs client for many channels at once.
+ *
+ * Usage:
+ *   pva_scale storm   PREFIX N [timeout=S]
+ *   pva_scale monitor PREFIX N SECONDS WARMUP_S [queue=N] [pipeline=1] [timeout=S]
+ *
+ * Channel names are PREFIX0 .. PREFIX<N-1>. The client is configured from
+ * the environment (EPICS_PVA_NAME_SERVERS, EPICS_PVA_ADDR_LIST, ...).
+ *
+ * storm: asks for all N channels at once (Context::connect() with an
+ * onConnect callback each) and waits until every one is connected. Prints
+ *   n=... connected=... connect_s=... first_s=... half_s=... cpu_s=...
+ * connect_s is from the first connect() to the last onConnect, first_s and
+ * half_s to the first and the N/2-th; cpu_s is this process's CPU time.
+ *
+ * monitor: subscribes all N channels (optionally pipelined, with the given
+ * queueSize), waits until each has delivered one update, lets updates flow
+ * for WARMUP_S, then counts the updates delivered to the application in the
+ * next SECONDS. Prints
+ *   n=... seconds=... updates=... updates_per_s=... silent=... connect_s=... cpu_s=...
+ * silent = subscriptions that delivered nothing in the window.
+ *
+ * Exits non-zero if not all channels connect within the timeout (60 s).
+ *
+ * Build: like bench/pva_monitor_rate.cpp (see scripts/bench-scale).
+ */
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <pvxs/client.h>
+#include <pvxs/log.h>
+
+using namespace pvxs;
+typedef std::chrono::steady_clock Clock;
+
+namespace {
+
+double cpu_seconds()
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return double(ru.ru_utime.tv_sec) + double(ru.ru_utime.tv_usec) * 1e-6 +
+           double(ru.ru_stime.tv_sec) + double(ru.ru_stime.tv_usec) * 1e-6;
+}
+
+double secs(Clock::time_point a, Clock::time_point b)
+{
+    return std::chrono::duration<double>(b - a).count();
+}
+
+} // namespace
+
+int main(int argc, char *argv[])
+{
+    if (argc < 4) {
+        fprintf(stderr,
+                "usage: %s storm PREFIX N [timeout=S]\n"
+                "       %s monitor PREFIX N SECONDS WARMUP_S [queue=N] [pipeline=1] [timeout=S]\n",
+                argv[0], argv[0]);
+        return 2;
+    }
+    const std::string mode(argv[1]), prefix(argv[2]);
+    const long n = strtol(argv[3], nullptr, 10);
+    if (n <= 0 || n > 10000000) {
+        fprintf(stderr, "pva_scale: bad N\n");
+        return 2;
+    }
+    const bool monitor = mode == "monitor";
+    if (!monitor && mode != "storm") {
+        fprintf(stderr, "pva_scale: unknown mode '%s'\n", mode.c_str());
+        return 2;
+    }
+    if (monitor && argc < 6) {
+        fprintf(stderr, "pva_scale: monitor needs SECONDS WARMUP_S\n");
+        return 2;
+    }
+    const double seconds = monitor ? atof(argv[4]) : 0.0;
+    const double warmup = monitor ? atof(argv[5]) : 0.0;
+    double timeout = 60.0;
+    long queue = 0;
+    bool pipeline = false;
+    for (int i = monitor ? 6 : 4; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strncmp(a, "queue=", 6))
+            queue = strtol(a + 6, nullptr, 10);
+        else if (!strncmp(a, "pipeline=", 9))
+            pipeline = atoi(a + 9) != 0;
+        else if (!strncmp(a, "timeout=", 8))
+            timeout = atof(a + 8);
+        else {
+            fprintf(stderr, "pva_scale: unknown option '%s'\n", a);
+            return 2;
+        }
+    }
+    logger_config_env();
+    auto ctx = client::Config::fromEnv().build();
+
+    std::mutex lock;
+    std::condition_variable wake;
+    long connected = 0;
+    Clock::time_point t_first, t_half, t_all;
+    std::vector<Clock::time_point> t_each;
+    t_each.reserve(size_t(n));
+    std::vector<char> seen(size_t(n), 0);
+    auto mark = [&](long i) {
+        // called with lock held
+        if (seen[size_t(i)])
+            return;
+        seen[size_t(i)] = 1;
+        const auto t = Clock::now();
+        connected++;
+        t_each.push_back(t);
+        if (connected == 1)
+            t_first = t;
+        if (connected == (n + 1) / 2)
+            t_half = t;
+        if (connected == n) {
+            t_all = t;
+            wake.notify_all();
+        }
+    };
+
+    std::atomic<bool> counting{false};
+    std::vector<long> updates(size_t(n), 0); // touched only by the client worker
+    std::vector<std::shared_ptr<client::Connect>> conns;
+    std::vector<std::shared_ptr<client::Subscription>> subs;
+
+    const double c0 = cpu_seconds();
+    const auto t0 = Clock::now();
+    if (!monitor) {
+        conns.reserve(size_t(n));
+        for (long i = 0; i < n; i++) {
+            conns.push_back(ctx.connect(prefix + std::to_string(i))
+                                .onConnect([&, i]() {
+                                    std::lock_guard<std::mutex> G(lock);
+                                    mark(i);
+                                })
+                                .exec());
+        }
+    } else {
+        subs.reserve(size_t(n));
+        for (long i = 0; i < n; i++) {
+            auto b = ctx.monitor(prefix + std::to_string(i))
+                         .maskConnected(true)
+                         .maskDisconnected(true)
+                         .event([&, i](client::Subscription &sub) {
+                             // Runs on the client worker: drain the queue.
+                             long got = 0;
+                             for (;;) {
+                                 try {
+                                     Value v(sub.pop());
+                                     if (!v)
+                                         break;
+                                     got++;
+                                 } catch (std::exception &) {
+                                     break;
+                                 }
+                             }
+                             if (got) {
+                                 if (counting.load(std::memory_order_relaxed))
+                                     updates[size_t(i)] += got;
+                                 std::lock_guard<std::mutex> G(lock);
+                                 mark(i);
+                             }
+                         });
+            if (queue > 0)
+                b.record("queueSize", uint32_t(queue));
+            if (pipeline)
+                b.record("pipeline", true);
+            subs.push_back(b.exec());
+        }
+    }
+    {
+        std::unique_lock<std::mutex> G(lock);
+        wake.wait_for(G, std::chrono::duration<double>(timeout), [&] { return connected == n; });
+        if (connected < n) {
+            fprintf(stderr, "pva_scale: %ld of %ld channels connected within %.0f s\n", connected, n,
+                    timeout);
+            fflush(stderr);
+            _exit(1);
+        }
+    }
+    if (!monitor) {
+        long within1 = 0;
+        for (auto t : t_each)
+            within1 += secs(t0, t) <= 1.0;
+        printf("n=%ld connected=%ld connect_s=%.4f first_s=%.4f half_s=%.4f p90_s=%.4f "
+               "p99_s=%.4f within1s=%ld cpu_s=%.3f\n",
+               n, connected, secs(t0, t_all), secs(t0, t_first), secs(t0, t_half),
+               secs(t0, t_each[size_t((n - 1) * 9 / 10)]), secs(t0, t_each[size_t((n - 1) * 99 / 100)]),
+               within1, cpu_seconds() - c0);
+    } else {
+        usleep(useconds_t(warmup * 1e6));
+        const double c1 = cpu_seconds();
+        counting = true;
+        usleep(useconds_t(seconds * 1e6));
+        counting = false;
+        const double cpu = cpu_seconds() - c1;
+        usleep(20000); // let the worker leave the callback
+        long total = 0, silent = 0;
+        for (long u : updates) {
+            total += u;
+            silent += u == 0;
+        }
+        printf("n=%ld seconds=%.3f updates=%ld updates_per_s=%.1f silent=%ld connect_s=%.4f "
+               "cpu_s=%.3f\n",
+               n, seconds, total, double(total) / seconds, silent, secs(t0, t_all), cpu);
+    }
+    fflush(stdout);
+    // Exit without tearing down N operations one by one.
+    _exit(0);
+}
