@@ -18,11 +18,13 @@ pub const DEFAULT_PORT: u16 = 5066;
 const DEFAULT_CA_SERVER_PORT: u16 = 5064;
 const DEFAULT_PVA_BROADCAST_PORT: u16 = 5076;
 /// Names each search relay (CA, PVA) searches for at once.
-const MAX_PENDING_SEARCHES: usize = 10_000;
+const MAX_PENDING_SEARCHES: usize = 20_000;
 /// Names one client address (all its connections) may have under search in
-/// one relay: a quarter of the relay, so that even before the relay's
-/// fair-share rule steps in, at least four addresses are needed to fill it.
-const MAX_PENDING_SEARCHES_PER_ADDRESS: usize = MAX_PENDING_SEARCHES / 4;
+/// one relay: half the relay, so that even before the relay's fair-share
+/// rule steps in, at least two addresses are needed to fill it, and one
+/// client can still create 10,000 channels at once (a pvxs client asks for
+/// them all together; names refused here cost it a whole search round).
+const MAX_PENDING_SEARCHES_PER_ADDRESS: usize = MAX_PENDING_SEARCHES / 2;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -518,11 +520,11 @@ pub struct Config {
     pub server_source_addr: Ipv4Addr,
 }
 
-/// Names one client connection may have under search at once: well below
-/// the relay's own limit (`MAX_PENDING_SEARCHES`), so one client that
-/// searches for many names found elsewhere cannot take the relay from the
-/// others.
-const MAX_SEARCHES_PER_CLIENT: usize = 2_000;
+/// Names one client connection may have under search at once: below the
+/// relay's own limit (`MAX_PENDING_SEARCHES`), so one client that searches
+/// for many names found elsewhere cannot take the relay from the others,
+/// and enough for a connect storm of 10,000 channels.
+const MAX_SEARCHES_PER_CLIENT: usize = 10_000;
 /// How long the shim waits for a server's TCP connection.
 const SERVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 

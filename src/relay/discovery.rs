@@ -16,8 +16,8 @@
 //! - Every name under search is charged to the client address that asked
 //!   first (later askers join it for free); an IPv6 client is charged as
 //!   its /64 network. One address may hold at most
-//!   `max_pending_per_address` names (default 2,500). When the relay is full
-//!   (`max_pending`, default 10,000), an address holding less than an equal
+//!   `max_pending_per_address` names (default 10,000). When the relay is full
+//!   (`max_pending`, default 20,000), an address holding less than an equal
 //!   share (`max_pending` / addresses with names under search, counting
 //!   itself) still gets its search: it takes the place of one search of
 //!   the address that holds the most, which ends as not found. Otherwise the
@@ -47,8 +47,9 @@ use tracing::{debug, info};
 /// First resend delay; each resend doubles it, up to `MAX_RESEND_DELAY`.
 const FIRST_RESEND_DELAY: Duration = Duration::from_millis(20);
 const MAX_RESEND_DELAY: Duration = Duration::from_secs(1);
-/// Requests queued towards the relay task before `lookup` refuses more.
-const REQUEST_QUEUE: usize = 4096;
+/// Requests queued towards the relay task before `lookup` refuses more:
+/// room for a connect storm of 10,000 names arriving together.
+const REQUEST_QUEUE: usize = 16_384;
 /// Largest search datagram either protocol sends.
 const MAX_DATAGRAM: usize = 1500;
 /// Name bytes the cache holds at most, besides its entry count: 100,000

@@ -340,6 +340,7 @@ impl<P: Protocol> Core<P> {
             .add(name.clone(), waiter, &self.resolver, &self.answer_tx);
         match refused {
             Some(waiter) => {
+                METRICS.refused(Refusal::Searches);
                 debug!("search refused (limit)");
                 protocol.settle(self, waiter, &name, None).await
             }
