@@ -20,17 +20,22 @@ the shim as their only name server:
             unsubscribes, subscribes again on the same connection, then
             disconnects; the next process reconnects. Their updates are
             checked the same way, except in a cycle that overlapped a restart
+  control   the same steady monitors on the direct path (UDP search on
+            the container's broadcast address, no shim): a gap seen there too, at the same IOC
+            time, was lost before the shim (the IOC, or a stalled machine)
   restarts  every 60 s one IOC (in turn) is SIGKILLed and started again
 
 Every 5 s the shim's RSS and open descriptors (from /proc) and its client,
-channel and server-link counts (from /metrics) are sampled. The summary
-prints one row per minute and the totals; the exit code is 1 if an update
-was lost or out of order, or the shim died.
+channel and server-link counts (from /metrics) are sampled, with the load
+average. The summary prints one row per minute and the totals; the exit
+code is 1 if an update was lost or out of order through the shim and not
+also on the direct path, or the shim died.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import random
 import re
@@ -62,25 +67,32 @@ class Continuity:
         self.updates = 0
         self.lost = 0
         self.reordered = 0
-        self.examples: list = []
+        self.gaps: list = []  # (ioc, ts before, ts after, what)
 
-    def check(self, values, what: str) -> None:
-        """`values`: one connection's updates, in arrival order."""
+    def check(self, run, ioc: str, what: str) -> None:
+        """`run`: one connection's updates as (value, IOC timestamp), in
+        arrival order."""
         with self.lock:
-            self.updates += len(values)
-            for a, b in zip(values, values[1:]):
+            self.updates += len(run)
+            for (a, ta), (b, tb) in zip(run, run[1:]):
                 if b == a + 1:
                     continue
                 if b > a + 1:
                     self.lost += int(b - a - 1)
                 else:
                     self.reordered += 1
-                if len(self.examples) < 10:
-                    self.examples.append(f"{what}: {a} -> {b}")
+                self.gaps.append((ioc, ta, tb, f"{what}: {a:g} -> {b:g}"))
+
+
+def explained(gap, control: "Continuity") -> bool:
+    """A gap the direct-path monitors of the same IOC also show at the same
+    IOC time: lost before the shim (the IOC or the machine), not in it."""
+    ioc, ta, tb, _ = gap
+    return any(c[0] == ioc and c[1] < tb and ta < c[2] for c in control.gaps)
 
 
 def segments(events) -> list:
-    """Splits a watch's events into per-connection value lists."""
+    """Splits a watch's events into per-connection (value, ts) lists."""
     out, current = [], []
     for e in events:
         if e["event"] == "conn":
@@ -88,7 +100,7 @@ def segments(events) -> list:
                 out.append(current)
             current = []
         elif e["event"] == "value":
-            current.append(e["value"])
+            current.append((e["value"], e.get("ts") or e["t"]))
     if current:
         out.append(current)
     return out
@@ -128,6 +140,7 @@ def main():
     stop = threading.Event()
     threads = []
     watches = {}
+    direct = {}
     try:
         iocs = {p: h.SoftIoc(ctr, p, work, f, 0.0, h.PVA_SERVER_ENV).start() for p, f in IOCS.items()}
         shim = h.Shim(ctr, ["--listen", f"0.0.0.0:{SHIM_PORT}"], work, env={"NAMESHIM_LOG": "info"})
@@ -136,13 +149,30 @@ def main():
         duration = args.minutes * 60
         steady = Continuity()
         churn = Continuity()
+        control = Continuity()
         cycles = {"CA": 0, "PVA": 0}
         errors: list = []
         restarts: list = []  # (t_kill, t_ready)
         for prefix in iocs:
             watches[("CA", prefix)] = h.CaWatch(ctr, ns, f"{prefix}COUNT", duration=duration + 120)
             watches[("PVA", prefix)] = h.PvaWatch(ctr, ns, f"{prefix}COUNT", duration=duration + 120)
-        for w in watches.values():
+        # The control: the same monitors on the direct path (UDP search
+        # in the container, no shim), to tell a loss in the shim from one
+        # before it (an IOC or a machine that stalls).
+        # (The container's broadcast address, as bench/ioc_restart.py.)
+        broadcast = str(ipaddress.ip_network(f"{ctr.addr}/30", strict=False).broadcast_address)
+        direct_env = {
+            "CA": {"EPICS_CA_AUTO_ADDR_LIST": "NO", "EPICS_CA_ADDR_LIST": broadcast},
+            "PVA": h.pva_direct_env(broadcast),
+        }
+        scripts = {"CA": h.CA_CLIENT, "PVA": h.PVA_CLIENT}
+        for prefix in iocs:
+            for proto in ("CA", "PVA"):
+                w = h.CaWatch.__new__(h.CaWatch)
+                w._start(ctr, [h.PYTHON, scripts[proto], "--watch", f"{prefix}COUNT", str(duration + 120)],
+                         direct_env[proto])
+                direct[(proto, prefix)] = w
+        for w in [*watches.values(), *direct.values()]:
             w.wait_for(lambda e: e["event"] == "value", 30)
 
         def churner(proto: str, seed: int):
@@ -156,11 +186,11 @@ def main():
                     if proto == "CA":
                         ops = [{"op": "monitor", "pv": pv, "duration": d, "timeout": 5} for d in (d1, d2)]
                         results = h.ca_program(ctr, ns, ops, timeout=60)
-                        runs = [[u[0] for u in r["updates"]] for r in results if r.get("connected")]
+                        runs = [[tuple(u[:2]) for u in r["updates"]] for r in results if r.get("connected")]
                     else:
                         ops = [{"op": "monitor", "pvs": [pv], "duration": d, "timeout": 5} for d in (d1, d2)]
                         results = h.pva_program(ctr, ns, ops, timeout=60)
-                        runs = [[u[0] for u in r[pv]["updates"]] for r in results if r[pv].get("connected")]
+                        runs = [[tuple(u[:2]) for u in r[pv]["updates"]] for r in results if r[pv].get("connected")]
                 except Exception as e:  # noqa: BLE001 - reported in the summary
                     errors.append(f"{proto} churner: {str(e)[:200]}")
                     time.sleep(1)
@@ -169,7 +199,7 @@ def main():
                 overlapped = any(k - 1 <= t1 and t0 <= r + 5 for k, r in list(restarts))
                 if not overlapped:
                     for run in runs:
-                        churn.check(run, f"{proto} churn {pv}")
+                        churn.check(run, prefix, f"{proto} churn {pv}")
                     if len(runs) < 2:
                         errors.append(f"{proto} churn {pv}: {2 - len(runs)} subscription(s) never connected")
                 cycles[proto] += 1
@@ -191,7 +221,8 @@ def main():
                 errors.append("the shim died")
                 break
             rss, fds = proc_sample(shim.proc.pid)
-            samples.append((time.monotonic() - t_start, rss, fds, metrics(ctr), dict(cycles)))
+            load = float(open("/proc/loadavg").read().split()[0])
+            samples.append((time.monotonic() - t_start, rss, fds, metrics(ctr), dict(cycles), load))
             if time.monotonic() >= next_restart:
                 ioc = iocs[order[n_restart % len(order)]]
                 n_restart += 1
@@ -207,7 +238,11 @@ def main():
         for key, w in watches.items():
             w.drain()
             for run in segments(w.events):
-                steady.check(run, f"{key[0]} steady {key[1]}")
+                steady.check(run, key[1], f"{key[0]} steady {key[1]}")
+        for key, w in direct.items():
+            w.drain()
+            for run in segments(w.events):
+                control.check(run, key[1], f"{key[0]} direct {key[1]}")
         # Every steady monitor must have come back after the last restart.
         last_ready = restarts[-1][1] if restarts else 0
         for key, w in watches.items():
@@ -221,7 +256,7 @@ def main():
 
         print()
         print(f"{'minute':>6}{'RSS MiB':>9}{'fds':>6}{'CA cl':>7}{'PVA cl':>7}{'CA ch':>7}{'PVA ch':>7}"
-              f"{'links':>7}{'accepted Σ':>11}{'cycles Σ':>9}")
+              f"{'links':>7}{'accepted Σ':>11}{'cycles Σ':>9}{'load':>6}")
         for minute in range(int(args.minutes + 0.999)):
             rows = [s for s in samples if minute * 60 <= s[0] < (minute + 1) * 60]
             if not rows:
@@ -235,7 +270,7 @@ def main():
                   f"{max(m(r, 'nameshim_clients', 'pva') for r in rows):>7}"
                   f"{max(m(r, 'nameshim_channels', 'ca') for r in rows):>7}"
                   f"{max(m(r, 'nameshim_channels', 'pva') for r in rows):>7}"
-                  f"{links:>7}{accepted:>11}{sum(s[4].values()):>9}")
+                  f"{links:>7}{accepted:>11}{sum(s[4].values()):>9}{max(r[5] for r in rows):>6.1f}")
         rss = [s[1] for s in samples]
         fds = [s[2] for s in samples]
         print()
@@ -244,18 +279,24 @@ def main():
         print(f"shim fds: first {fds[0]}, median {statistics.median(fds):.0f}, max {max(fds)}, end {fds_end}")
         print(f"IOC restarts: {len(restarts)}; churn cycles: CA {cycles['CA']}, PVA {cycles['PVA']} "
               f"(each: connect, subscribe, unsubscribe, subscribe, disconnect)")
+        unexplained = [g for g in steady.gaps + churn.gaps if not explained(g, control)]
         print(f"steady monitors: {steady.updates} updates, {steady.lost} lost, {steady.reordered} out of order")
         print(f"churn monitors:  {churn.updates} updates, {churn.lost} lost, {churn.reordered} out of order")
-        for ex in steady.examples + churn.examples:
-            print(f"  {ex}")
+        print(f"direct path (control, no shim): {control.updates} updates, {control.lost} lost, "
+              f"{control.reordered} out of order")
+        print(f"gaps through the shim: {len(steady.gaps) + len(churn.gaps)}, of which not also seen on the "
+              f"direct path: {len(unexplained)}")
+        for ioc, ta, tb, what in (steady.gaps + churn.gaps + control.gaps)[:12]:
+            when = time.strftime("%H:%M:%S", time.gmtime(ta))
+            print(f"  {when}Z {what}{'' if explained((ioc, ta, tb, what), control) else '  (shim path only)'}")
         print(f"shim: {'alive' if alive else 'DEAD'}; errors: {len(errors)}")
         for e in errors[:10]:
             print(f"  {e}")
-        bad = steady.lost or steady.reordered or churn.lost or churn.reordered or not alive
+        bad = unexplained or not alive
         return 1 if bad else 0
     finally:
         stop.set()
-        for w in watches.values():
+        for w in [*watches.values(), *direct.values()]:
             w.close()
         ctr.close()
         if args.keep:
