@@ -488,7 +488,7 @@ pub(crate) fn context_for_tests(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::test_support::{read_at_least, server_read_at_least};
+    use crate::session::test_support::{read_at_least, write_while_reading};
     use bytes::BytesMut;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -795,17 +795,8 @@ mod tests {
             Header::new(Command::Write, 6, 1, first[0], 1),
             &vec![0u8; 64_000],
         ));
-        let writer = tokio::spawn(async move {
-            for _ in 0..384 {
-                writing.write_all(&write).await.unwrap();
-            }
-            writing
-        });
-        read_at_least(&mut reading, 40_000_000 - buf.len()).await;
-        let _writing = tokio::time::timeout(Duration::from_secs(5), writer)
-            .await
-            .expect("the client's writes all taken within 5 s");
-        server_read_at_least(&mut server_read, 384 * 64_000).await;
+        let to_read = 40_000_000 - buf.len();
+        write_while_reading(writing, write, 384, &mut reading, to_read, &mut server_read).await;
     }
 
     // Relayed updates take the client's queue budget before the session

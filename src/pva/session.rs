@@ -655,7 +655,7 @@ mod tests {
     use super::*;
     use crate::pva::search;
     use crate::relay::discovery::SearchConfig;
-    use crate::session::test_support::{read_at_least, server_read_at_least};
+    use crate::session::test_support::{read_at_least, write_while_reading};
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, UdpSocket};
@@ -815,7 +815,7 @@ mod tests {
         let (search_addr, mut server_read) = flooding_server(Some(40)).await;
         let mut client = client_of_shim(search_addr).await;
         let sid = create(&mut client, 1).await;
-        let (mut reading, mut writing) = client.stream.into_split();
+        let (mut reading, writing) = client.stream.into_split();
         // 24 MB of PUTs: more than the link's queue and the sockets on the
         // way to a server that does not read.
         let mut w = wire::Writer::new(false);
@@ -823,17 +823,8 @@ mod tests {
         let mut put = BytesMut::new();
         w.into_message(Command::Put, Direction::FromClient)
             .encode(&mut put);
-        let writer = tokio::spawn(async move {
-            for _ in 0..384 {
-                writing.write_all(&put).await.unwrap();
-            }
-            writing
-        });
-        read_at_least(&mut reading, 40 << 20).await;
-        let _writing = tokio::time::timeout(Duration::from_secs(5), writer)
-            .await
-            .expect("the client's requests all taken within 5 s");
-        server_read_at_least(&mut server_read, 384 * 64_000).await;
+        let put = put.to_vec();
+        write_while_reading(writing, put, 384, &mut reading, 40 << 20, &mut server_read).await;
     }
 
     // Relayed updates take the client's queue budget before the session

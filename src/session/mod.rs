@@ -497,7 +497,8 @@ impl<P: Protocol> Core<P> {
 #[cfg(test)]
 pub mod test_support {
     use std::time::Duration;
-    use tokio::io::{AsyncRead, AsyncReadExt};
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+    use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
     use tokio::sync::mpsc;
 
     /// Reads from `client` until `bytes` have come, each read within 3 s.
@@ -510,6 +511,32 @@ pub mod test_support {
                 other => panic!("relay stalled after {total} bytes: {other:?}"),
             }
         }
+    }
+
+    /// A client that writes `request` `times` over (in a task of its own)
+    /// while it reads `to_read` bytes, as a flow-control test needs: the
+    /// writes must all be taken within 5 s of the reads, and the test
+    /// server must report having read them all.
+    pub async fn write_while_reading(
+        mut writing: OwnedWriteHalf,
+        request: Vec<u8>,
+        times: usize,
+        reading: &mut OwnedReadHalf,
+        to_read: usize,
+        server_reads: &mut mpsc::UnboundedReceiver<usize>,
+    ) {
+        let total = times * request.len();
+        let writer = tokio::spawn(async move {
+            for _ in 0..times {
+                writing.write_all(&request).await.unwrap();
+            }
+            writing
+        });
+        read_at_least(reading, to_read).await;
+        let _writing = tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the client's requests all taken within 5 s");
+        server_read_at_least(server_reads, total).await;
     }
 
     /// Waits until a test server reports having read `bytes`, each report
