@@ -9,8 +9,9 @@ pub mod wire;
 #[cfg(test)]
 mod limit_tests;
 
-use crate::relay::framing::Decoder;
+use crate::relay::framing::{Decoder, Span, Split};
 use crate::relay::outbox::Frame;
+use crate::relay::stream::STREAM_MIN;
 use crate::relay::upstream::WireLen;
 use bytes::BytesMut;
 
@@ -29,6 +30,24 @@ impl Decoder for CaDecoder {
         needed: &mut usize,
     ) -> Result<Option<wire::Message>, wire::WireError> {
         wire::decode(buf, self.max_payload, needed)
+    }
+
+    /// A large payload passes as it arrives; the head carries no payload,
+    /// as nothing the session decides on is in it.
+    fn split(
+        &mut self,
+        buf: &BytesMut,
+        needed: &mut usize,
+    ) -> Result<Option<Split<wire::Message>>, wire::WireError> {
+        let large = wire::large_header(buf, self.max_payload, STREAM_MIN, needed)?;
+        Ok(large.map(|(header, header_len)| Split {
+            span: Span {
+                len: header_len + header.payload_size as usize,
+                continues: false,
+                dropped: false,
+            },
+            head: wire::Message::new(header),
+        }))
     }
 }
 

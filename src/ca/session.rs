@@ -22,7 +22,9 @@ use crate::relay::listener::Reception;
 use crate::relay::metrics::{Proto, Refusal, METRICS};
 use crate::relay::outbox::{Frame, Outbox};
 use crate::relay::upstream::BackendLink;
-use crate::session::{self, Channel, ClientReader, Core, Events, SessionError, SessionSettings};
+use crate::session::{
+    self, Channel, ClientReader, Core, Events, LargeMessage, SessionError, SessionSettings,
+};
 use bytes::Bytes;
 use std::fmt;
 use std::net::{SocketAddr, SocketAddrV4};
@@ -221,6 +223,20 @@ impl session::Protocol for CaSession {
         };
         let relayed = relayed_server_message(core, server, command, message);
         Ok(relayed.as_ref().map(frame))
+    }
+
+    /// Data answers pass unchanged: their header names the client's own
+    /// subscription or ioid, never a channel's sid.
+    fn on_server_head(
+        &mut self,
+        _core: &mut Core<Self>,
+        _server: SocketAddrV4,
+        head: &Message,
+    ) -> Result<LargeMessage, SessionError> {
+        Ok(match head.header.command() {
+            Ok(Command::EventAdd | Command::Read | Command::ReadNotify) => LargeMessage::Stream,
+            _ => LargeMessage::Whole,
+        })
     }
 
     async fn settle(

@@ -313,6 +313,32 @@ pub fn decode(
     }))
 }
 
+/// The header of the message at the front of `buf` if its payload is at
+/// least `min` bytes, for passing it in parts; `None` for a smaller one.
+/// With `needed` set, the header is not all there yet.
+pub fn large_header(
+    buf: &[u8],
+    max_payload: u32,
+    min: usize,
+    needed: &mut usize,
+) -> Result<Option<(Header, usize)>, WireError> {
+    let Some((header, header_len)) = peek_header(buf) else {
+        *needed = if buf.len() < HEADER_LEN {
+            HEADER_LEN
+        } else {
+            EXTENDED_HEADER_LEN
+        };
+        return Ok(None);
+    };
+    if header.payload_size > max_payload {
+        return Err(WireError::TooLarge {
+            size: header.payload_size,
+            limit: max_payload,
+        });
+    }
+    Ok((header.payload_size as usize >= min).then_some((header, header_len)))
+}
+
 /// Splits a datagram into its messages. A datagram that ends inside a
 /// message is an error as a whole.
 pub fn decode_datagram(datagram: &[u8]) -> Result<Vec<(Header, &[u8])>, WireError> {

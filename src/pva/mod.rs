@@ -12,10 +12,12 @@ pub mod types;
 pub mod unanswered;
 pub mod wire;
 
-use crate::relay::framing::Decoder;
+use crate::relay::framing::{Decoder, Span, Split};
 use crate::relay::outbox::Frame;
+use crate::relay::stream::STREAM_MIN;
 use crate::relay::upstream::WireLen;
 use bytes::BytesMut;
+use wire::Continuation;
 
 /// Frames PVA messages on a TCP stream (see `wire::Decoder`).
 impl Decoder for wire::Decoder {
@@ -32,6 +34,42 @@ impl Decoder for wire::Decoder {
 
     fn partial_len(&self) -> usize {
         wire::Decoder::partial_len(self)
+    }
+
+    fn split(
+        &mut self,
+        buf: &BytesMut,
+        needed: &mut usize,
+    ) -> Result<Option<Split<wire::Message>>, wire::WireError> {
+        let split = wire::Decoder::split(self, buf, STREAM_MIN, needed)?;
+        Ok(split.map(|split| Split {
+            head: split.head,
+            span: Span {
+                len: split.len,
+                continues: split.continues,
+                dropped: false,
+            },
+        }))
+    }
+
+    fn split_next(
+        &mut self,
+        buf: &BytesMut,
+        needed: &mut usize,
+    ) -> Result<Option<Span>, wire::WireError> {
+        let next = wire::Decoder::split_next(self, buf, needed)?;
+        Ok(next.map(|next| match next {
+            Continuation::Segment { len, last } => Span {
+                len,
+                continues: !last,
+                dropped: false,
+            },
+            Continuation::Control => Span {
+                len: wire::HEADER_LEN,
+                continues: true,
+                dropped: true,
+            },
+        }))
     }
 }
 

@@ -41,7 +41,7 @@ use crate::relay::metrics::{Proto, Refusal, METRICS};
 use crate::relay::outbox::{Frame, Outbox};
 use crate::relay::upstream::{BackendLink, LinkError};
 use crate::session::{
-    self, Channel, ClientReader, Core, Events, Route, SessionError, SessionSettings,
+    self, Channel, ClientReader, Core, Events, LargeMessage, Route, SessionError, SessionSettings,
 };
 use bytes::{BufMut, Bytes, BytesMut};
 use std::fmt;
@@ -269,6 +269,39 @@ impl session::Protocol for PvaSession {
             _ => None,
         };
         Ok(relayed.as_ref().map(frame))
+    }
+
+    /// Data answers whose values hold no type descriptions pass unchanged
+    /// (see `Translator::passes_unread`); the rest is read whole.
+    fn on_server_head(
+        &mut self,
+        _core: &mut Core<Self>,
+        server: SocketAddrV4,
+        head: &Message,
+    ) -> Result<LargeMessage, SessionError> {
+        let Ok(command) = head.header.command() else {
+            return Ok(LargeMessage::Whole);
+        };
+        if !command.is_ioid_response() {
+            return Ok(LargeMessage::Whole);
+        }
+        let mut r = wire::Reader::new(&head.payload, head.header.is_big_endian());
+        let (ioid, subcmd) = (r.u32("ioid"), r.u8("subcommand"));
+        if r.finish().is_err() {
+            return Ok(LargeMessage::Whole);
+        }
+        // As `on_response`: an answer the shim already gave is dropped.
+        // (A second `answered` for the same answer, there, says the same.)
+        if !self.unanswered.answered(ioid) {
+            return Ok(LargeMessage::Drop);
+        }
+        Ok(
+            if self.translator.passes_unread(server, command, ioid, subcmd) {
+                LargeMessage::Stream
+            } else {
+                LargeMessage::Whole
+            },
+        )
     }
 
     async fn settle(

@@ -272,6 +272,37 @@ impl Translator {
     }
 }
 
+impl Translator {
+    /// For a server's data answer (not INIT, not RPC, not GET_FIELD) from
+    /// its ioid and sub-command alone: true if its value need not be read
+    /// and it passes unchanged, after the bookkeeping `server_message`
+    /// does (an ending operation is forgotten). False if the value must be
+    /// read: its type can hold type descriptions.
+    pub fn passes_unread(
+        &mut self,
+        server: SocketAddrV4,
+        command: Command,
+        ioid: u32,
+        subcmd: u8,
+    ) -> bool {
+        if command == Command::Rpc || !command.is_operation() || subcmd & INIT != 0 {
+            return false;
+        }
+        let op = self
+            .ops
+            .get(&ioid)
+            .filter(|op| op.server == server && op.command == command);
+        if op.is_some_and(|op| op.walks_values()) {
+            return false;
+        }
+        let ends = op.is_some_and(|op| op.ending) || subcmd & DESTROY != 0;
+        if ends && op.is_some() {
+            self.end_op(ioid);
+        }
+        true
+    }
+}
+
 /// The rest of a server's answer after INIT: an RPC's typed value, or the
 /// value of an operation whose `value_types` can hold type descriptions.
 /// Says whether the answer was walked (and so copied).

@@ -18,6 +18,7 @@ pub const VERSION: u8 = 2;
 pub const FLAG_CONTROL: u8 = 0x01;
 pub const FLAG_SEGMENT_MASK: u8 = 0x30;
 pub const FLAG_SEGMENT_FIRST: u8 = 0x10;
+pub const FLAG_SEGMENT_LAST: u8 = 0x20;
 pub const FLAG_SEGMENT_MIDDLE: u8 = 0x30;
 pub const FLAG_FROM_SERVER: u8 = 0x40;
 pub const FLAG_BIG_ENDIAN: u8 = 0x80;
@@ -298,6 +299,33 @@ pub struct Decoder {
     /// What the direction flag of every message must say.
     direction: Direction,
     partial: Option<(Header, BytesMut)>,
+    /// The command of a segmented message passing in parts, if any.
+    passing: Option<u8>,
+}
+
+/// Payload bytes a message passing in parts shows the session: its ioid
+/// and sub-command, and room to spare.
+pub const HEAD_PREFIX: usize = 16;
+
+/// The start of a message that passes in parts.
+pub struct Split {
+    /// Its header, and its payload cut to [`HEAD_PREFIX`] bytes.
+    pub head: Message,
+    /// Its bytes on the wire, header included; a segmented message's
+    /// first segment only.
+    pub len: usize,
+    /// Further segments follow.
+    pub continues: bool,
+}
+
+/// A run of bytes inside a segmented message passing in parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Continuation {
+    /// A further segment of that many bytes, header included; `last` ends
+    /// the message.
+    Segment { len: usize, last: bool },
+    /// A control message between segments, for the shim, not the client.
+    Control,
 }
 
 impl Decoder {
@@ -306,7 +334,78 @@ impl Decoder {
             max_message,
             direction,
             partial: None,
+            passing: None,
         }
+    }
+
+    /// The head of the message at the front of `buf` if it passes in
+    /// parts: a segmented message (segments pass as segments, never
+    /// joined), or a whole one whose payload is at least `min` bytes.
+    /// `Ok(None)` with `needed` set: more bytes are needed to tell.
+    pub fn split(
+        &mut self,
+        buf: &BytesMut,
+        min: usize,
+        needed: &mut usize,
+    ) -> Result<Option<Split>, WireError> {
+        if self.partial.is_some() {
+            // Joining began: it goes on as it began.
+            return Ok(None);
+        }
+        let Some(header) = self.next_header(buf, needed)? else {
+            return Ok(None);
+        };
+        let segment = header.flags & FLAG_SEGMENT_MASK;
+        let first = segment == FLAG_SEGMENT_FIRST;
+        let size = header.size as usize;
+        if header.is_control() || !(first || (segment == 0 && size >= min)) {
+            return Ok(None);
+        }
+        let prefix = size.min(HEAD_PREFIX);
+        let Some(shown) = buf.get(HEADER_LEN..HEADER_LEN + prefix) else {
+            *needed = HEADER_LEN + prefix;
+            return Ok(None);
+        };
+        if first {
+            self.passing = Some(header.command);
+        }
+        Ok(Some(Split {
+            head: Message {
+                header,
+                payload: Bytes::copy_from_slice(shown),
+            },
+            len: HEADER_LEN + size,
+            continues: first,
+        }))
+    }
+
+    /// Inside a segmented message passing in parts: what is at the front
+    /// of `buf`. Anything but a further segment of the same command, or a
+    /// control message, is an error, as when joining.
+    pub fn split_next(
+        &mut self,
+        buf: &BytesMut,
+        needed: &mut usize,
+    ) -> Result<Option<Continuation>, WireError> {
+        let Some(header) = self.next_header(buf, needed)? else {
+            return Ok(None);
+        };
+        if header.is_control() {
+            return Ok(Some(Continuation::Control));
+        }
+        let segment = header.flags & FLAG_SEGMENT_MASK;
+        let further = segment == FLAG_SEGMENT_MIDDLE || segment == FLAG_SEGMENT_LAST;
+        if !further || self.passing != Some(header.command) {
+            return Err(WireError::Segmentation);
+        }
+        let last = segment == FLAG_SEGMENT_LAST;
+        if last {
+            self.passing = None;
+        }
+        Ok(Some(Continuation::Segment {
+            len: HEADER_LEN + header.size as usize,
+            last,
+        }))
     }
 
     /// Bytes of a segmented message joined so far, waiting for the rest.

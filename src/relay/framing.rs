@@ -10,7 +10,8 @@
 
 use super::limits::{Activity, ClientDeadlines};
 use super::metrics::BadInput;
-use bytes::BytesMut;
+use super::stream::PART_MAX;
+use bytes::{Buf, Bytes, BytesMut};
 use std::fmt;
 use std::io;
 use std::time::Duration;
@@ -41,6 +42,63 @@ pub trait Decoder {
     fn partial_len(&self) -> usize {
         0
     }
+
+    /// Whether the message at the front of `buf` passes in parts (see
+    /// `relay::stream`): if so, its head. `Ok(None)` with `needed` left at
+    /// 0 means it is decoded whole; with `needed` set, more bytes are
+    /// needed to tell.
+    fn split(
+        &mut self,
+        _buf: &BytesMut,
+        _needed: &mut usize,
+    ) -> Result<Option<Split<Self::Item>>, Self::Error> {
+        Ok(None)
+    }
+
+    /// Inside a message passing in parts whose last span continues: the
+    /// span at the front of `buf` (a further segment, or a control message
+    /// between segments). `Ok(None)`: `needed` says how many bytes to tell.
+    fn split_next(
+        &mut self,
+        _buf: &BytesMut,
+        _needed: &mut usize,
+    ) -> Result<Option<Span>, Self::Error> {
+        Ok(Some(Span {
+            len: 0,
+            continues: false,
+            dropped: false,
+        }))
+    }
+}
+
+/// The start of a message that passes in parts.
+pub struct Split<M> {
+    /// The message with its payload cut to its first bytes, for the
+    /// session to decide on; its header is the message's own.
+    pub head: M,
+    /// The bytes on the wire that follow from here.
+    pub span: Span,
+}
+
+/// A run of bytes of a message passing in parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// Bytes on the wire, headers included.
+    pub len: usize,
+    /// More spans of the same message follow (PVA segments).
+    pub continues: bool,
+    /// Read and dropped, not passed on (a control message between
+    /// segments, meant for the shim).
+    pub dropped: bool,
+}
+
+/// What [`FrameReader::next_piece`] yields.
+pub enum Piece<M> {
+    Whole(M),
+    /// A large message begun: next, [`FrameReader::pass_in_parts`] then
+    /// [`FrameReader::next_part`] until `None`, or [`FrameReader::next`]
+    /// to read it whole.
+    Head(M),
 }
 
 #[derive(Debug)]
@@ -119,6 +177,10 @@ pub struct FrameReader<R, D> {
     watch: Option<Watch>,
     /// Some read has brought bytes.
     received_any: bool,
+    /// The message whose head was last yielded, not yet passing.
+    split: Option<Span>,
+    /// The message passing in parts: what is left of its current span.
+    passing: Option<Span>,
 }
 
 /// A client connection's deadlines and the clocks they are judged by.
@@ -174,6 +236,8 @@ impl<R: AsyncRead + Unpin, D: Decoder> FrameReader<R, D> {
             grown: false,
             watch: None,
             received_any: false,
+            split: None,
+            passing: None,
         }
     }
 
@@ -218,6 +282,7 @@ impl<R: AsyncRead + Unpin, D: Decoder> FrameReader<R, D> {
     /// The next message, or `None` at a clean EOF between messages.
     /// Cancel-safe: a dropped call loses no bytes.
     pub async fn next(&mut self) -> Result<Option<D::Item>, ReadError> {
+        self.split = None;
         loop {
             let mut needed = 0;
             match self.decoder.decode(&mut self.buf, &mut needed) {
@@ -230,41 +295,122 @@ impl<R: AsyncRead + Unpin, D: Decoder> FrameReader<R, D> {
                 Ok(None) => {}
                 Err(e) => return Err(ReadError::Protocol(Box::new(e))),
             }
-            self.make_room(needed);
-            let read = match &mut self.watch {
-                None => self.io.read_buf(&mut self.buf).await,
-                Some(watch) => {
-                    let begun = self.buf.len() + self.decoder.partial_len();
-                    let deadline = watch.next_deadline(begun);
-                    let read = tokio::select! {
-                        // Bytes that are there win over a deadline.
-                        biased;
-                        read = self.io.read_buf(&mut self.buf) => read,
-                        () = tokio::time::sleep_until(deadline) => {
-                            match watch.expired(Instant::now(), begun) {
-                                Some(timeout) => return Err(ReadError::TimedOut(timeout)),
-                                None => continue,
-                            }
-                        }
-                    };
-                    if let Ok(n @ 1..) = read {
-                        super::metrics::METRICS.bytes_from_clients(n);
-                        watch.received = Instant::now();
-                    }
-                    read
+            if !self.fill(needed).await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// The next message whole, or the head of a large one (see
+    /// [`Piece::Head`]); `None` at a clean EOF between messages.
+    pub async fn next_piece(&mut self) -> Result<Option<Piece<D::Item>>, ReadError> {
+        loop {
+            let mut needed = 0;
+            let split = self
+                .decoder
+                .split(&self.buf, &mut needed)
+                .map_err(|e| ReadError::Protocol(Box::new(e)))?;
+            if let Some(split) = split {
+                self.split = Some(split.span);
+                return Ok(Some(Piece::Head(split.head)));
+            }
+            if needed == 0 {
+                return Ok(self.next().await?.map(Piece::Whole));
+            }
+            if !self.fill(needed).await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Reads the message whose head was just yielded in parts.
+    pub fn pass_in_parts(&mut self) {
+        self.passing = self.split.take();
+    }
+
+    /// The next bytes of the message passing in parts, verbatim, headers
+    /// included; `None` once it is complete.
+    pub async fn next_part(&mut self) -> Result<Option<Bytes>, ReadError> {
+        loop {
+            let Some(span) = &mut self.passing else {
+                return Ok(None);
+            };
+            if span.len == 0 {
+                if !span.continues {
+                    self.passing = None;
+                    return Ok(None);
                 }
+                let mut needed = 0;
+                match self.decoder.split_next(&self.buf, &mut needed) {
+                    Ok(Some(next)) => *span = next,
+                    Ok(None) => self.fill_inside(needed).await?,
+                    Err(e) => return Err(ReadError::Protocol(Box::new(e))),
+                }
+                continue;
             }
-            .map_err(ReadError::Io)?;
-            self.received_any |= read > 0;
-            if read == 0 {
-                return if self.buf.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(ReadError::TruncatedAtEof {
-                        buffered: self.buf.len(),
-                    })
+            if self.buf.is_empty() {
+                let wanted = span.len.min(PART_MAX);
+                self.fill_inside(wanted).await?;
+                continue;
+            }
+            let n = span.len.min(self.buf.len()).min(PART_MAX);
+            span.len -= n;
+            if span.dropped {
+                self.buf.advance(n);
+                continue;
+            }
+            return Ok(Some(self.buf.split_to(n).freeze()));
+        }
+    }
+
+    /// [`Self::fill`] inside a message, where EOF is an error.
+    async fn fill_inside(&mut self, needed: usize) -> Result<(), ReadError> {
+        if self.fill(needed.max(self.buf.len() + 1)).await? {
+            Ok(())
+        } else {
+            Err(ReadError::TruncatedAtEof {
+                buffered: self.buf.len(),
+            })
+        }
+    }
+
+    /// Reads more bytes towards `needed` in the buffer. `Ok(false)` at a
+    /// clean EOF (nothing buffered); EOF with bytes buffered is an error.
+    async fn fill(&mut self, needed: usize) -> Result<bool, ReadError> {
+        self.make_room(needed);
+        let read = match &mut self.watch {
+            None => self.io.read_buf(&mut self.buf).await,
+            Some(watch) => loop {
+                let begun = self.buf.len() + self.decoder.partial_len();
+                let deadline = watch.next_deadline(begun);
+                let read = tokio::select! {
+                    // Bytes that are there win over a deadline.
+                    biased;
+                    read = self.io.read_buf(&mut self.buf) => read,
+                    () = tokio::time::sleep_until(deadline) => {
+                        match watch.expired(Instant::now(), begun) {
+                            Some(timeout) => return Err(ReadError::TimedOut(timeout)),
+                            None => continue,
+                        }
+                    }
                 };
-            }
+                if let Ok(n @ 1..) = read {
+                    super::metrics::METRICS.bytes_from_clients(n);
+                    watch.received = Instant::now();
+                }
+                break read;
+            },
+        }
+        .map_err(ReadError::Io)?;
+        self.received_any |= read > 0;
+        if read > 0 {
+            Ok(true)
+        } else if self.buf.is_empty() {
+            Ok(false)
+        } else {
+            Err(ReadError::TruncatedAtEof {
+                buffered: self.buf.len(),
+            })
         }
     }
 }

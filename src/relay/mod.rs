@@ -10,4 +10,5 @@ pub mod localaddr;
 pub mod metrics;
 pub mod outbox;
 pub mod rate;
+pub mod stream;
 pub mod upstream;

@@ -15,6 +15,7 @@
 //! the client's reader counts against the idle deadline.
 
 use super::limits::Activity;
+use super::stream::{Part, StreamSink, StreamSource};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::fmt;
 use std::io;
@@ -112,9 +113,18 @@ impl std::error::Error for ControlError {}
 pub struct Permit(#[allow(dead_code)] OwnedSemaphorePermit);
 
 struct Queued {
-    frame: Frame,
-    _permit: Permit,
+    entry: Entry,
+    /// Frames hold their bytes of the budget until written. A passing
+    /// message is bounded by its own channel instead (see `stream`).
+    _permit: Option<Permit>,
     _counted: Option<Counted>,
+}
+
+enum Entry {
+    Frame(Frame),
+    /// A large message passing as it arrives: it holds the queue until its
+    /// last part is written.
+    Stream(StreamSource),
 }
 
 /// The sending side. Cheap to clone; all clones feed the same socket.
@@ -270,11 +280,25 @@ impl Outbox {
     pub fn send_reserved(&self, frame: Frame, permit: Permit) -> Result<(), Closed> {
         self.tx
             .send(Queued {
-                frame,
-                _permit: permit,
+                entry: Entry::Frame(frame),
+                _permit: Some(permit),
                 _counted: self.unwritten.map(Counted::new),
             })
             .map_err(|_| Closed)
+    }
+
+    /// Queues a large message that will pass as it arrives; its parts go
+    /// to the returned sink. Frames queued after it wait for its end.
+    pub fn open_stream(&self) -> Result<StreamSink, Closed> {
+        let (sink, source) = StreamSink::new();
+        self.tx
+            .send(Queued {
+                entry: Entry::Stream(source),
+                _permit: None,
+                _counted: self.unwritten.map(Counted::new),
+            })
+            .map_err(|_| Closed)?;
+        Ok(sink)
     }
 
     /// Waits for room, then queues the frame.
@@ -332,41 +356,94 @@ impl OutboxReceiver {
     }
 
     /// Writes queued frames until every sender is gone or the socket fails.
-    /// Frames that are ready together go out in one write.
+    /// Frames that are ready together go out in one write; a passing
+    /// message goes out part by part, before anything queued after it.
     pub async fn drain_into<W: AsyncWrite + Unpin>(mut self, mut out: W) -> io::Result<()> {
         let mut batch: Vec<Queued> = Vec::new();
         let mut buf = BytesMut::with_capacity(64 * 1024);
-        while let Some(first) = self.rx.recv().await {
-            let mut gathered = first.frame.len();
-            batch.push(first);
-            while gathered < BATCH_BYTES {
-                match self.rx.try_recv() {
-                    Ok(next) => {
-                        gathered += next.frame.len();
-                        batch.push(next);
-                    }
-                    Err(_) => break,
-                }
+        // A passing message met while gathering a batch: it goes next.
+        let mut waiting: Option<Queued> = None;
+        loop {
+            let first = match waiting.take() {
+                Some(queued) => queued,
+                None => match self.rx.recv().await {
+                    Some(queued) => queued,
+                    None => break,
+                },
+            };
+            if let Entry::Stream(source) = first.entry {
+                self.write_stream(&mut out, source).await?;
+                // Counted until here: now it is written.
+                drop(first._counted);
+                continue;
             }
-            for queued in &batch {
-                let frame = &queued.frame;
-                buf.put_slice(frame.head());
-                if frame.body().len() <= COPY_LIMIT {
-                    buf.put_slice(frame.body());
+            let mut gathered = 0;
+            let mut next = Some(first);
+            while let Some(queued) = next.take() {
+                if let Entry::Frame(frame) = &queued.entry {
+                    gathered += frame.len();
+                    batch.push(queued);
                 } else {
-                    self.write_all(&mut out, &buf).await?;
-                    buf.clear();
-                    self.write_all(&mut out, frame.body()).await?;
+                    waiting = Some(queued);
+                    break;
+                }
+                if gathered < BATCH_BYTES {
+                    next = self.rx.try_recv().ok();
                 }
             }
-            if !buf.is_empty() {
-                self.write_all(&mut out, &buf).await?;
-                buf.clear();
-            }
+            self.write_batch(&mut out, &mut buf, &batch).await?;
             // Written: give the budget back.
             batch.clear();
         }
         out.shutdown().await
+    }
+
+    /// Writes frames, copying small bodies into one buffer.
+    async fn write_batch<W: AsyncWrite + Unpin>(
+        &self,
+        out: &mut W,
+        buf: &mut BytesMut,
+        batch: &[Queued],
+    ) -> io::Result<()> {
+        for queued in batch {
+            let Entry::Frame(frame) = &queued.entry else {
+                continue;
+            };
+            buf.put_slice(frame.head());
+            if frame.body().len() <= COPY_LIMIT {
+                buf.put_slice(frame.body());
+            } else {
+                self.write_all(out, buf).await?;
+                buf.clear();
+                self.write_all(out, frame.body()).await?;
+            }
+        }
+        if !buf.is_empty() {
+            self.write_all(out, buf).await?;
+            buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes a passing message's parts until its end. One cut short fails
+    /// the writer: the peer must not read on from the middle of a message.
+    async fn write_stream<W: AsyncWrite + Unpin>(
+        &self,
+        out: &mut W,
+        mut source: StreamSource,
+    ) -> io::Result<()> {
+        loop {
+            match source.recv().await {
+                Some(Part::Bytes(bytes)) => self.write_all(out, &bytes).await?,
+                Some(Part::End) => return Ok(()),
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "server connection lost inside a message passing to this client",
+                    ))
+                }
+            }
+        }
     }
 }
 

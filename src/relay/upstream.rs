@@ -8,7 +8,8 @@
 //! host group holding `localhost` or `127.0.0.1`) does not reach a remote
 //! client through the shim. See docs/security.md.
 
-use super::framing::{Decoder, FrameReader, ReadError};
+use super::framing::{Decoder, FrameReader, Piece, ReadError};
+use super::stream::{Pass, PART_STALL};
 use super::outbox::{Outbox, OutboxReceiver, Permit};
 use std::fmt;
 use std::future::Future;
@@ -17,7 +18,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 use tokio::io::AsyncRead;
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tracing::Instrument;
 
@@ -88,6 +89,8 @@ pub enum LinkError {
     Protocol(String),
     /// The client connection ended, so the link has no one to serve.
     ClientGone,
+    /// The server began a message, then sent no byte of it for this long.
+    StalledInMessage(Duration),
 }
 
 impl fmt::Display for LinkError {
@@ -102,6 +105,9 @@ impl fmt::Display for LinkError {
             LinkError::Write(e) => write!(f, "write failed: {e}"),
             LinkError::Protocol(why) => write!(f, "cannot follow the server: {why}"),
             LinkError::ClientGone => write!(f, "client connection ended"),
+            LinkError::StalledInMessage(d) => {
+                write!(f, "sent no byte of a message it had begun for {d:?}")
+            }
         }
     }
 }
@@ -130,6 +136,14 @@ pub enum BackendEvent<M> {
         link: u64,
         message: M,
         permit: Permit,
+    },
+    /// The head of a large message (see `relay::stream`): the link waits
+    /// for the session's answer before it reads on.
+    Head {
+        server: SocketAddrV4,
+        link: u64,
+        head: M,
+        answer: oneshot::Sender<Pass>,
     },
     Closed {
         server: SocketAddrV4,
@@ -195,7 +209,9 @@ impl Drop for BackendLink {
 /// Reads server messages and hands them to the session until the server or
 /// the session ends; returns why. Each message first reserves its bytes in
 /// the client's outbox, so a client that reads slowly stops this reader and
-/// TCP flow control reaches the server: nothing piles up in between.
+/// TCP flow control reaches the server: nothing piles up in between. A
+/// large message passes in parts (see `relay::stream`), bounded the same
+/// way by the channel that carries them.
 pub async fn pump<R, D>(
     reader: &mut FrameReader<R, D>,
     server: SocketAddrV4,
@@ -209,8 +225,27 @@ where
     D::Item: WireLen,
 {
     loop {
-        let message = match reader.next().await {
-            Ok(Some(message)) => message,
+        let message = match reader.next_piece().await {
+            Ok(Some(Piece::Whole(message))) => message,
+            Ok(Some(Piece::Head(head))) => {
+                let (answer, answered) = oneshot::channel();
+                let event = BackendEvent::Head {
+                    server,
+                    link,
+                    head,
+                    answer,
+                };
+                if events.send(event).is_err() {
+                    return LinkError::ClientGone;
+                }
+                // No answer: the session is gone.
+                let pass = answered.await.unwrap_or(Pass::Drop);
+                match pass_on(reader, pass).await {
+                    Ok(None) => continue,
+                    Ok(Some(message)) => message,
+                    Err(e) => return e,
+                }
+            }
             Ok(None) => return LinkError::ServerClosed,
             Err(e) => return LinkError::Read(e),
         };
@@ -227,6 +262,47 @@ where
             return LinkError::ClientGone;
         }
     }
+}
+
+/// Does what the session said with the large message whose head the reader
+/// just yielded; returns the message if it is to be handled whole.
+async fn pass_on<R, D>(
+    reader: &mut FrameReader<R, D>,
+    pass: Pass,
+) -> Result<Option<D::Item>, LinkError>
+where
+    R: AsyncRead + Unpin,
+    D: Decoder,
+{
+    let sink = match pass {
+        Pass::Whole => {
+            return match reader.next().await {
+                Ok(Some(message)) => Ok(Some(message)),
+                Ok(None) => Err(LinkError::ServerClosed),
+                Err(e) => Err(LinkError::Read(e)),
+            }
+        }
+        Pass::Stream(sink) => Some(sink),
+        Pass::Drop => None,
+    };
+    reader.pass_in_parts();
+    loop {
+        let part = match tokio::time::timeout(PART_STALL, reader.next_part()).await {
+            Err(_) => return Err(LinkError::StalledInMessage(PART_STALL)),
+            Ok(Err(e)) => return Err(LinkError::Read(e)),
+            Ok(Ok(part)) => part,
+        };
+        match (part, &sink) {
+            (Some(bytes), Some(sink)) => sink.send(bytes).await,
+            (Some(_), None) => Ok(()),
+            (None, _) => break,
+        }
+        .map_err(|_| LinkError::ClientGone)?;
+    }
+    if let Some(sink) = sink {
+        sink.finish().await.map_err(|_| LinkError::ClientGone)?;
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ use crate::relay::limits::{self, ChannelBudget, ChannelShare, ClientDeadlines};
 use crate::relay::listener::Reception;
 use crate::relay::metrics::{ClientGauge, Proto, Refusal, METRICS};
 use crate::relay::outbox::{ControlError, Frame, Outbox};
+use crate::relay::stream::Pass;
 use crate::relay::upstream::{BackendEvent, BackendLink, LinkError, WireLen};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
@@ -106,6 +107,20 @@ pub trait Protocol: Sized + Send + 'static {
         server: SocketAddrV4,
         message: Self::Message,
     ) -> Result<Option<Frame>, SessionError>;
+
+    /// The head of a large message from `server` (its payload cut to the
+    /// first bytes): whether it passes to the client unchanged as it
+    /// arrives, is handled whole by `on_server`, or is dropped. A protocol
+    /// that passes a message keeps here whatever `on_server` would have
+    /// noted of it.
+    fn on_server_head(
+        &mut self,
+        _core: &mut Core<Self>,
+        _server: SocketAddrV4,
+        _head: &Self::Message,
+    ) -> Result<LargeMessage, SessionError> {
+        Ok(LargeMessage::Whole)
+    }
 
     /// The search for `name` ended: found on `server`, or not found.
     async fn settle(
@@ -194,6 +209,17 @@ async fn serve_client<P: Protocol>(
     } else {
         Reception::Silent
     }
+}
+
+/// What becomes of a large message, from its head (see `relay::stream`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LargeMessage {
+    /// It passes to the client unchanged, as it arrives.
+    Stream,
+    /// It is read whole, then handled by `Protocol::on_server`.
+    Whole,
+    /// Nobody gets it.
+    Drop,
 }
 
 /// A link from this client connection to one server.
@@ -408,6 +434,27 @@ impl<P: Protocol> Core<P> {
                         self.client.send_reserved(frame, permit)?;
                     }
                 }
+                Ok(())
+            }
+            BackendEvent::Head {
+                server,
+                link,
+                head,
+                answer,
+            } => {
+                let current = |l: &Link| l.backend.id == link && !l.closing;
+                let large = if self.links.get(&server).is_some_and(current) {
+                    protocol.on_server_head(self, server, &head)?
+                } else {
+                    LargeMessage::Drop
+                };
+                let pass = match large {
+                    LargeMessage::Stream => Pass::Stream(self.client.open_stream()?),
+                    LargeMessage::Whole => Pass::Whole,
+                    LargeMessage::Drop => Pass::Drop,
+                };
+                // A link that is gone needs no answer.
+                let _ = answer.send(pass);
                 Ok(())
             }
             BackendEvent::Closed {
