@@ -833,4 +833,98 @@ mod tests {
         client.write_all(&bytes_of(&wire::echo())).await.unwrap();
         read_at_least(&mut client, 100_000_000).await;
     }
+
+    /// A server that creates channel 1, then writes the first
+    /// `sent_first` bytes of `update` and waits for `rest`: `true` to
+    /// write the rest, `false` to close the connection instead.
+    async fn server_pausing_inside(
+        update: Vec<u8>,
+        sent_first: usize,
+        rest: tokio::sync::oneshot::Receiver<bool>,
+    ) -> SocketAddrV4 {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let udp_addr = answering_searches(tcp.local_addr().unwrap().port()).await;
+        tokio::spawn(async move {
+            let (mut s, _) = tcp.accept().await.unwrap();
+            let mut buf = BytesMut::new();
+            next_of(&mut s, &mut buf, Command::CreateChan).await;
+            let created = Message::new(Header::new(Command::CreateChan, 6, 1, 1, 99));
+            s.write_all(&bytes_of(&created)).await.unwrap();
+            s.write_all(&update[..sent_first]).await.unwrap();
+            if rest.await == Ok(true) {
+                s.write_all(&update[sent_first..]).await.unwrap();
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        });
+        udp_addr
+    }
+
+    /// A client of the shim with channel 1 created; returns what it read
+    /// beyond the creation's answer.
+    async fn client_with_channel(search_addr: SocketAddrV4) -> (TcpStream, BytesMut) {
+        let mut client = shim_session(search_addr).await;
+        client
+            .write_all(&bytes_of(&wire::client_version(0, 13)))
+            .await
+            .unwrap();
+        let create = Message::with_name(Header::new(Command::CreateChan, 0, 0, 1, 13), b"X");
+        client.write_all(&bytes_of(&create)).await.unwrap();
+        let mut buf = BytesMut::new();
+        next_of(&mut client, &mut buf, Command::CreateChan).await;
+        (client, buf)
+    }
+
+    /// Reads into `buf` until it holds `len` bytes, each read within 3 s.
+    async fn read_into(client: &mut TcpStream, buf: &mut BytesMut, len: usize) {
+        while buf.len() < len {
+            let n = tokio::time::timeout(Duration::from_secs(3), client.read_buf(buf))
+                .await
+                .unwrap_or_else(|_| panic!("{} of {len} bytes within 3 s", buf.len()))
+                .unwrap();
+            assert!(n > 0, "connection closed after {} bytes", buf.len());
+        }
+    }
+
+    fn large_update() -> Vec<u8> {
+        let payload: Vec<u8> = (0..4_000_000u32).map(|i| (i % 251) as u8).collect();
+        bytes_of(&Message::with_payload(
+            Header::new(Command::EventAdd, 6, 500_000, 1, 7),
+            &payload,
+        ))
+    }
+
+    // A large update is not held whole: the client gets its first bytes
+    // while the server has not yet sent the rest, and gets it unchanged.
+    #[tokio::test]
+    async fn a_large_update_reaches_the_client_while_the_server_still_sends_it() {
+        let update = large_update();
+        let (rest_tx, rest_rx) = tokio::sync::oneshot::channel();
+        let search_addr = server_pausing_inside(update.clone(), 1_000_000, rest_rx).await;
+        let (mut client, mut got) = client_with_channel(search_addr).await;
+        read_into(&mut client, &mut got, 1_000_000).await;
+        assert_eq!(&got[..], &update[..got.len()]);
+        rest_tx.send(true).unwrap();
+        read_into(&mut client, &mut got, update.len()).await;
+        assert!(got[..] == update[..], "the update passes unchanged");
+    }
+
+    // What a client got of a message cut short cannot be taken back: its
+    // connection closes, rather than go on from the middle of a message.
+    #[tokio::test]
+    async fn a_server_lost_inside_a_large_update_closes_the_client_connection() {
+        let (rest_tx, rest_rx) = tokio::sync::oneshot::channel();
+        let search_addr = server_pausing_inside(large_update(), 1_000_000, rest_rx).await;
+        let (mut client, mut got) = client_with_channel(search_addr).await;
+        read_into(&mut client, &mut got, 1_000_000).await;
+        rest_tx.send(false).unwrap();
+        loop {
+            let read = tokio::time::timeout(Duration::from_secs(3), client.read_buf(&mut got))
+                .await
+                .expect("the connection closed within 3 s");
+            if matches!(read, Ok(0) | Err(_)) {
+                break;
+            }
+        }
+        assert_eq!(got.len(), 1_000_000, "nothing after the cut");
+    }
 }

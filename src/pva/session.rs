@@ -848,6 +848,9 @@ mod tests {
         let (search_addr, mut server_read) = flooding_server(Some(40)).await;
         let mut client = client_of_shim(search_addr).await;
         let sid = create(&mut client, 1).await;
+        // Updates pass as they arrive, so the first may have begun in
+        // what the test client read with the channel's creation.
+        let read_ahead = client.buf.len();
         let (mut reading, writing) = client.stream.into_split();
         // 24 MB of PUTs: more than the link's queue and the sockets on the
         // way to a server that does not read.
@@ -857,7 +860,8 @@ mod tests {
         w.into_message(Command::Put, Direction::FromClient)
             .encode(&mut put);
         let put = put.to_vec();
-        write_while_reading(writing, put, 384, &mut reading, 40 << 20, &mut server_read).await;
+        let updates = (40 << 20) - read_ahead;
+        write_while_reading(writing, put, 384, &mut reading, updates, &mut server_read).await;
     }
 
     // Relayed updates take the client's queue budget before the session
@@ -876,6 +880,54 @@ mod tests {
             .await;
         let (mut reading, _writing) = client.stream.into_split();
         read_at_least(&mut reading, 100_000_000).await;
+    }
+
+    /// Reads until `client` holds `len` bytes past what it decoded, each
+    /// read within 3 s; returns them.
+    async fn read_raw(client: &mut Peer, len: usize) -> BytesMut {
+        while client.buf.len() < len {
+            let n = tokio::time::timeout(WAIT, client.stream.read_buf(&mut client.buf))
+                .await
+                .unwrap_or_else(|_| panic!("{} of {len} bytes in time", client.buf.len()))
+                .unwrap();
+            assert!(n > 0, "connection closed");
+        }
+        client.buf.split_to(len)
+    }
+
+    fn encoded(m: &Message) -> BytesMut {
+        let mut out = BytesMut::new();
+        m.encode(&mut out);
+        out
+    }
+
+    // A segmented update (as pvAccessCPP sends large values) passes as
+    // segments, each as it arrives, never joined; a control message
+    // between segments is for the shim alone.
+    #[tokio::test]
+    async fn segments_pass_to_the_client_as_they_arrive() {
+        let (search_addr, _got, inject) = fake_server().await;
+        let mut client = client_of_shim(search_addr).await;
+        create(&mut client, 1).await;
+        let mut w = wire::Writer::new(false);
+        w.u32(1).u8(0).bytes(&vec![5u8; 200_000]);
+        let mut first = w.into_message(Command::Monitor, Direction::FromServer);
+        first.header.flags |= wire::FLAG_SEGMENT_FIRST;
+        let mut w = wire::Writer::new(false);
+        w.bytes(&vec![6u8; 100_000]);
+        let mut last = w.into_message(Command::Monitor, Direction::FromServer);
+        last.header.flags |= wire::FLAG_SEGMENT_LAST;
+
+        inject.send(first.clone()).unwrap();
+        let got = read_raw(&mut client, encoded(&first).len()).await;
+        assert!(got == encoded(&first), "the first segment, unchanged");
+        inject
+            .send(wire::set_byte_order(Direction::FromServer, false))
+            .unwrap();
+        inject.send(last.clone()).unwrap();
+        let got = read_raw(&mut client, encoded(&last).len()).await;
+        assert!(got == encoded(&last), "the last segment, unchanged");
+        assert!(echo_round_trip(&mut client).await.is_some());
     }
 
     /// A PVA server on the loopback: answers every search, accepts one

@@ -1105,6 +1105,45 @@ mod tests {
         assert_eq!(messages[1].header.size, 6);
     }
 
+    // Passing in parts: the first segment is a head whatever its size,
+    // further segments and control messages follow, and anything else
+    // inside the message is the same error as when joining.
+    #[test]
+    fn a_segmented_message_splits_into_segments_and_control_messages() {
+        let first: BytesMut = (&[0xCA, 2, 0x50, 13, 5, 0, 0, 0, 1, 0, 0, 0, 0][..]).into();
+        let mut decoder = Decoder::new(1 << 20, Direction::FromServer);
+        let mut needed = 0;
+        let split = decoder
+            .split(&first, 1 << 16, &mut needed)
+            .unwrap()
+            .unwrap();
+        assert_eq!((split.len, split.continues), (13, true));
+        assert_eq!(&split.head.payload[..], &[1, 0, 0, 0, 0]);
+        let control: BytesMut = (&[0xCA, 2, 0x41, 2, 0, 0, 0, 0][..]).into();
+        let next = decoder.split_next(&control, &mut needed).unwrap();
+        assert_eq!(next, Some(Continuation::Control));
+        let other: BytesMut = (&[0xCA, 2, 0x60, 14, 1, 0, 0, 0, 6][..]).into();
+        let wrong = decoder.split_next(&other, &mut needed);
+        assert_eq!(wrong, Err(WireError::Segmentation));
+        let last: BytesMut = (&[0xCA, 2, 0x60, 13, 1, 0, 0, 0, 6][..]).into();
+        let next = decoder.split_next(&last, &mut needed).unwrap();
+        assert_eq!(next, Some(Continuation::Segment { len: 9, last: true }));
+    }
+
+    // A whole message passes in parts only from `min` bytes on, and its
+    // head waits for the bytes the session decides on.
+    #[test]
+    fn a_whole_message_splits_from_its_minimum_size_once_its_head_is_in() {
+        let mut decoder = Decoder::new(1 << 20, Direction::FromServer);
+        let small: BytesMut = (&[0xCA, 2, 0x40, 13, 5, 0, 0, 0, 1, 0, 0, 0, 0][..]).into();
+        let mut needed = 0;
+        assert!(decoder.split(&small, 6, &mut needed).unwrap().is_none());
+        assert_eq!(needed, 0, "decoded whole");
+        let large: BytesMut = (&[0xCA, 2, 0x40, 13, 0, 0, 1, 0, 1, 0][..]).into();
+        assert!(decoder.split(&large, 6, &mut needed).unwrap().is_none());
+        assert_eq!(needed, HEADER_LEN + HEAD_PREFIX, "waits for its head");
+    }
+
     // The client's reader counts these bytes as a message begun, so a
     // client that stops between segments is closed for a stalled message.
     #[test]

@@ -501,6 +501,40 @@ mod tests {
         assert_eq!(&got[..4], b"HEAD");
     }
 
+    // Nothing is written into the middle of a passing message.
+    #[tokio::test]
+    async fn frames_queued_after_a_passing_message_wait_for_its_end() {
+        let (outbox, rx) = Outbox::new(1 << 20);
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        tokio::spawn(rx.drain_into(server));
+        let sink = outbox.open_stream().unwrap();
+        sink.send(Bytes::from_static(b"ab")).await.unwrap();
+        outbox.send(frame(2)).await.unwrap();
+        sink.send(Bytes::from_static(b"cd")).await.unwrap();
+        sink.finish().await.unwrap();
+        let mut got = vec![0u8; 10];
+        tokio::io::AsyncReadExt::read_exact(&mut client, &mut got)
+            .await
+            .unwrap();
+        assert_eq!(&got, b"abcdHEAD\x07\x07");
+    }
+
+    #[tokio::test]
+    async fn a_passing_message_cut_short_fails_the_writer() {
+        let (outbox, rx) = Outbox::new(1 << 20);
+        let (_client, server) = tokio::io::duplex(1 << 20);
+        let writer = tokio::spawn(rx.drain_into(server));
+        let sink = outbox.open_stream().unwrap();
+        sink.send(Bytes::from_static(b"ab")).await.unwrap();
+        drop(sink);
+        let written = writer.await.unwrap();
+        assert_eq!(
+            written.unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof,
+            "the client must not read on from the middle of a message"
+        );
+    }
+
     #[tokio::test]
     async fn frame_larger_than_budget_still_passes() {
         let (outbox, rx) = Outbox::new(10);

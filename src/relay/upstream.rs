@@ -9,8 +9,8 @@
 //! client through the shim. See docs/security.md.
 
 use super::framing::{Decoder, FrameReader, Piece, ReadError};
-use super::stream::{Pass, PART_STALL};
 use super::outbox::{Outbox, OutboxReceiver, Permit};
+use super::stream::{Pass, PART_STALL};
 use std::fmt;
 use std::future::Future;
 use std::io;
