@@ -263,7 +263,7 @@ impl<R: AsyncRead + Unpin, D: Decoder> FrameReader<R, D> {
     /// Room for the next read, towards the `needed` bytes the decoder asked
     /// for.
     fn make_room(&mut self, needed: usize) {
-        if self.grown && self.buf.is_empty() {
+        if self.grown && self.buf.is_empty() && needed <= 4 * MIN_READ {
             // Messages cut from a grown buffer share its allocation, and so
             // does the empty rest of it: start a small one, so an idle
             // connection does not keep a large message's memory once that
@@ -272,8 +272,10 @@ impl<R: AsyncRead + Unpin, D: Decoder> FrameReader<R, D> {
             self.grown = false;
         }
         let spare = self.buf.capacity() - self.buf.len();
-        if spare < MIN_READ {
-            let missing = needed.saturating_sub(self.buf.len());
+        let missing = needed.saturating_sub(self.buf.len());
+        // An empty buffer gets room for what is needed in one read: the
+        // parts of a passing message are then as large as they can be.
+        if spare < MIN_READ || (self.buf.is_empty() && spare < missing.min(MAX_GROW)) {
             self.buf.reserve(missing.clamp(MIN_READ, MAX_GROW));
             self.grown |= self.buf.capacity() > 4 * MIN_READ;
         }

@@ -5,7 +5,7 @@
 //! bytes and hands them to the client's writer through a small channel of
 //! [`PART_SLOTS`] parts, so what one client connection holds of such a
 //! message is bounded whatever the message's size (an 8 MiB image costs
-//! at most about 1 MiB on its way through). PVA segments pass as segments.
+//! at most about 1.5 MiB on its way through). PVA segments pass as segments.
 //!
 //! The session decides for each such message, from its header and first
 //! bytes, whether it passes this way unchanged, must be read whole first
@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 /// one message, one event, the usual batching of small writes.
 pub const STREAM_MIN: usize = 64 * 1024;
 /// The largest part read and handed on at once.
-pub const PART_MAX: usize = 128 * 1024;
+pub const PART_MAX: usize = 256 * 1024;
 /// Parts waiting for the client's writer, at most, per message.
 pub const PART_SLOTS: usize = 4;
 /// A server that sends no byte of a message it has begun for this long
