@@ -299,8 +299,9 @@ pub struct Decoder {
     /// What the direction flag of every message must say.
     direction: Direction,
     partial: Option<(Header, BytesMut)>,
-    /// The command of a segmented message passing in parts, if any.
-    passing: Option<u8>,
+    /// The command of a segmented message passing in parts, if any, and
+    /// its payload bytes so far (held to `max_message` as when joining).
+    passing: Option<(u8, u64)>,
 }
 
 /// Payload bytes a message passing in parts shows the session: its ioid
@@ -367,7 +368,7 @@ impl Decoder {
             return Ok(None);
         };
         if first {
-            self.passing = Some(header.command);
+            self.passing = Some((header.command, u64::from(header.size)));
         }
         Ok(Some(Split {
             head: Message {
@@ -395,13 +396,21 @@ impl Decoder {
         }
         let segment = header.flags & FLAG_SEGMENT_MASK;
         let further = segment == FLAG_SEGMENT_MIDDLE || segment == FLAG_SEGMENT_LAST;
-        if !further || self.passing != Some(header.command) {
+        let Some((command, so_far)) = self.passing.filter(|_| further) else {
+            return Err(WireError::Segmentation);
+        };
+        if command != header.command {
             return Err(WireError::Segmentation);
         }
-        let last = segment == FLAG_SEGMENT_LAST;
-        if last {
-            self.passing = None;
+        let size = so_far + u64::from(header.size);
+        if size > u64::from(self.max_message) {
+            return Err(WireError::TooLarge {
+                size,
+                limit: self.max_message,
+            });
         }
+        let last = segment == FLAG_SEGMENT_LAST;
+        self.passing = (!last).then_some((command, size));
         Ok(Some(Continuation::Segment {
             len: HEADER_LEN + header.size as usize,
             last,
@@ -1128,6 +1137,24 @@ mod tests {
         let last: BytesMut = (&[0xCA, 2, 0x60, 13, 1, 0, 0, 0, 6][..]).into();
         let next = decoder.split_next(&last, &mut needed).unwrap();
         assert_eq!(next, Some(Continuation::Segment { len: 9, last: true }));
+    }
+
+    // Segments that pass are never joined, but their sum is held to the
+    // same limit as a joined message.
+    #[test]
+    fn passing_segments_are_held_to_the_message_limit() {
+        let mut decoder = Decoder::new(8, Direction::FromServer);
+        let first: BytesMut = (&[0xCA, 2, 0x50, 13, 5, 0, 0, 0, 1, 0, 0, 0, 0][..]).into();
+        let mut needed = 0;
+        decoder
+            .split(&first, 1 << 16, &mut needed)
+            .unwrap()
+            .unwrap();
+        let middle: BytesMut = (&[0xCA, 2, 0x70, 13, 3, 0, 0, 0, 1, 2, 3][..]).into();
+        assert!(decoder.split_next(&middle, &mut needed).is_ok());
+        let over: BytesMut = (&[0xCA, 2, 0x60, 13, 1, 0, 0, 0, 4][..]).into();
+        let err = decoder.split_next(&over, &mut needed).unwrap_err();
+        assert_eq!(err, WireError::TooLarge { size: 9, limit: 8 });
     }
 
     // A whole message passes in parts only from `min` bytes on, and its
