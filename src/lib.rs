@@ -9,6 +9,7 @@ mod access;
 mod ca;
 pub mod check;
 pub mod config;
+pub mod fdlimit;
 pub mod logging;
 mod ports;
 mod pva;

@@ -5,9 +5,9 @@
 
 use clap::Parser;
 use nameshim::config::{self, Cli, Config};
-use nameshim::{check, logging, serve_all, wrapper};
+use nameshim::{check, fdlimit, logging, serve_all, wrapper};
 use std::process::ExitCode;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -15,6 +15,15 @@ fn main() -> ExitCode {
         return ExitCode::from(check::run(args));
     }
     logging::init(&cli.log, cli.log_format == "json");
+    match fdlimit::raise_to_hard() {
+        Ok(Some(raised)) => info!(
+            from = raised.from,
+            to = raised.to,
+            "raised the open-file limit to the hard limit"
+        ),
+        Ok(None) => {}
+        Err(e) => warn!(cause = %e, "cannot raise the open-file limit"),
+    }
     let config = Config::from_cli(&cli);
     match config::wrapper_options(&cli) {
         // No thread may be started before wrapper::run: it blocks the

@@ -81,6 +81,7 @@ impl Child {
                 if job.take_terminal {
                     libc::tcsetpgrp(libc::STDIN_FILENO, libc::getpgrp());
                 }
+                crate::fdlimit::restore_for_exec();
                 signals::reset_for_exec()
             });
         }

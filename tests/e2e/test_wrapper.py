@@ -286,6 +286,16 @@ def test_shim_exits_with_the_commands_code(wrap, args, code):
     assert f"code={code}" in w.log_text()
 
 
+def test_the_shim_raises_its_open_file_limit_and_the_command_keeps_its_own(wrap):
+    # Started with a soft limit of 256 (hard 4096): the shim serves clients
+    # with the hard limit, the command gets the 256 it was started with.
+    command = ["sh", "-c", "echo command $(ulimit -Sn); grep 'Max open files' /proc/1/limits; sleep 30"]
+    w = wrap(command, via=["prlimit", "--nofile=256:4096", "--"]).start()
+    assert w.expect(r"^command ").string == "command 256"
+    assert w.expect(r"^Max open files").string.split()[3:5] == ["4096", "4096"], "the shim, PID 1"
+    assert "raised the open-file limit" in w.log_text()
+
+
 def test_command_not_found_exits_127(wrap, tmp_path):
     w = wrap([tmp_path / "no-such-ioc"]).start()
     assert w.wait() == 127
