@@ -10,7 +10,7 @@
 
 use super::limits::{Activity, ClientDeadlines};
 use super::metrics::BadInput;
-use super::stream::PART_MAX;
+use super::stream::{self, PART_MAX};
 use bytes::{Buf, Bytes, BytesMut};
 use std::fmt;
 use std::io;
@@ -352,8 +352,28 @@ impl<R: AsyncRead + Unpin, D: Decoder> FrameReader<R, D> {
             }
             if self.buf.is_empty() {
                 let wanted = span.len.min(PART_MAX);
-                self.fill_inside(wanted).await?;
-                continue;
+                if self.watch.is_some() {
+                    self.fill_inside(wanted).await?;
+                    continue;
+                }
+                // Straight into a part of its own: no bytes of the next
+                // message are read with it, and the part's memory comes
+                // back for reuse once it is written (`stream::PARTS`).
+                let mut part = stream::PARTS.buffer();
+                let mut limited = (&mut self.io).take(wanted as u64);
+                let n = limited.read_buf(&mut part).await.map_err(ReadError::Io)?;
+                if n == 0 {
+                    return Err(ReadError::TruncatedAtEof { buffered: 0 });
+                }
+                self.received_any = true;
+                let Some(span) = &mut self.passing else {
+                    return Ok(None);
+                };
+                span.len -= n;
+                if span.dropped {
+                    continue;
+                }
+                return Ok(Some(part.freeze()));
             }
             let n = span.len.min(self.buf.len()).min(PART_MAX);
             span.len -= n;

@@ -15,7 +15,7 @@
 //! the client's reader counts against the idle deadline.
 
 use super::limits::Activity;
-use super::stream::{Part, StreamSink, StreamSource};
+use super::stream::{self, Part, StreamSink, StreamSource};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::fmt;
 use std::io;
@@ -434,7 +434,10 @@ impl OutboxReceiver {
     ) -> io::Result<()> {
         loop {
             match source.recv().await {
-                Some(Part::Bytes(bytes)) => self.write_all(out, &bytes).await?,
+                Some(Part::Bytes(bytes)) => {
+                    self.write_all(out, &bytes).await?;
+                    stream::PARTS.give_back(bytes);
+                }
                 Some(Part::End) => return Ok(()),
                 None => {
                     return Err(io::Error::new(
