@@ -25,8 +25,10 @@
  *   pv=... seconds=... updates=... updates_per_s=... mbytes_per_s=...
  *   bytes_per_update=... missed=... carried_per_s=... srv_squash=...
  *   cli_squash=... max_queue=... queue_limit=... disconnects=... errors=...
- *   connect_ms=... cpu_s=...
- * mbytes_per_s counts 10^6 bytes of values per second; carried_per_s counts
+ *   connect_ms=... cpu_s=... all_bytes=...
+ * mbytes_per_s counts 10^6 bytes of values per second; all_bytes counts the
+ * value bytes of every update received, warm-up included (what a relay on the
+ * path carried to this client over the whole run); carried_per_s counts
  * the updates the source sent in the window, delivered or missed (what
  * crossed the path when the client squashes); cpu_s is this process's
  * user+system CPU time over the measured window.
@@ -92,15 +94,18 @@ size_t value_bytes(const Value &v)
 struct Counter {
     bool measuring = false, have_seq = false;
     int64_t updates = 0, bytes = 0, missed = 0;
+    int64_t all_bytes = 0; // warm-up and window: what the path carried to us
     int32_t last_seq = 0;
     size_t last_bytes = 0;
 
     void add(const Value &v)
     {
+        const size_t n = value_bytes(v);
+        all_bytes += int64_t(n);
         if (!measuring)
             return;
         updates++;
-        last_bytes = value_bytes(v);
+        last_bytes = n;
         bytes += int64_t(last_bytes);
         auto tag = v["timeStamp.userTag"];
         if (tag.valid()) {
@@ -243,12 +248,12 @@ int main(int argc, char *argv[])
     printf("pv=%s seconds=%.3f updates=%lld updates_per_s=%.1f mbytes_per_s=%.2f "
            "bytes_per_update=%zu missed=%lld carried_per_s=%.1f srv_squash=%zu cli_squash=%zu "
            "max_queue=%zu queue_limit=%zu disconnects=%lld errors=%lld connect_ms=%.1f "
-           "cpu_s=%.3f\n",
+           "cpu_s=%.3f all_bytes=%lld\n",
            pv.c_str(), seconds, (long long)c.updates, double(c.updates) / seconds,
            double(c.bytes) / seconds / 1e6, c.last_bytes, (long long)c.missed,
            double(c.updates + c.missed) / seconds, st.nSrvSquash,
            st.nCliSquash, st.maxQueue, st.limitQueue, (long long)disconnects,
-           (long long)errors, connect_ms, cpu);
+           (long long)errors, connect_ms, cpu, (long long)c.all_bytes);
     fflush(stdout);
     return (c.updates > 0 && errors == 0) ? 0 : 1;
 }
