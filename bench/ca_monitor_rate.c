@@ -10,6 +10,8 @@
  *               subscription is made; lets several clients share one window
  *   relay=PID   also report the CPU time that process PID used during the
  *               window (utime + stime from /proc/PID/stat)
+ *   ioc=PID     the same for the IOC (ioc_cpu_s), so a run shows where the
+ *               machine's cores went
  *
  * Connects one channel, subscribes to it with ca_create_subscription
  * (DBR_DOUBLE, DBE_VALUE, COUNT elements) and counts the updates that arrive
@@ -176,14 +178,15 @@ int main(int argc, char **argv)
     const char *pv;
     double seconds, warmup, timeout = 5.0, begin = 0.0;
     double t0, t_conn, cpu0 = 0, cpu1, relay0 = -1, relay1 = -1, offered = 0;
-    long count = 0, relay = 0;
+    double ioc0 = -1, ioc1 = -1;
+    long count = 0, relay = 0, ioc = 0;
     int started = 0, i, st;
     chid ch;
     evid ev;
 
     if (argc < 4) {
         fprintf(stderr, "usage: %s PV SECONDS WARMUP [count=N] [timeout=S] [begin=T] "
-                        "[relay=PID]\n", argv[0]);
+                        "[relay=PID] [ioc=PID]\n", argv[0]);
         return 2;
     }
     pv = argv[1];
@@ -198,6 +201,8 @@ int main(int argc, char **argv)
             begin = parse_num(argv[i] + 6, "begin");
         else if (!strncmp(argv[i], "relay=", 6))
             relay = (long)parse_num(argv[i] + 6, "relay");
+        else if (!strncmp(argv[i], "ioc=", 4))
+            ioc = (long)parse_num(argv[i] + 4, "ioc");
         else {
             fprintf(stderr, "ca_monitor_rate: unknown option '%s'\n", argv[i]);
             return 2;
@@ -256,6 +261,7 @@ int main(int argc, char **argv)
             started = 1;
             cpu0 = cpu_s();
             relay0 = proc_cpu_s(relay);
+            ioc0 = proc_cpu_s(ioc);
         }
         if (now >= win_end)
             break;
@@ -263,17 +269,19 @@ int main(int argc, char **argv)
     }
     cpu1 = cpu_s();
     relay1 = proc_cpu_s(relay);
+    ioc1 = proc_cpu_s(ioc);
 
     if (have_first_in_win && last_in_win_t > first_t)
         offered = (last_in_win_counter - first_counter) / (last_in_win_t - first_t);
 
     printf("pv=%s count=%ld seconds=%g updates=%ld updates_per_s=%.2f bytes=%.0f "
            "mbytes_per_s=%.2f offered_per_s=%.1f squashed=%ld repeated=%ld corrupt=%ld "
-           "disconnects=%ld connect_s=%.3f cpu_s=%.3f relay_cpu_s=%.2f\n",
+           "disconnects=%ld connect_s=%.3f cpu_s=%.3f relay_cpu_s=%.2f ioc_cpu_s=%.2f\n",
            pv, count, seconds, updates, (double)updates / seconds, bytes,
            bytes / seconds / 1e6, offered, squashed, repeated, corrupt, disconnects,
            t_conn - t0, cpu1 - cpu0,
-           (relay0 >= 0 && relay1 >= 0) ? relay1 - relay0 : -1.0);
+           (relay0 >= 0 && relay1 >= 0) ? relay1 - relay0 : -1.0,
+           (ioc0 >= 0 && ioc1 >= 0) ? ioc1 - ioc0 : -1.0);
     fflush(stdout);
 
     ca_clear_subscription(ev);
