@@ -153,6 +153,19 @@ pub fn pva_stream(data: &[u8]) {
         split_decoder.decode(buf, needed)
     });
     assert_eq!(whole, split, "split reads changed what was decoded");
+    // Passing large messages in parts (as `relay/framing.rs` does for a
+    // server's): the parts, joined again, are the messages decoded whole.
+    let min = [0, 16, 1 << 16][usize::from(seed >> 1) % 3];
+    let mut passing = Passing::new(max, direction, min);
+    let passed = feed(input, Some(Chunks::new(seed ^ 0x55)), |buf, needed| {
+        passing.decode(buf, needed)
+    });
+    if whole.1.is_none() && passed.1.is_none() {
+        let application = |ms: &[pva::wire::Message]| -> Vec<pva::wire::Message> {
+            ms.iter().filter(|m| !m.header.is_control()).cloned().collect()
+        };
+        assert_eq!(application(&whole.0), application(&passed.0), "passing in parts changed the messages");
+    }
     for m in &whole.0 {
         assert_eq!(m.header.direction(), direction);
         if m.header.is_control() {
@@ -181,6 +194,93 @@ pub fn pva_stream(data: &[u8]) {
         let again = decoder.decode(&mut out, &mut needed);
         assert_eq!(again.as_ref().ok().and_then(Option::as_ref), Some(m));
         assert!(out.is_empty());
+    }
+}
+
+/// Decodes as a server's link does: a large or segmented message passes in
+/// parts (its spans, control messages between segments dropped), which are
+/// joined again here to compare with decoding whole.
+struct Passing {
+    decoder: pva::wire::Decoder,
+    direction: pva::wire::Direction,
+    min: usize,
+    /// Inside a passing message: bytes left of the current span, more spans
+    /// follow, this span is dropped.
+    span: Option<(usize, bool, bool)>,
+    passed: BytesMut,
+}
+
+impl Passing {
+    fn new(max: u32, direction: pva::wire::Direction, min: usize) -> Passing {
+        Passing {
+            decoder: pva::wire::Decoder::new(max, direction),
+            direction,
+            min,
+            span: None,
+            passed: BytesMut::new(),
+        }
+    }
+
+    fn decode(
+        &mut self,
+        buf: &mut BytesMut,
+        needed: &mut usize,
+    ) -> Result<Option<pva::wire::Message>, pva::wire::WireError> {
+        loop {
+            let Some((left, continues, dropped)) = self.span else {
+                let mut need = 0;
+                match self.decoder.split(buf, self.min, &mut need)? {
+                    Some(split) => {
+                        assert!(split.len >= pva::wire::HEADER_LEN);
+                        assert!(split.head.payload.len() <= pva::wire::HEAD_PREFIX);
+                        self.span = Some((split.len, split.continues, false));
+                    }
+                    None if need > 0 => {
+                        *needed = need;
+                        return Ok(None);
+                    }
+                    None => return self.decoder.decode(buf, needed),
+                }
+                continue;
+            };
+            if left == 0 {
+                if !continues {
+                    self.span = None;
+                    return Ok(Some(self.joined()));
+                }
+                match self.decoder.split_next(buf, needed)? {
+                    Some(pva::wire::Continuation::Segment { len, last }) => {
+                        self.span = Some((len, !last, false))
+                    }
+                    Some(pva::wire::Continuation::Control) => {
+                        self.span = Some((pva::wire::HEADER_LEN, true, true))
+                    }
+                    None => return Ok(None),
+                }
+                continue;
+            }
+            if buf.is_empty() {
+                *needed = 1;
+                return Ok(None);
+            }
+            let n = left.min(buf.len());
+            let part = buf.split_to(n);
+            if !dropped {
+                self.passed.extend_from_slice(&part);
+            }
+            self.span = Some((left - n, continues, dropped));
+        }
+    }
+
+    /// The passed bytes decoded whole: one message, segments joined.
+    fn joined(&mut self) -> pva::wire::Message {
+        let mut bytes = std::mem::take(&mut self.passed);
+        let mut decoder = pva::wire::Decoder::new(u32::MAX, self.direction);
+        let mut needed = 0;
+        let message = decoder.decode(&mut bytes, &mut needed);
+        let message = message.ok().flatten().expect("passed bytes decode whole");
+        assert!(bytes.is_empty(), "one message passed");
+        message
     }
 }
 

@@ -255,7 +255,14 @@ impl Translator {
             let types = init_answer_types(&mut w, command)?;
             if op.is_some() {
                 match (self.ops.get_mut(&ioid), types) {
-                    (Some(op), Some(types)) if subcmd & DESTROY == 0 => op.types = types,
+                    (Some(op), Some(types)) if subcmd & DESTROY == 0 => {
+                        // Kept only to walk values that can hold type
+                        // descriptions: an NTScalar's tree costs kilobytes,
+                        // and a client may hold many thousands of monitors.
+                        if types.iter().any(|t| t.has_variant()) {
+                            op.types = types;
+                        }
+                    }
                     _ => self.end_op(ioid),
                 }
             }
@@ -717,6 +724,26 @@ mod tests {
         assert_eq!(t.op_count(), 1);
         t.forget_channel(2);
         assert_eq!(t.op_count(), 0);
+    }
+
+    // A monitor of a plain value (no variant union) is never walked, so
+    // its type tree is not kept: thousands of monitors would hold
+    // thousands of trees.
+    #[test]
+    fn only_types_that_hold_a_variant_union_are_kept() {
+        const INIT_DOUBLE: [u8; 12] = [5, 0, 0, 0, 0x08, 0xFF, 0x80, 0, 1, 1, b'v', 0x43];
+        for (answer, kept) in [(INIT_DOUBLE, false), (INIT_ANY, true)] {
+            let mut t = Translator::default();
+            t.client_message(
+                server(),
+                &msg(Command::Get, Direction::FromClient, &GET_INIT),
+            )
+            .unwrap();
+            t.server_message(server(), &msg(Command::Get, Direction::FromServer, &answer))
+                .unwrap();
+            assert_eq!(!t.ops[&5].types.is_empty(), kept);
+            assert_eq!(t.ops[&5].walks_values(), kept);
+        }
     }
 
     #[test]
