@@ -4,6 +4,7 @@
  * Usage:
  *   ca_scale storm   PREFIX N [TIMEOUT_S]
  *   ca_scale monitor PREFIX N SECONDS WARMUP_S [TIMEOUT_S]
+ *   ca_scale clients PREFIX N K SECONDS WARMUP_S [TIMEOUT_S]
  *
  * Channel names are PREFIX0 .. PREFIX<N-1>.
  *
@@ -21,8 +22,22 @@
  *   n=... seconds=... updates=... updates_per_s=... silent=... connect_s=... cpu_s=...
  * silent = channels that delivered no update in the window.
  *
+ * clients: K clients in this one process, each its own CA context (so its
+ * own search and its own TCP circuits), each subscribing the same N channels.
+ * The contexts are created one after another, each creating its channels and
+ * subscriptions at once; then updates flow for WARMUP_S and are counted over
+ * the next SECONDS. Prints:
+ *   clients=K n=... connected=... connect_med_s=... connect_p90_s=...
+ *   connect_max_s=... updates_per_s=... silent=... cpu_s=... cpu_total_s=...
+ * connect_*_s are over the clients: each client's time from its first
+ * ca_create_channel to its last connection. silent = channel subscriptions
+ * (of K*N) that delivered nothing in the window; cpu_s is this process's CPU
+ * time in the window, cpu_total_s from the start.
+ *
  * Exits non-zero if not every channel connects within TIMEOUT_S (default 60).
- * The client context is not preemptive: callbacks run inside ca_pend_event.
+ * In storm and monitor modes the client context is not preemptive: callbacks
+ * run inside ca_pend_event. In clients mode the contexts are preemptive
+ * (libca's own threads run the callbacks), so the counters are atomic.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -126,6 +141,113 @@ static int connect_all(const char *prefix, double timeout, double *t0)
     return 0;
 }
 
+/* ---- clients mode ---- */
+
+struct mclient {
+    double t0, t_all;
+    long connected; /* atomic */
+};
+
+struct mchan {
+    struct mclient *client;
+    chid id;
+    evid ev;
+    int connected;
+    long updates; /* atomic */
+};
+
+static long m_connected_total, m_updates_total; /* atomic */
+static int m_counting;                          /* atomic */
+
+static void m_on_connection(struct connection_handler_args args)
+{
+    struct mchan *c = (struct mchan *)ca_puser(args.chid);
+    if (args.op == CA_OP_CONN_UP && !c->connected) {
+        c->connected = 1;
+        if (__atomic_add_fetch(&c->client->connected, 1, __ATOMIC_SEQ_CST) == n_chans)
+            c->client->t_all = now_s();
+        __atomic_add_fetch(&m_connected_total, 1, __ATOMIC_SEQ_CST);
+    }
+}
+
+static void m_on_update(struct event_handler_args args)
+{
+    struct mchan *c = (struct mchan *)args.usr;
+    if (args.status != ECA_NORMAL || !__atomic_load_n(&m_counting, __ATOMIC_RELAXED))
+        return;
+    __atomic_add_fetch(&c->updates, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&m_updates_total, 1, __ATOMIC_RELAXED);
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static int clients_mode(const char *prefix, long k, double seconds, double warmup,
+                        double timeout)
+{
+    struct mclient *cl = calloc((size_t)k, sizeof *cl);
+    struct mchan *ch = calloc((size_t)(k * n_chans), sizeof *ch);
+    double *conn = calloc((size_t)k, sizeof *conn);
+    double c_start = cpu_s(), deadline, c0, t_end;
+    long i, j, silent = 0, total = k * n_chans;
+    char name[256];
+    if (!cl || !ch || !conn)
+        return 2;
+    for (j = 0; j < k; j++) {
+        if (ca_context_create(ca_enable_preemptive_callback) != ECA_NORMAL) {
+            fprintf(stderr, "ca_scale: ca_context_create failed for client %ld\n", j);
+            return 1;
+        }
+        cl[j].t0 = now_s();
+        for (i = 0; i < n_chans; i++) {
+            struct mchan *c = &ch[j * n_chans + i];
+            int st;
+            c->client = &cl[j];
+            snprintf(name, sizeof name, "%s%ld", prefix, i);
+            st = ca_create_channel(name, m_on_connection, c, CA_PRIORITY_DEFAULT, &c->id);
+            if (st == ECA_NORMAL)
+                st = ca_create_subscription(DBR_DOUBLE, 1, c->id, DBE_VALUE, m_on_update, c,
+                                            &c->ev);
+            if (st != ECA_NORMAL) {
+                fprintf(stderr, "ca_scale: client %ld, %s: %s\n", j, name, ca_message(st));
+                return 1;
+            }
+        }
+        ca_flush_io();
+        ca_detach_context();
+    }
+    deadline = now_s() + timeout;
+    while (__atomic_load_n(&m_connected_total, __ATOMIC_SEQ_CST) < total && now_s() < deadline)
+        usleep(5000);
+    if (m_connected_total < total) {
+        fprintf(stderr, "ca_scale: %ld of %ld channels connected within %.0f s\n",
+                m_connected_total, total, timeout);
+        return 1;
+    }
+    for (j = 0; j < k; j++)
+        conn[j] = cl[j].t_all - cl[j].t0;
+    qsort(conn, (size_t)k, sizeof *conn, cmp_double);
+    usleep((useconds_t)(warmup * 1e6));
+    c0 = cpu_s();
+    __atomic_store_n(&m_counting, 1, __ATOMIC_SEQ_CST);
+    t_end = now_s() + seconds;
+    while (now_s() < t_end)
+        usleep(10000);
+    __atomic_store_n(&m_counting, 0, __ATOMIC_SEQ_CST);
+    c0 = cpu_s() - c0;
+    usleep(20000); /* let callbacks in flight finish */
+    for (i = 0; i < total; i++)
+        silent += __atomic_load_n(&ch[i].updates, __ATOMIC_RELAXED) == 0;
+    printf("clients=%ld n=%ld connected=%ld connect_med_s=%.4f connect_p90_s=%.4f "
+           "connect_max_s=%.4f updates_per_s=%.1f silent=%ld cpu_s=%.3f cpu_total_s=%.3f\n",
+           k, n_chans, m_connected_total, conn[(k - 1) / 2], conn[(k - 1) * 9 / 10], conn[k - 1],
+           (double)m_updates_total / seconds, silent, c0, cpu_s() - c_start);
+    return 0;
+}
+
 int main(int argc, char *argv[])
 {
     const char *mode, *prefix;
@@ -133,8 +255,9 @@ int main(int argc, char *argv[])
     long i;
     if (argc < 4) {
         fprintf(stderr, "usage: %s storm PREFIX N [TIMEOUT_S]\n"
-                        "       %s monitor PREFIX N SECONDS WARMUP_S [TIMEOUT_S]\n",
-                argv[0], argv[0]);
+                        "       %s monitor PREFIX N SECONDS WARMUP_S [TIMEOUT_S]\n"
+                        "       %s clients PREFIX N K SECONDS WARMUP_S [TIMEOUT_S]\n",
+                argv[0], argv[0], argv[0]);
         return 2;
     }
     mode = argv[1];
@@ -148,6 +271,19 @@ int main(int argc, char *argv[])
     t_each = calloc((size_t)n_chans, sizeof *t_each);
     if (!chans || !t_each)
         return 2;
+    if (!strcmp(mode, "clients")) {
+        long k = argc > 4 ? strtol(argv[4], NULL, 10) : 0;
+        if (k <= 0 || k > 100000 || argc < 7) {
+            fprintf(stderr, "ca_scale: clients needs K SECONDS WARMUP_S\n");
+            return 2;
+        }
+        if (argc > 7)
+            timeout = parse_timeout(argv[7]);
+        if (clients_mode(prefix, k, atof(argv[5]), atof(argv[6]), timeout))
+            return 1;
+        fflush(stdout);
+        _exit(0);
+    }
     if (ca_context_create(ca_disable_preemptive_callback) != ECA_NORMAL)
         return 1;
 

@@ -4,6 +4,7 @@
  * Usage:
  *   pva_scale storm   PREFIX N [timeout=S]
  *   pva_scale monitor PREFIX N SECONDS WARMUP_S [queue=N] [pipeline=1] [timeout=S]
+ *   pva_scale clients PREFIX N K SECONDS WARMUP_S [queue=N] [pipeline=1] [timeout=S]
  *
  * Channel names are PREFIX0 .. PREFIX<N-1>. The client is configured from
  * the environment (EPICS_PVA_NAME_SERVERS, EPICS_PVA_ADDR_LIST, ...).
@@ -21,6 +22,17 @@
  *   n=... seconds=... updates=... updates_per_s=... silent=... connect_s=... cpu_s=...
  * silent = subscriptions that delivered nothing in the window.
  *
+ * clients: K clients in this one process, each its own pvxs client Context
+ * (its own worker thread, search and TCP connections), each subscribing the
+ * same N channels as monitor does; a client's channel counts as connected at
+ * its first update. Prints
+ *   clients=K n=... connected=... connect_med_s=... connect_p90_s=...
+ *   connect_max_s=... updates_per_s=... silent=... cpu_s=... cpu_total_s=...
+ * connect_*_s are over the clients: each client's time from its first
+ * subscription to its N-th first update. silent counts subscriptions (of
+ * K*N) that delivered nothing in the window; cpu_s is this process's CPU time
+ * in the window, cpu_total_s from the start.
+ *
  * Exits non-zero if not all channels connect within the timeout (60 s).
  *
  * Build: like bench/pva_monitor_rate.cpp (see scripts/bench-scale).
@@ -28,6 +40,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -60,6 +73,107 @@ double secs(Clock::time_point a, Clock::time_point b)
     return std::chrono::duration<double>(b - a).count();
 }
 
+struct ClientState {
+    Clock::time_point t0, t_all;
+    long connected = 0; // guarded by the shared lock
+    std::vector<char> seen;
+    std::vector<long> updates; // touched only by this client's worker
+};
+
+int clients_mode(const std::string &prefix, long n, long k, double seconds, double warmup,
+                 long queue, bool pipeline, double timeout)
+{
+    const double c_start = cpu_seconds();
+    std::mutex lock;
+    std::condition_variable wake;
+    long connected_total = 0;
+    const long total = n * k;
+    std::atomic<bool> counting{false};
+    std::vector<ClientState> st(static_cast<size_t>(k));
+    std::vector<client::Context> ctxs;
+    std::vector<std::shared_ptr<client::Subscription>> subs;
+    ctxs.reserve(size_t(k));
+    subs.reserve(size_t(total));
+    for (long j = 0; j < k; j++) {
+        ctxs.push_back(client::Config::fromEnv().build());
+        ClientState &c = st[size_t(j)];
+        c.seen.assign(size_t(n), 0);
+        c.updates.assign(size_t(n), 0);
+        c.t0 = Clock::now();
+        for (long i = 0; i < n; i++) {
+            auto b = ctxs.back()
+                         .monitor(prefix + std::to_string(i))
+                         .maskConnected(true)
+                         .maskDisconnected(true)
+                         .event([&, i, j](client::Subscription &sub) {
+                             ClientState &c = st[size_t(j)];
+                             long got = 0;
+                             for (;;) {
+                                 try {
+                                     Value v(sub.pop());
+                                     if (!v)
+                                         break;
+                                     got++;
+                                 } catch (std::exception &) {
+                                     break;
+                                 }
+                             }
+                             if (!got)
+                                 return;
+                             if (counting.load(std::memory_order_relaxed))
+                                 c.updates[size_t(i)] += got;
+                             if (c.seen[size_t(i)])
+                                 return;
+                             std::lock_guard<std::mutex> G(lock);
+                             c.seen[size_t(i)] = 1;
+                             if (++c.connected == n)
+                                 c.t_all = Clock::now();
+                             if (++connected_total == total)
+                                 wake.notify_all();
+                         });
+            if (queue > 0)
+                b.record("queueSize", uint32_t(queue));
+            if (pipeline)
+                b.record("pipeline", true);
+            subs.push_back(b.exec());
+        }
+    }
+    std::vector<double> conn;
+    {
+        std::unique_lock<std::mutex> G(lock);
+        wake.wait_for(G, std::chrono::duration<double>(timeout),
+                      [&] { return connected_total == total; });
+        if (connected_total < total) {
+            fprintf(stderr, "pva_scale: %ld of %ld channels connected within %.0f s\n",
+                    connected_total, total, timeout);
+            fflush(stderr);
+            _exit(1);
+        }
+        for (auto &c : st)
+            conn.push_back(secs(c.t0, c.t_all));
+    }
+    std::sort(conn.begin(), conn.end());
+    usleep(useconds_t(warmup * 1e6));
+    const double c1 = cpu_seconds();
+    counting = true;
+    usleep(useconds_t(seconds * 1e6));
+    counting = false;
+    const double cpu = cpu_seconds() - c1;
+    usleep(20000); // let the workers leave their callbacks
+    long updates = 0, silent = 0;
+    for (auto &c : st)
+        for (long u : c.updates) {
+            updates += u;
+            silent += u == 0;
+        }
+    printf("clients=%ld n=%ld connected=%ld connect_med_s=%.4f connect_p90_s=%.4f "
+           "connect_max_s=%.4f updates_per_s=%.1f silent=%ld cpu_s=%.3f cpu_total_s=%.3f\n",
+           k, n, connected_total, conn[size_t((k - 1) / 2)], conn[size_t((k - 1) * 9 / 10)],
+           conn[size_t(k - 1)], double(updates) / seconds, silent, cpu, cpu_seconds() - c_start);
+    fflush(stdout);
+    _exit(0);
+}
+
 } // namespace
 
 int main(int argc, char *argv[])
@@ -67,8 +181,9 @@ int main(int argc, char *argv[])
     if (argc < 4) {
         fprintf(stderr,
                 "usage: %s storm PREFIX N [timeout=S]\n"
-                "       %s monitor PREFIX N SECONDS WARMUP_S [queue=N] [pipeline=1] [timeout=S]\n",
-                argv[0], argv[0]);
+                "       %s monitor PREFIX N SECONDS WARMUP_S [queue=N] [pipeline=1] [timeout=S]\n"
+                "       %s clients PREFIX N K SECONDS WARMUP_S [queue=N] [pipeline=1] [timeout=S]\n",
+                argv[0], argv[0], argv[0]);
         return 2;
     }
     const std::string mode(argv[1]), prefix(argv[2]);
@@ -77,7 +192,20 @@ int main(int argc, char *argv[])
         fprintf(stderr, "pva_scale: bad N\n");
         return 2;
     }
-    const bool monitor = mode == "monitor";
+    const bool clients = mode == "clients";
+    long k = 1;
+    if (clients) {
+        // Take K out of the arguments; the rest parses like monitor's.
+        k = argc > 4 ? strtol(argv[4], nullptr, 10) : 0;
+        if (k <= 0 || k > 100000) {
+            fprintf(stderr, "pva_scale: clients needs K SECONDS WARMUP_S\n");
+            return 2;
+        }
+        for (int i = 4; i < argc; i++)
+            argv[i] = argv[i + 1]; // argv[argc] is a null pointer
+        argc--;
+    }
+    const bool monitor = mode == "monitor" || clients;
     if (!monitor && mode != "storm") {
         fprintf(stderr, "pva_scale: unknown mode '%s'\n", mode.c_str());
         return 2;
@@ -105,6 +233,8 @@ int main(int argc, char *argv[])
         }
     }
     logger_config_env();
+    if (clients)
+        return clients_mode(prefix, n, k, seconds, warmup, queue, pipeline, timeout);
     auto ctx = client::Config::fromEnv().build();
 
     std::mutex lock;
