@@ -698,18 +698,7 @@ mod tests {
             s.write_all(&bytes_of(&error)).await.unwrap();
             tokio::time::sleep(Duration::from_secs(5)).await;
         });
-        let mut client = shim_session(search_addr).await;
-        client
-            .write_all(&bytes_of(&wire::client_version(0, 13)))
-            .await
-            .unwrap();
-        let create = Message::with_name(Header::new(Command::CreateChan, 0, 0, 1, 13), b"A");
-        client.write_all(&bytes_of(&create)).await.unwrap();
-        let mut buf = BytesMut::new();
-        let sid = next_of(&mut client, &mut buf, Command::CreateChan)
-            .await
-            .header
-            .p2;
+        let (mut client, sid, mut buf) = client_with_channel(search_addr).await;
         assert_ne!(sid, 4242);
         let read = Message::new(Header::new(Command::ReadNotify, 6, 1, sid, 7));
         client.write_all(&bytes_of(&read)).await.unwrap();
@@ -859,9 +848,9 @@ mod tests {
         udp_addr
     }
 
-    /// A client of the shim with channel 1 created; returns what it read
-    /// beyond the creation's answer.
-    async fn client_with_channel(search_addr: SocketAddrV4) -> (TcpStream, BytesMut) {
+    /// A client of the shim with channel 1 created; returns the sid the
+    /// shim gave it and what the client read beyond the creation's answer.
+    async fn client_with_channel(search_addr: SocketAddrV4) -> (TcpStream, u32, BytesMut) {
         let mut client = shim_session(search_addr).await;
         client
             .write_all(&bytes_of(&wire::client_version(0, 13)))
@@ -870,8 +859,8 @@ mod tests {
         let create = Message::with_name(Header::new(Command::CreateChan, 0, 0, 1, 13), b"X");
         client.write_all(&bytes_of(&create)).await.unwrap();
         let mut buf = BytesMut::new();
-        next_of(&mut client, &mut buf, Command::CreateChan).await;
-        (client, buf)
+        let created = next_of(&mut client, &mut buf, Command::CreateChan).await;
+        (client, created.header.p2, buf)
     }
 
     /// Reads into `buf` until it holds `len` bytes, each read within 3 s.
@@ -900,7 +889,7 @@ mod tests {
         let update = large_update();
         let (rest_tx, rest_rx) = tokio::sync::oneshot::channel();
         let search_addr = server_pausing_inside(update.clone(), 1_000_000, rest_rx).await;
-        let (mut client, mut got) = client_with_channel(search_addr).await;
+        let (mut client, _, mut got) = client_with_channel(search_addr).await;
         read_into(&mut client, &mut got, 1_000_000).await;
         assert_eq!(&got[..], &update[..got.len()]);
         rest_tx.send(true).unwrap();
@@ -914,7 +903,7 @@ mod tests {
     async fn a_server_lost_inside_a_large_update_closes_the_client_connection() {
         let (rest_tx, rest_rx) = tokio::sync::oneshot::channel();
         let search_addr = server_pausing_inside(large_update(), 1_000_000, rest_rx).await;
-        let (mut client, mut got) = client_with_channel(search_addr).await;
+        let (mut client, _, mut got) = client_with_channel(search_addr).await;
         read_into(&mut client, &mut got, 1_000_000).await;
         rest_tx.send(false).unwrap();
         loop {
