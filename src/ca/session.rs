@@ -507,7 +507,7 @@ mod tests {
     use crate::session::test_support::{read_at_least, write_while_reading};
     use bytes::BytesMut;
     use std::time::Duration;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
     use tokio::net::{TcpListener, UdpSocket};
     use tokio::sync::mpsc;
 
@@ -773,12 +773,7 @@ mod tests {
         let (search_addr, mut server_read) = server_busy_writing(40).await;
         let client = shim_session(search_addr).await;
         let (mut reading, mut writing) = client.into_split();
-        writing
-            .write_all(&bytes_of(&wire::client_version(0, 13)))
-            .await
-            .unwrap();
-        let create = Message::with_name(Header::new(Command::CreateChan, 0, 0, 1, 13), b"X");
-        writing.write_all(&bytes_of(&create)).await.unwrap();
+        open_channel_1(&mut writing).await;
         let mut buf = BytesMut::new();
         let mut first = Vec::new();
         loop {
@@ -811,12 +806,7 @@ mod tests {
     async fn echo_reply_does_not_stall_a_client_behind_large_updates() {
         let search_addr = flooding_server().await;
         let mut client = shim_session(search_addr).await;
-        client
-            .write_all(&bytes_of(&wire::client_version(0, 13)))
-            .await
-            .unwrap();
-        let create = Message::with_name(Header::new(Command::CreateChan, 0, 0, 1, 13), b"X");
-        client.write_all(&bytes_of(&create)).await.unwrap();
+        open_channel_1(&mut client).await;
         // Stop reading until every buffer on the way is full, then ask.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         client.write_all(&bytes_of(&wire::echo())).await.unwrap();
@@ -848,16 +838,21 @@ mod tests {
         udp_addr
     }
 
-    /// A client of the shim with channel 1 created; returns the sid the
-    /// shim gave it and what the client read beyond the creation's answer.
-    async fn client_with_channel(search_addr: SocketAddrV4) -> (TcpStream, u32, BytesMut) {
-        let mut client = shim_session(search_addr).await;
+    /// Sends a client's VERSION and the creation of channel 1 ("X").
+    async fn open_channel_1(client: &mut (impl AsyncWrite + Unpin)) {
         client
             .write_all(&bytes_of(&wire::client_version(0, 13)))
             .await
             .unwrap();
         let create = Message::with_name(Header::new(Command::CreateChan, 0, 0, 1, 13), b"X");
         client.write_all(&bytes_of(&create)).await.unwrap();
+    }
+
+    /// A client of the shim with channel 1 created; returns the sid the
+    /// shim gave it and what the client read beyond the creation's answer.
+    async fn client_with_channel(search_addr: SocketAddrV4) -> (TcpStream, u32, BytesMut) {
+        let mut client = shim_session(search_addr).await;
+        open_channel_1(&mut client).await;
         let mut buf = BytesMut::new();
         let created = next_of(&mut client, &mut buf, Command::CreateChan).await;
         (client, created.header.p2, buf)
