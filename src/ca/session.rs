@@ -23,13 +23,15 @@ use crate::relay::metrics::{Proto, Refusal, METRICS};
 use crate::relay::outbox::{Frame, Outbox};
 use crate::relay::upstream::BackendLink;
 use crate::session::{
-    self, Channel, ClientReader, Core, Events, LargeMessage, SessionError, SessionSettings,
+    self, Channel, ClientReader, Core, Events, FoundNames, LargeMessage, SessionError,
+    SessionSettings,
 };
 use bytes::Bytes;
 use std::fmt;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 /// Longest user or host name kept and passed on: rsrv drops a circuit whose
@@ -101,7 +103,7 @@ struct Circuit {
 enum Waiter {
     /// A search from the client, answered only if the name is found.
     Search { id: u32 },
-    /// A CREATE_CHAN for a name the relay had not (or no longer) cached.
+    /// A CREATE_CHAN for a name this circuit's searches had not just found.
     Create { cid: u32 },
 }
 
@@ -123,6 +125,9 @@ struct CaSession {
     client_name: Option<Bytes>,
     host_name: Option<Bytes>,
     events_off: bool,
+    /// Names this circuit's searches found, for the CREATE_CHAN that
+    /// follows each answer.
+    found: FoundNames,
 }
 
 impl session::Protocol for CaSession {
@@ -150,6 +155,7 @@ impl session::Protocol for CaSession {
     ) -> Result<Self, SessionError> {
         // rsrv greets on accept; libca searches over TCP only after it.
         client.send_control(frame(&wire::server_version())).await?;
+        let found = FoundNames::new(ctx.session.max_searches);
         Ok(CaSession {
             ctx,
             listen_port,
@@ -157,6 +163,7 @@ impl session::Protocol for CaSession {
             client_name: None,
             host_name: None,
             events_off: false,
+            found,
         })
     }
 
@@ -247,7 +254,8 @@ impl session::Protocol for CaSession {
         server: Option<SocketAddrV4>,
     ) -> Result<(), SessionError> {
         match (waiter, server) {
-            (Waiter::Search { id }, Some(_)) => {
+            (Waiter::Search { id }, Some(server)) => {
+                self.found.remember(name, server, Instant::now());
                 let reply = wire::tcp_search_reply(id, self.listen_port);
                 core.to_client(frame(&reply)).await?
             }
@@ -290,6 +298,10 @@ impl session::Protocol for CaSession {
         link
     }
 
+    fn forget_server(&mut self, server: SocketAddrV4) {
+        self.found.forget(server);
+    }
+
     fn lost_channel_notice(&self, cid: u32, channel: Channel) -> Option<Frame> {
         match channel {
             Channel::Connected(_) => Some(frame(&wire::server_disconn(cid))),
@@ -328,7 +340,13 @@ impl CaSession {
             return Ok(());
         }
         let name = message.payload.slice_ref(name);
-        core.await_name(self, name, Waiter::Create { cid }).await
+        let waiter = Waiter::Create { cid };
+        match self.found.take(&name, Instant::now()) {
+            Some(server) => {
+                session::Protocol::settle(self, core, waiter, &name, Some(server)).await
+            }
+            None => core.await_name(self, name, waiter).await,
+        }
     }
 
     /// What a new server circuit is told first.
@@ -469,6 +487,19 @@ pub(crate) fn context_for_tests(
     search_timeout: std::time::Duration,
     channels_in_all: Arc<crate::relay::limits::ChannelBudget>,
 ) -> Arc<CaContext> {
+    let cache_ttl = std::time::Duration::from_secs(5);
+    context_caching_for_tests(search_addr, search_timeout, cache_ttl, channels_in_all)
+}
+
+/// [`context_for_tests`] with the search relay caching answers for
+/// `cache_ttl`.
+#[cfg(test)]
+pub(crate) fn context_caching_for_tests(
+    search_addr: SocketAddrV4,
+    search_timeout: std::time::Duration,
+    cache_ttl: std::time::Duration,
+    channels_in_all: Arc<crate::relay::limits::ChannelBudget>,
+) -> Arc<CaContext> {
     use crate::relay::discovery::SearchConfig;
     use std::time::Duration;
     Arc::new(CaContext {
@@ -476,7 +507,7 @@ pub(crate) fn context_for_tests(
             resolver: super::search::start(SearchConfig {
                 targets: vec![search_addr],
                 timeout: search_timeout,
-                cache_ttl: Duration::from_secs(5),
+                cache_ttl,
                 max_pending: 100,
                 max_pending_per_address: 100,
                 max_cached: 100,
@@ -836,6 +867,81 @@ mod tests {
             }
         });
         udp_addr
+    }
+
+    /// Answers the first UDP search for each name with `tcp_port`, and
+    /// later searches for it with silence; returns the search address.
+    async fn answering_each_name_once(tcp_port: u16) -> SocketAddrV4 {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let SocketAddr::V4(udp_addr) = udp.local_addr().unwrap() else {
+            unreachable!()
+        };
+        tokio::spawn(async move {
+            let mut answered = std::collections::HashSet::new();
+            let mut buf = vec![0u8; 2048];
+            while let Ok((len, from)) = udp.recv_from(&mut buf).await {
+                let mut reply = BytesMut::new();
+                for (h, payload) in wire::decode_datagram(&buf[..len]).unwrap_or_default() {
+                    let name = wire::payload_name(payload).to_vec();
+                    if h.command() == Ok(Command::Search) && answered.insert(name) {
+                        Header::new(Command::Search, tcp_port, 0, !0, h.p2).encode(&mut reply);
+                    }
+                }
+                if !reply.is_empty() {
+                    let _ = udp.send_to(&reply, from).await;
+                }
+            }
+        });
+        udp_addr
+    }
+
+    // libca creates a channel on the circuit whose search found it, right
+    // after the answer. The creation goes to the server that search found,
+    // without searching again: here a second search would go unanswered,
+    // as the relay caches nothing.
+    #[tokio::test]
+    async fn a_creation_goes_to_the_server_its_search_just_found() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let search_addr = answering_each_name_once(tcp.local_addr().unwrap().port()).await;
+        tokio::spawn(async move {
+            let (mut s, _) = tcp.accept().await.unwrap();
+            let mut buf = BytesMut::new();
+            let create = next_of(&mut s, &mut buf, Command::CreateChan).await;
+            let reply = Message::new(Header::new(Command::CreateChan, 6, 1, create.header.p1, 9));
+            s.write_all(&bytes_of(&reply)).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let ctx = context_caching_for_tests(
+            search_addr,
+            Duration::from_secs(1),
+            Duration::ZERO,
+            crate::relay::limits::ChannelBudget::new(10),
+        );
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, p) = front.accept().await.unwrap();
+            serve(s, p, ctx).await;
+        });
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(&bytes_of(&wire::client_version(0, 13)))
+            .await
+            .unwrap();
+        let search = Message::with_name(Header::new(Command::Search, 10, 13, 1, 1), b"X");
+        client.write_all(&bytes_of(&search)).await.unwrap();
+        let mut buf = BytesMut::new();
+        let found = next_of(&mut client, &mut buf, Command::Search).await;
+        assert_eq!(found.header.p2, 1);
+        let create = Message::with_name(Header::new(Command::CreateChan, 0, 0, 1, 13), b"X");
+        client.write_all(&bytes_of(&create)).await.unwrap();
+        let created = next_message(&mut client, &mut buf).await;
+        assert_eq!(
+            created.header.command(),
+            Ok(Command::CreateChan),
+            "the channel is created, not refused"
+        );
+        assert_eq!(created.header.p1, 1);
     }
 
     /// Sends a client's VERSION and the creation of channel 1 ("X").

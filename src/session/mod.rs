@@ -15,10 +15,12 @@
 
 pub mod channels;
 mod error;
+pub mod found;
 pub mod waiters;
 
 pub use channels::{Channel, ChannelTable, Route};
 pub use error::SessionError;
+pub use found::FoundNames;
 pub use waiters::{Awaiting, Waiter};
 
 use crate::access::Access;
