@@ -18,6 +18,8 @@
  * acknowledged it), so the client and TCP flow control pace the feeder and
  * nothing is squashed. Every update carries a per-subscription sequence
  * number in timeStamp.userTag (and, for a scalar, in value), starting at 0.
+ * A GET returns the PV as it stands (value 0 or the array), as often as the
+ * operation is executed.
  *
  * The server is configured from the environment (EPICS_PVAS_*); it prints
  * "tcp_port=N" on stdout once it serves, then runs until SIGINT or SIGTERM.
@@ -124,6 +126,45 @@ void feed(std::shared_ptr<const Feed> f, std::weak_ptr<pva::MonitorFIFO> weak,
     }
 }
 
+// A GET returns the PV as it stands (the scalar's value 0, the array's
+// data), every field marked, on every get() of the operation.
+struct BenchGet : public pva::ChannelGet, public std::enable_shared_from_this<BenchGet> {
+    const std::weak_ptr<pva::Channel> channel;
+    std::mutex lock_;
+    pva::ChannelGetRequester::shared_pointer requester; // reset by destroy()
+    const pvd::PVStructurePtr value;
+    const pvd::BitSetPtr all;
+
+    BenchGet(const std::shared_ptr<pva::Channel> &channel, const std::shared_ptr<const Feed> &f,
+             const pva::ChannelGetRequester::shared_pointer &requester)
+        : channel(channel), requester(requester),
+          value(pvd::getPVDataCreate()->createPVStructure(f->type)), all(new pvd::BitSet())
+    {
+        if (f->count)
+            value->getSubFieldT<pvd::PVDoubleArray>("value")->replace(f->data);
+        all->set(0); // the whole structure
+    }
+
+    void get() override
+    {
+        pva::ChannelGetRequester::shared_pointer req;
+        {
+            std::lock_guard<std::mutex> G(lock_);
+            req = requester;
+        }
+        if (req)
+            req->getDone(pvd::Status(), shared_from_this(), value, all);
+    }
+    std::shared_ptr<pva::Channel> getChannel() override { return channel.lock(); }
+    void cancel() override {}
+    void lastRequest() override {}
+    void destroy() override
+    {
+        std::lock_guard<std::mutex> G(lock_);
+        requester.reset();
+    }
+};
+
 struct BenchChannel : public pva::Channel, public std::enable_shared_from_this<BenchChannel> {
     const std::weak_ptr<pva::ChannelProvider> provider;
     const std::shared_ptr<const Feed> f;
@@ -152,6 +193,15 @@ struct BenchChannel : public pva::Channel, public std::enable_shared_from_this<B
     void getField(pva::GetFieldRequester::shared_pointer const &req, std::string const &) override
     {
         req->getDone(pvd::Status(), f->type);
+    }
+
+    pva::ChannelGet::shared_pointer
+    createChannelGet(pva::ChannelGetRequester::shared_pointer const &req,
+                     pvd::PVStructure::shared_pointer const &) override
+    {
+        auto op = std::make_shared<BenchGet>(shared_from_this(), f, req);
+        req->channelGetConnect(pvd::Status(), op, f->type);
+        return op;
     }
 
     pva::Monitor::shared_pointer createMonitor(pva::MonitorRequester::shared_pointer const &req,
