@@ -4,7 +4,7 @@
  * Usage:
  *   pva_scale storm   PREFIX N [timeout=S]
  *   pva_scale monitor PREFIX N SECONDS WARMUP_S [queue=N] [pipeline=1] [timeout=S]
- *   pva_scale clients PREFIX N K SECONDS WARMUP_S [queue=N] [pipeline=1] [timeout=S]
+ *   pva_scale clients PREFIX N K SECONDS WARMUP_S [queue=N] [pipeline=1] [timeout=S] [quiet=S]
  *
  * Channel names are PREFIX0 .. PREFIX<N-1>. The client is configured from
  * the environment (EPICS_PVA_NAME_SERVERS, EPICS_PVA_ADDR_LIST, ...).
@@ -33,6 +33,10 @@
  * K*N) that delivered nothing in the window; cpu_s is this process's CPU time
  * in the window, cpu_total_s from the start; create_s the time taken to
  * create the K Contexts and their subscriptions (the timeout starts after it).
+ * With quiet=S, the count starts after the warm-up only once no update has
+ * arrived for S seconds (at most 8 S later): records SCANned in bursts are
+ * then counted from a gap between bursts, so a window of whole scan periods
+ * holds whole bursts.
  *
  * Exits non-zero if not all channels connect within the timeout (60 s).
  *
@@ -82,8 +86,10 @@ struct ClientState {
 };
 
 int clients_mode(const std::string &prefix, long n, long k, double seconds, double warmup,
-                 long queue, bool pipeline, double timeout)
+                 long queue, bool pipeline, double timeout, double quiet)
 {
+    // Clock::now() of the latest update, in ticks since the clock's epoch.
+    std::atomic<Clock::rep> last_update{Clock::now().time_since_epoch().count()};
     const double c_start = cpu_seconds();
     std::mutex lock;
     std::condition_variable wake;
@@ -121,6 +127,8 @@ int clients_mode(const std::string &prefix, long n, long k, double seconds, doub
                              }
                              if (!got)
                                  return;
+                             last_update.store(Clock::now().time_since_epoch().count(),
+                                               std::memory_order_relaxed);
                              if (counting.load(std::memory_order_relaxed))
                                  c.updates[size_t(i)] += got;
                              if (c.seen[size_t(i)])
@@ -163,6 +171,17 @@ int clients_mode(const std::string &prefix, long n, long k, double seconds, doub
     }
     std::sort(conn.begin(), conn.end());
     usleep(useconds_t(warmup * 1e6));
+    if (quiet > 0) {
+        const auto limit = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                              std::chrono::duration<double>(8 * quiet));
+        for (;;) {
+            const auto now = Clock::now();
+            const Clock::time_point last{Clock::duration(last_update.load(std::memory_order_relaxed))};
+            if (secs(last, now) >= quiet || now >= limit)
+                break;
+            usleep(5000);
+        }
+    }
     const double c1 = cpu_seconds();
     counting = true;
     usleep(useconds_t(seconds * 1e6));
@@ -193,7 +212,7 @@ int main(int argc, char *argv[])
         fprintf(stderr,
                 "usage: %s storm PREFIX N [timeout=S]\n"
                 "       %s monitor PREFIX N SECONDS WARMUP_S [queue=N] [pipeline=1] [timeout=S]\n"
-                "       %s clients PREFIX N K SECONDS WARMUP_S [queue=N] [pipeline=1] [timeout=S]\n",
+                "       %s clients PREFIX N K SECONDS WARMUP_S [queue=N] [pipeline=1] [timeout=S] [quiet=S]\n",
                 argv[0], argv[0], argv[0]);
         return 2;
     }
@@ -227,7 +246,7 @@ int main(int argc, char *argv[])
     }
     const double seconds = monitor ? atof(argv[4]) : 0.0;
     const double warmup = monitor ? atof(argv[5]) : 0.0;
-    double timeout = 60.0;
+    double timeout = 60.0, quiet = 0.0;
     long queue = 0;
     bool pipeline = false;
     for (int i = monitor ? 6 : 4; i < argc; i++) {
@@ -238,6 +257,8 @@ int main(int argc, char *argv[])
             pipeline = atoi(a + 9) != 0;
         else if (!strncmp(a, "timeout=", 8))
             timeout = atof(a + 8);
+        else if (clients && !strncmp(a, "quiet=", 6))
+            quiet = atof(a + 6);
         else {
             fprintf(stderr, "pva_scale: unknown option '%s'\n", a);
             return 2;
@@ -245,7 +266,7 @@ int main(int argc, char *argv[])
     }
     logger_config_env();
     if (clients)
-        return clients_mode(prefix, n, k, seconds, warmup, queue, pipeline, timeout);
+        return clients_mode(prefix, n, k, seconds, warmup, queue, pipeline, timeout, quiet);
     auto ctx = client::Config::fromEnv().build();
 
     std::mutex lock;
