@@ -4,7 +4,7 @@
  * Usage:
  *   ca_scale storm   PREFIX N [TIMEOUT_S]
  *   ca_scale monitor PREFIX N SECONDS WARMUP_S [TIMEOUT_S]
- *   ca_scale clients PREFIX N K SECONDS WARMUP_S [TIMEOUT_S]
+ *   ca_scale clients PREFIX N K SECONDS WARMUP_S [timeout=S] [quiet=S]
  *
  * Channel names are PREFIX0 .. PREFIX<N-1>.
  *
@@ -32,7 +32,10 @@
  * connect_*_s are over the clients: each client's time from its first
  * ca_create_channel to its last connection. silent = channel subscriptions
  * (of K*N) that delivered nothing in the window; cpu_s is this process's CPU
- * time in the window, cpu_total_s from the start.
+ * time in the window, cpu_total_s from the start. With quiet=S, the count
+ * starts after the warm-up only once no update has arrived for S seconds (at
+ * most 8 S later): records SCANned in bursts are then counted from a gap
+ * between bursts, so a window of whole scan periods holds whole bursts.
  *
  * Exits non-zero if not every channel connects within TIMEOUT_S (default 60).
  * In storm and monitor modes the client context is not preemptive: callbacks
@@ -158,6 +161,7 @@ struct mchan {
 
 static long m_connected_total, m_updates_total; /* atomic */
 static int m_counting;                          /* atomic */
+static double m_last_update;                    /* atomic: now_s() of the latest update */
 
 static void m_on_connection(struct connection_handler_args args)
 {
@@ -173,6 +177,9 @@ static void m_on_connection(struct connection_handler_args args)
 static void m_on_update(struct event_handler_args args)
 {
     struct mchan *c = (struct mchan *)args.usr;
+    double t = now_s();
+    if (args.status == ECA_NORMAL)
+        __atomic_store(&m_last_update, &t, __ATOMIC_RELAXED);
     if (args.status != ECA_NORMAL || !__atomic_load_n(&m_counting, __ATOMIC_RELAXED))
         return;
     __atomic_add_fetch(&c->updates, 1, __ATOMIC_RELAXED);
@@ -185,8 +192,21 @@ static int cmp_double(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* Waits until no update has arrived for `quiet` seconds, at most 8 x quiet. */
+static void wait_for_quiet(double quiet)
+{
+    double limit = now_s() + 8 * quiet, last;
+    for (;;) {
+        double t = now_s();
+        __atomic_load(&m_last_update, &last, __ATOMIC_RELAXED);
+        if (t - last >= quiet || t >= limit)
+            return;
+        usleep(5000);
+    }
+}
+
 static int clients_mode(const char *prefix, long k, double seconds, double warmup,
-                        double timeout)
+                        double timeout, double quiet)
 {
     struct mclient *cl = calloc((size_t)k, sizeof *cl);
     struct mchan *ch = calloc((size_t)(k * n_chans), sizeof *ch);
@@ -231,6 +251,8 @@ static int clients_mode(const char *prefix, long k, double seconds, double warmu
         conn[j] = cl[j].t_all - cl[j].t0;
     qsort(conn, (size_t)k, sizeof *conn, cmp_double);
     usleep((useconds_t)(warmup * 1e6));
+    if (quiet > 0)
+        wait_for_quiet(quiet);
     c0 = cpu_s();
     __atomic_store_n(&m_counting, 1, __ATOMIC_SEQ_CST);
     t_end = now_s() + seconds;
@@ -256,7 +278,7 @@ int main(int argc, char *argv[])
     if (argc < 4) {
         fprintf(stderr, "usage: %s storm PREFIX N [TIMEOUT_S]\n"
                         "       %s monitor PREFIX N SECONDS WARMUP_S [TIMEOUT_S]\n"
-                        "       %s clients PREFIX N K SECONDS WARMUP_S [TIMEOUT_S]\n",
+                        "       %s clients PREFIX N K SECONDS WARMUP_S [timeout=S] [quiet=S]\n",
                 argv[0], argv[0], argv[0]);
         return 2;
     }
@@ -273,13 +295,19 @@ int main(int argc, char *argv[])
         return 2;
     if (!strcmp(mode, "clients")) {
         long k = argc > 4 ? strtol(argv[4], NULL, 10) : 0;
+        double quiet = 0;
+        int a;
         if (k <= 0 || k > 100000 || argc < 7) {
             fprintf(stderr, "ca_scale: clients needs K SECONDS WARMUP_S\n");
             return 2;
         }
-        if (argc > 7)
-            timeout = parse_timeout(argv[7]);
-        if (clients_mode(prefix, k, atof(argv[5]), atof(argv[6]), timeout))
+        for (a = 7; a < argc; a++) {
+            if (!strncmp(argv[a], "quiet=", 6))
+                quiet = atof(argv[a] + 6);
+            else
+                timeout = parse_timeout(argv[a]);
+        }
+        if (clients_mode(prefix, k, atof(argv[5]), atof(argv[6]), timeout, quiet))
             return 1;
         fflush(stdout);
         _exit(0);

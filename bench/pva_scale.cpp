@@ -4,7 +4,7 @@
  * Usage:
  *   pva_scale storm   PREFIX N [timeout=S]
  *   pva_scale monitor PREFIX N SECONDS WARMUP_S [queue=N] [pipeline=1] [timeout=S]
- *   pva_scale clients PREFIX N K SECONDS WARMUP_S [queue=N] [pipeline=1] [timeout=S]
+ *   pva_scale clients PREFIX N K SECONDS WARMUP_S [queue=N] [pipeline=1] [timeout=S] [quiet=S]
  *
  * Channel names are PREFIX0 .. PREFIX<N-1>. The client is configured from
  * the environment (EPICS_PVA_NAME_SERVERS, EPICS_PVA_ADDR_LIST, ...).
@@ -31,7 +31,12 @@
  * connect_*_s are over the clients: each client's time from its first
  * subscription to its N-th first update. silent counts subscriptions (of
  * K*N) that delivered nothing in the window; cpu_s is this process's CPU time
- * in the window, cpu_total_s from the start.
+ * in the window, cpu_total_s from the start; create_s the time taken to
+ * create the K Contexts and their subscriptions (the timeout starts after it).
+ * With quiet=S, the count starts after the warm-up only once no update has
+ * arrived for S seconds (at most 8 S later): records SCANned in bursts are
+ * then counted from a gap between bursts, so a window of whole scan periods
+ * holds whole bursts.
  *
  * Exits non-zero if not all channels connect within the timeout (60 s).
  *
@@ -81,8 +86,10 @@ struct ClientState {
 };
 
 int clients_mode(const std::string &prefix, long n, long k, double seconds, double warmup,
-                 long queue, bool pipeline, double timeout)
+                 long queue, bool pipeline, double timeout, double quiet)
 {
+    // Clock::now() of the latest update, in ticks since the clock's epoch.
+    std::atomic<Clock::rep> last_update{Clock::now().time_since_epoch().count()};
     const double c_start = cpu_seconds();
     std::mutex lock;
     std::condition_variable wake;
@@ -120,6 +127,8 @@ int clients_mode(const std::string &prefix, long n, long k, double seconds, doub
                              }
                              if (!got)
                                  return;
+                             last_update.store(Clock::now().time_since_epoch().count(),
+                                               std::memory_order_relaxed);
                              if (counting.load(std::memory_order_relaxed))
                                  c.updates[size_t(i)] += got;
                              if (c.seen[size_t(i)])
@@ -138,14 +147,22 @@ int clients_mode(const std::string &prefix, long n, long k, double seconds, doub
             subs.push_back(b.exec());
         }
     }
+    // Creating a thousand Contexts (a thread each) takes seconds on a loaded
+    // machine; the timeout starts after it.
+    const double create_s = secs(st[0].t0, Clock::now());
     std::vector<double> conn;
     {
         std::unique_lock<std::mutex> G(lock);
         wake.wait_for(G, std::chrono::duration<double>(timeout),
                       [&] { return connected_total == total; });
         if (connected_total < total) {
-            fprintf(stderr, "pva_scale: %ld of %ld channels connected within %.0f s\n",
-                    connected_total, total, timeout);
+            long short_clients = 0;
+            for (auto &c : st)
+                short_clients += c.connected < n;
+            fprintf(stderr,
+                    "pva_scale: %ld of %ld channels connected within %.0f s (after %.1f s creating "
+                    "the clients); %ld of %ld clients incomplete\n",
+                    connected_total, total, timeout, create_s, short_clients, k);
             fflush(stderr);
             _exit(1);
         }
@@ -154,6 +171,17 @@ int clients_mode(const std::string &prefix, long n, long k, double seconds, doub
     }
     std::sort(conn.begin(), conn.end());
     usleep(useconds_t(warmup * 1e6));
+    if (quiet > 0) {
+        const auto limit = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                              std::chrono::duration<double>(8 * quiet));
+        for (;;) {
+            const auto now = Clock::now();
+            const Clock::time_point last{Clock::duration(last_update.load(std::memory_order_relaxed))};
+            if (secs(last, now) >= quiet || now >= limit)
+                break;
+            usleep(5000);
+        }
+    }
     const double c1 = cpu_seconds();
     counting = true;
     usleep(useconds_t(seconds * 1e6));
@@ -167,9 +195,11 @@ int clients_mode(const std::string &prefix, long n, long k, double seconds, doub
             silent += u == 0;
         }
     printf("clients=%ld n=%ld connected=%ld connect_med_s=%.4f connect_p90_s=%.4f "
-           "connect_max_s=%.4f updates_per_s=%.1f silent=%ld cpu_s=%.3f cpu_total_s=%.3f\n",
+           "connect_max_s=%.4f updates_per_s=%.1f silent=%ld cpu_s=%.3f cpu_total_s=%.3f "
+           "create_s=%.3f\n",
            k, n, connected_total, conn[size_t((k - 1) / 2)], conn[size_t((k - 1) * 9 / 10)],
-           conn[size_t(k - 1)], double(updates) / seconds, silent, cpu, cpu_seconds() - c_start);
+           conn[size_t(k - 1)], double(updates) / seconds, silent, cpu, cpu_seconds() - c_start,
+           create_s);
     fflush(stdout);
     _exit(0);
 }
@@ -182,7 +212,7 @@ int main(int argc, char *argv[])
         fprintf(stderr,
                 "usage: %s storm PREFIX N [timeout=S]\n"
                 "       %s monitor PREFIX N SECONDS WARMUP_S [queue=N] [pipeline=1] [timeout=S]\n"
-                "       %s clients PREFIX N K SECONDS WARMUP_S [queue=N] [pipeline=1] [timeout=S]\n",
+                "       %s clients PREFIX N K SECONDS WARMUP_S [queue=N] [pipeline=1] [timeout=S] [quiet=S]\n",
                 argv[0], argv[0], argv[0]);
         return 2;
     }
@@ -216,7 +246,7 @@ int main(int argc, char *argv[])
     }
     const double seconds = monitor ? atof(argv[4]) : 0.0;
     const double warmup = monitor ? atof(argv[5]) : 0.0;
-    double timeout = 60.0;
+    double timeout = 60.0, quiet = 0.0;
     long queue = 0;
     bool pipeline = false;
     for (int i = monitor ? 6 : 4; i < argc; i++) {
@@ -227,6 +257,8 @@ int main(int argc, char *argv[])
             pipeline = atoi(a + 9) != 0;
         else if (!strncmp(a, "timeout=", 8))
             timeout = atof(a + 8);
+        else if (clients && !strncmp(a, "quiet=", 6))
+            quiet = atof(a + 6);
         else {
             fprintf(stderr, "pva_scale: unknown option '%s'\n", a);
             return 2;
@@ -234,7 +266,7 @@ int main(int argc, char *argv[])
     }
     logger_config_env();
     if (clients)
-        return clients_mode(prefix, n, k, seconds, warmup, queue, pipeline, timeout);
+        return clients_mode(prefix, n, k, seconds, warmup, queue, pipeline, timeout, quiet);
     auto ctx = client::Config::fromEnv().build();
 
     std::mutex lock;
