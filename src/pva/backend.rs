@@ -21,10 +21,22 @@ use bytes::BytesMut;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tracing::debug;
 
 const ECHO_INTERVAL: Duration = Duration::from_secs(15);
 /// pvAccessCPP gives up on a handshake after 5 s; so does the shim.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the shim waits for a new connection's first byte before it
+/// connects again, once per wait; the last connection has the whole
+/// [`HANDSHAKE_TIMEOUT`]. A PVA server speaks first, as soon as it
+/// accepts. A connection that stays silent is most likely one the server
+/// never accepted: when its listen backlog is full (QSRV2's is 4), the
+/// kernel completes the TCP handshake with a SYN cookie and then drops the
+/// final ACK, so only the shim's side is open. The shim speaks only after
+/// the server, so nothing would revive it; 1,000 clients connecting at once
+/// through the shim left some dozens of links so.
+const GREETING_WAITS: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(2)];
 
 pub struct BackendConfig {
     /// Largest message accepted from a server (--max-message).
@@ -58,13 +70,10 @@ pub fn open(
         config.queue_bytes,
         events,
         move |queue, own, reports| async move {
-            let stream =
-                match upstream::connect_within(server, settings.source, settings.connect_timeout)
-                    .await
-                {
-                    Ok(stream) => stream,
-                    Err(e) => return e,
-                };
+            let stream = match connect_greeted(server, &settings).await {
+                Ok(stream) => stream,
+                Err(e) => return e,
+            };
             let _counted = ServerLinkCount::opened(Proto::Pva);
             let (read, mut write) = stream.into_split();
             let mut reader = FrameReader::new(
@@ -95,6 +104,25 @@ struct Settings {
     connect_timeout: Duration,
     big_endian: bool,
     source: Ipv4Addr,
+}
+
+/// Connects to `server`, and connects again while a connection brings no
+/// byte within its [`GREETING_WAITS`].
+async fn connect_greeted(
+    server: SocketAddrV4,
+    settings: &Settings,
+) -> Result<TcpStream, LinkError> {
+    let connect = || upstream::connect_within(server, settings.source, settings.connect_timeout);
+    for wait in GREETING_WAITS {
+        let stream = connect().await?;
+        // Ready on the first byte, and on a close or an error, which the
+        // handshake then reports.
+        if tokio::time::timeout(wait, stream.readable()).await.is_ok() {
+            return Ok(stream);
+        }
+        debug!(%server, ?wait, "server sent nothing on a new connection; connecting again");
+    }
+    connect().await
 }
 
 async fn handshake(

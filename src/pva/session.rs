@@ -940,12 +940,28 @@ mod tests {
         mpsc::UnboundedReceiver<Message>,
         mpsc::UnboundedSender<Message>,
     ) {
+        fake_server_silent_on_first(0).await
+    }
+
+    /// [`fake_server`], holding its first `silent` connections open
+    /// without a word, as if they were never accepted.
+    async fn fake_server_silent_on_first(
+        silent: usize,
+    ) -> (
+        SocketAddrV4,
+        mpsc::UnboundedReceiver<Message>,
+        mpsc::UnboundedSender<Message>,
+    ) {
         let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let tcp_port = tcp.local_addr().unwrap().port();
         let udp_addr = answering_searches(tcp_port).await;
         let (got_tx, got_rx) = mpsc::unbounded_channel();
         let (inject_tx, mut inject_rx) = mpsc::unbounded_channel::<Message>();
         tokio::spawn(async move {
+            let mut held = Vec::new();
+            for _ in 0..silent {
+                held.push(tcp.accept().await.unwrap());
+            }
             let (s, _) = tcp.accept().await.unwrap();
             let mut shim = Peer::new(s, Direction::FromClient);
             shim.send(&wire::set_byte_order(Direction::FromServer, false))
@@ -1090,6 +1106,36 @@ mod tests {
             .send(&wire::Writer::new(false).into_message(Command::Echo, Direction::FromClient))
             .await;
         client.next().await
+    }
+
+    // A PVA server speaks first. A connection on which it says nothing is
+    // one it never accepted (a full listen backlog leaves such connections
+    // open on the shim's side only): the shim connects again, and the
+    // client's channel is created rather than failed after the handshake
+    // timeout.
+    #[tokio::test]
+    async fn a_server_connection_that_brings_no_greeting_is_made_again() {
+        let (search_addr, _got, _inject) = fake_server_silent_on_first(1).await;
+        let mut client = client_of_shim(search_addr).await;
+        let mut w = wire::Writer::new(false);
+        w.u16(1).u32(5).string(b"pv");
+        client
+            .send(&w.into_message(Command::CreateChannel, Direction::FromClient))
+            .await;
+        let created = tokio::time::timeout(Duration::from_millis(4500), async {
+            loop {
+                if let Some(m) = client.next().await {
+                    return m;
+                }
+            }
+        })
+        .await
+        .expect("an answer to the creation before the handshake timeout");
+        assert_eq!(created.header.command(), Ok(Command::CreateChannel));
+        let mut r = wire::Reader::new(&created.payload, false);
+        assert_eq!(r.u32("cid"), 5);
+        r.u32("the shim's sid");
+        assert_eq!(r.u8("status"), wire::STATUS_OK, "created, not failed");
     }
 
     // Translation costs work, and a request for no channel goes nowhere:
