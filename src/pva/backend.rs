@@ -14,7 +14,6 @@ use super::wire::Direction;
 use super::wire::{self, Command, Message};
 use crate::relay::framing::FrameReader;
 use crate::relay::metrics::{Proto, ServerLinkCount};
-use crate::relay::opening::OPENING;
 use crate::relay::outbox::{Outbox, OutboxReceiver};
 use crate::relay::upstream::{self, BackendLink, LinkError};
 use crate::session::Events;
@@ -108,25 +107,22 @@ struct Settings {
 }
 
 /// Connects to `server`, and connects again while a connection brings no
-/// byte within its wait ([`GREETING_WAITS`], then [`HANDSHAKE_TIMEOUT`]).
-/// At most [`crate::relay::opening::MAX_OPENING_PER_SERVER`] connections to one server
-/// wait for their first byte at once.
+/// byte within its [`GREETING_WAITS`].
 async fn connect_greeted(
     server: SocketAddrV4,
     settings: &Settings,
 ) -> Result<TcpStream, LinkError> {
-    for wait in GREETING_WAITS.into_iter().chain([HANDSHAKE_TIMEOUT]) {
-        let _opening = OPENING.enter(server).await;
-        let stream =
-            upstream::connect_within(server, settings.source, settings.connect_timeout).await?;
+    let connect = || upstream::connect_within(server, settings.source, settings.connect_timeout);
+    for wait in GREETING_WAITS {
+        let stream = connect().await?;
         // Ready on the first byte, and on a close or an error, which the
         // handshake then reports.
         if tokio::time::timeout(wait, stream.readable()).await.is_ok() {
             return Ok(stream);
         }
-        debug!(%server, ?wait, "server sent nothing on a new connection");
+        debug!(%server, ?wait, "server sent nothing on a new connection; connecting again");
     }
-    Err(LinkError::HandshakeTimeout(HANDSHAKE_TIMEOUT))
+    connect().await
 }
 
 async fn handshake(

@@ -8,7 +8,6 @@ pub mod limits;
 pub mod listener;
 pub mod localaddr;
 pub mod metrics;
-pub mod opening;
 pub mod outbox;
 pub mod rate;
 pub mod stream;
