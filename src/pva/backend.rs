@@ -35,8 +35,13 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// kernel completes the TCP handshake with a SYN cookie and then drops the
 /// final ACK, so only the shim's side is open. The shim speaks only after
 /// the server, so nothing would revive it; 1,000 clients connecting at once
-/// through the shim left some dozens of links so.
-const GREETING_WAITS: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(2)];
+/// through the shim left some dozens of links so. The waits grow, so that
+/// connects again add less to a server's full queue.
+const GREETING_WAITS: [Duration; 3] = [
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+];
 
 pub struct BackendConfig {
     /// Largest message accepted from a server (--max-message).
