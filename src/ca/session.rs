@@ -586,7 +586,11 @@ mod tests {
 
     /// A client connection to one session served with `test_context`.
     async fn shim_session(search_addr: SocketAddrV4) -> TcpStream {
-        let ctx = test_context(search_addr);
+        session_of(test_context(search_addr)).await
+    }
+
+    /// A client connection to one session served with `ctx`.
+    async fn session_of(ctx: Arc<CaContext>) -> TcpStream {
         let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = front.local_addr().unwrap();
         tokio::spawn(async move {
@@ -917,13 +921,7 @@ mod tests {
             Duration::ZERO,
             crate::relay::limits::ChannelBudget::new(10),
         );
-        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = front.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (s, p) = front.accept().await.unwrap();
-            serve(s, p, ctx).await;
-        });
-        let mut client = TcpStream::connect(addr).await.unwrap();
+        let mut client = session_of(ctx).await;
         client
             .write_all(&bytes_of(&wire::client_version(0, 13)))
             .await
