@@ -602,16 +602,30 @@ mod tests {
 
     /// Answers every UDP search with `tcp_port`; returns the search address.
     async fn answering_searches(tcp_port: u16) -> SocketAddrV4 {
+        answering(tcp_port, false).await
+    }
+
+    /// Answers the first UDP search for each name with `tcp_port`, and
+    /// later searches for it with silence; returns the search address.
+    async fn answering_each_name_once(tcp_port: u16) -> SocketAddrV4 {
+        answering(tcp_port, true).await
+    }
+
+    /// Answers UDP searches with `tcp_port`, each name only once if
+    /// `once`; returns the search address.
+    async fn answering(tcp_port: u16, once: bool) -> SocketAddrV4 {
         let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let SocketAddr::V4(udp_addr) = udp.local_addr().unwrap() else {
             unreachable!()
         };
         tokio::spawn(async move {
+            let mut answered = std::collections::HashSet::new();
             let mut buf = vec![0u8; 2048];
             while let Ok((len, from)) = udp.recv_from(&mut buf).await {
                 let mut reply = BytesMut::new();
-                for (h, _) in wire::decode_datagram(&buf[..len]).unwrap_or_default() {
-                    if h.command() == Ok(Command::Search) {
+                for (h, payload) in wire::decode_datagram(&buf[..len]).unwrap_or_default() {
+                    let first = answered.insert(wire::payload_name(payload).to_vec());
+                    if h.command() == Ok(Command::Search) && (first || !once) {
                         Header::new(Command::Search, tcp_port, 0, !0, h.p2).encode(&mut reply);
                     }
                 }
@@ -868,32 +882,6 @@ mod tests {
             if rest.await == Ok(true) {
                 s.write_all(&update[sent_first..]).await.unwrap();
                 tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-        });
-        udp_addr
-    }
-
-    /// Answers the first UDP search for each name with `tcp_port`, and
-    /// later searches for it with silence; returns the search address.
-    async fn answering_each_name_once(tcp_port: u16) -> SocketAddrV4 {
-        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let SocketAddr::V4(udp_addr) = udp.local_addr().unwrap() else {
-            unreachable!()
-        };
-        tokio::spawn(async move {
-            let mut answered = std::collections::HashSet::new();
-            let mut buf = vec![0u8; 2048];
-            while let Ok((len, from)) = udp.recv_from(&mut buf).await {
-                let mut reply = BytesMut::new();
-                for (h, payload) in wire::decode_datagram(&buf[..len]).unwrap_or_default() {
-                    let name = wire::payload_name(payload).to_vec();
-                    if h.command() == Ok(Command::Search) && answered.insert(name) {
-                        Header::new(Command::Search, tcp_port, 0, !0, h.p2).encode(&mut reply);
-                    }
-                }
-                if !reply.is_empty() {
-                    let _ = udp.send_to(&reply, from).await;
-                }
             }
         });
         udp_addr
